@@ -1,0 +1,81 @@
+// KvCacheConfig: the one struct that describes a KV cache (model shape, layout,
+// capacity, memory budget, device). See docs/layouts.md for the arithmetic.
+#ifndef KVMEM_CONFIG_H_
+#define KVMEM_CONFIG_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "kvmem/dtype.h"
+
+namespace kvmem {
+
+class Vmm;
+
+// Where K/V live. kPaged: fixed pages and block tables (vLLM / SGLang / FlashInfer).
+// kVirtual: one virtual reservation, physical pages mapped on demand (vAttention).
+enum class Layout : uint8_t { kPaged = 0, kVirtual = 1 };
+
+// Arrangement of the virtual layout.
+//  kAllLayers: [row][token][layer][k|v][kv_head][head_dim]; one physical page covers a
+//              few tokens of every layer, so a request wastes at most one page.
+//  kPerLayer:  2 * layers tensors [row][token][kv_head][head_dim] (the vAttention paper);
+//              a request wastes up to one page per layer and per K/V.
+enum class Arrangement : uint8_t { kAllLayers = 0, kPerLayer = 1 };
+
+enum class DeviceKind : uint8_t { kHost = 0, kCuda = 1 };
+
+struct KvCacheConfig {
+  // Model shape.
+  int num_layers = 32;
+  int num_kv_heads = 8;
+  int head_dim = 128;
+  DType dtype = DType::kBFloat16;
+
+  Layout layout = Layout::kPaged;
+  Arrangement arrangement = Arrangement::kAllLayers;  // kVirtual only
+  int page_tokens = 16;                               // kPaged only; any value >= 1
+
+  // Capacity. Request rows are [0, max_requests); contexts are [0, max_context].
+  int max_requests = 256;
+  int64_t max_context = 32768;
+
+  // Physical KV bytes the cache may hold at once (all layers, K and V).
+  int64_t memory_budget_bytes = int64_t{8} << 30;
+
+  DeviceKind device = DeviceKind::kHost;
+  int device_ordinal = 0;
+  // Page granularity of the host backend (4 KiB or 2 MiB, the latter mirrors GPUs).
+  int64_t host_granularity = int64_t{2} << 20;
+
+  // Optional backend to use instead of the one `device` selects (fault injection,
+  // instrumentation). Shared so the caller can keep a handle to inspect it.
+  std::shared_ptr<Vmm> vmm;
+
+  // kPaged: map the pools lazily in granularity chunks as pages are needed
+  // (an elastic pool that Trim() shrinks) instead of mapping the budget up front.
+  bool elastic_pool = true;
+
+  // kVirtual: number of tokens a growing row is kept mapped ahead of its length by the
+  // background mapper (0 disables the mapper; growth maps synchronously).
+  int64_t map_ahead_tokens = 0;
+
+  // Bytes of K (or V) of one token in one layer: kv_heads * head_dim * dtype.
+  int64_t TokenLayerBytes() const {
+    return int64_t{num_kv_heads} * head_dim * DTypeBytes(dtype);
+  }
+  // Bytes of one token over all layers, K and V.
+  int64_t TokenBytes() const { return 2 * int64_t{num_layers} * TokenLayerBytes(); }
+};
+
+// Checks shape and capacity fields (not the budget, which depends on the backend's
+// granularity). InvalidArgument names the offending field and its value.
+absl::Status ValidateShape(const KvCacheConfig& config);
+
+std::string DescribeConfig(const KvCacheConfig& config);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_CONFIG_H_

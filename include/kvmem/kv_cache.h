@@ -1,0 +1,124 @@
+// KvCache: kvmem's entry point. One object owns the K/V memory of one model on one
+// device, in either layout (config.layout), and the request-to-token index over it.
+//
+//   auto cache = KvCache::Create(config);          // InvalidArgument if it cannot fit
+//   cache->AddRequest(id);                         // a row in the index
+//   auto locs = cache->Extend(id, n);              // memory for n more tokens
+//   ... write K/V at locs (AppendKv), run attention over cache->*View(layer, meta) ...
+//   cache->Fork(parent, child); cache->Truncate(id, len); cache->Free(id, fence);
+//
+// Error model (docs/errors.md): every fallible call returns absl::Status(Or). On any
+// error the cache is exactly as before the call: nothing allocated, mapped or counted.
+// NotFound: unknown request. AlreadyExists: id in use. OutOfRange: a length over
+// max_context or under 0. ResourceExhausted: no memory or no free row. Errors of the
+// backend are passed through with context.
+//
+// Thread safety: every method may be called from several threads at once; each call
+// is atomic with respect to the others (one internal mutex). Views and index pointers
+// stay valid for the cache's lifetime, but their contents change with later calls:
+// synchronise with your own calls before reading them.
+//
+// Ownership: the cache owns its memory backend's reservations and handles and releases
+// them in its destructor; a backend passed in config.vmm must outlive nothing else.
+#ifndef KVMEM_KV_CACHE_H_
+#define KVMEM_KV_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvmem/config.h"
+#include "kvmem/kv_accessor.h"
+#include "kvmem/stats.h"
+#include "kvmem/vmm.h"
+
+namespace kvmem {
+
+using RequestId = uint64_t;
+
+namespace internal {
+class KvLayout;
+}
+
+// Host-side metadata of a batch, in the order of the ids given. Paged: page_table rows
+// of page_table_stride entries (padded with 0). Virtual: row_ids.
+struct BatchMetadata {
+  std::vector<int32_t> seq_lens;  // cache_seqlens: tokens of each entry
+  std::vector<int32_t> row_ids;   // index row of each entry
+  std::vector<int32_t> page_table;
+  int64_t page_table_stride = 0;
+  int32_t max_seq_len = 0;
+};
+
+class KvCache {
+ public:
+  static absl::StatusOr<std::unique_ptr<KvCache>> Create(const KvCacheConfig& config);
+  ~KvCache();
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  // Starts request `id` with 0 tokens; returns its row in [0, max_requests).
+  absl::StatusOr<int32_t> AddRequest(RequestId id);
+
+  // Memory for `n` more tokens (n >= 0). Returns their locations (slots), in order:
+  // paged: page * page_tokens + offset; virtual: row * max_context + position.
+  absl::StatusOr<std::vector<int64_t>> Extend(RequestId id, int64_t n);
+  // As above, appending the locations to *out (out_cache_loc of a whole batch).
+  absl::Status ExtendInto(RequestId id, int64_t n, std::vector<int64_t>* out);
+
+  // Rewinds `id` to `new_length` tokens (speculative decoding). REQUIRES nothing:
+  // new_length > length or < 0 is OutOfRange.
+  absl::Status Truncate(RequestId id, int64_t new_length);
+
+  // Starts `child` with the whole current context of `parent`, shared (not copied):
+  // paged: same pages, ref-counted; virtual: same physical pages mapped under the
+  // child's row. A shared, partly filled last page is copied when either side writes
+  // into it (copy on write). Returns the child's row.
+  absl::StatusOr<int32_t> Fork(RequestId parent, RequestId child);
+
+  // Ends `id`. Its memory is reused only after `fence` completes.
+  absl::Status Free(RequestId id, Fence fence = {});
+
+  // Gives physical memory that no request holds back to the backend (paged: unmaps
+  // free chunks at the end of an elastic pool; virtual: takes pages from idle rows).
+  // Returns the bytes given back.
+  absl::StatusOr<int64_t> Trim();
+
+  absl::StatusOr<int64_t> Length(RequestId id) const;
+  absl::StatusOr<int32_t> Row(RequestId id) const;
+  bool Contains(RequestId id) const;
+
+  // The request-to-token index: req_to_token[row * max_context + pos] = slot (int32),
+  // -1 where no token. Maintained for paged; for virtual computed on request.
+  // Copies the row of `id` (its Length() entries) into *out.
+  absl::Status ReqToToken(RequestId id, std::vector<int32_t>* out) const;
+
+  // Paged: the page ids of `id` in order. FailedPrecondition for virtual.
+  absl::StatusOr<std::vector<int32_t>> BlockTable(RequestId id) const;
+
+  absl::Status BuildBatchMetadata(absl::Span<const RequestId> ids, BatchMetadata* out) const;
+
+  // Views of one layer for kernels. The batch pointers (page_table / row_ids) point into
+  // `meta`, which must outlive the view. FailedPrecondition on the wrong layout.
+  absl::StatusOr<PagedKv> PagedView(int layer, const BatchMetadata& meta) const;
+  absl::StatusOr<VirtualKv> VirtualView(int layer, const BatchMetadata& meta) const;
+
+  Stats GetStats() const;
+  // Checks every internal invariant (pages owned once, ref counts match owners, mapped
+  // bytes match handles, free + used == total, index matches tables). Internal on failure.
+  absl::Status CheckInvariants() const;
+
+  const KvCacheConfig& config() const;
+
+ private:
+  struct Impl;
+  explicit KvCache(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_KV_CACHE_H_

@@ -1,0 +1,145 @@
+// The memory backend interface: a narrow model of the CUDA driver's virtual memory
+// management API (reserve / create / map / set access / unmap / release), which
+// kvmem's layouts are written against. HostVmm implements it with real virtual
+// memory on the CPU (PROT_NONE reservations, memfd pages mapped MAP_FIXED), CudaVmm
+// with the driver API, and FaultInjectingVmm wraps either to fail chosen calls.
+//
+// Units: every address and size is in bytes and a multiple of granularity(); one
+// physical handle is exactly one granule. The same handle may be mapped at several
+// addresses at once (aliasing); that is how prefixes are shared.
+//
+// Thread safety: implementations are safe to call from several threads.
+#ifndef KVMEM_VMM_H_
+#define KVMEM_VMM_H_
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvmem {
+
+// A point in a device's stream of work. Memory freed with a fence is not reused,
+// remapped or unmapped until the fence has completed. `event` is a CUevent on
+// the CUDA backend; a null event is complete at once (the host backend).
+struct Fence {
+  void* event = nullptr;
+};
+
+using PhysHandle = uint64_t;
+
+enum class VmmOp : int {
+  kReserve = 0,
+  kFreeReservation,
+  kCreate,
+  kRelease,
+  kMap,
+  kSetAccess,
+  kUnmap,
+  kCopy,
+  kCount  // number of ops
+};
+std::string_view VmmOpName(VmmOp op);
+
+// Counters every backend keeps: number of calls and nanoseconds spent per op.
+struct VmmCounters {
+  std::array<int64_t, static_cast<int>(VmmOp::kCount)> calls{};
+  std::array<int64_t, static_cast<int>(VmmOp::kCount)> nanos{};
+};
+
+class Vmm {
+ public:
+  virtual ~Vmm() = default;
+
+  virtual std::string_view name() const = 0;
+  // Bytes of one physical handle and the alignment of every address and size.
+  virtual int64_t granularity() const = 0;
+  // True when mapped memory is device memory (the host cannot dereference it).
+  virtual bool is_device() const = 0;
+
+  // Reserves `bytes` of address space with no memory behind it.
+  virtual absl::StatusOr<uintptr_t> Reserve(int64_t bytes) = 0;
+  // REQUIRES: [addr, addr + bytes) is a whole reservation with nothing mapped.
+  virtual absl::Status FreeReservation(uintptr_t addr, int64_t bytes) = 0;
+
+  // Creates one granule of physical memory. Out of memory is ResourceExhausted.
+  virtual absl::StatusOr<PhysHandle> Create() = 0;
+  // REQUIRES: the handle is mapped nowhere.
+  virtual absl::Status Release(PhysHandle handle) = 0;
+
+  // Maps `handle` at `addr` (one granule inside a reservation). The memory is not
+  // accessible until SetAccess covers it, as with the driver.
+  virtual absl::Status Map(uintptr_t addr, PhysHandle handle) = 0;
+  // Makes [addr, addr + bytes) readable and writable; every granule must be mapped.
+  virtual absl::Status SetAccess(uintptr_t addr, int64_t bytes) = 0;
+  // Unmaps [addr, addr + bytes); every granule must be mapped.
+  virtual absl::Status Unmap(uintptr_t addr, int64_t bytes) = 0;
+
+  // Copies bytes between mapped, accessible addresses (any alignment). On a device
+  // the copy is ordered before later work on the backend's stream.
+  virtual absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) = 0;
+
+  // True once the work before `fence` has finished. A null fence is complete.
+  virtual bool FenceComplete(const Fence& fence) = 0;
+
+  virtual VmmCounters counters() const = 0;
+};
+
+// Real virtual memory on the CPU. `granularity` is a power of two and a multiple of
+// the OS page size (4 KiB, or 2 MiB to mirror GPUs). `max_physical_bytes` caps what
+// Create() hands out (0: no cap) so out-of-memory can be exercised.
+absl::StatusOr<std::unique_ptr<Vmm>> MakeHostVmm(int64_t granularity,
+                                                 int64_t max_physical_bytes = 0);
+
+// The CUDA driver backend on device `ordinal`. Unavailable where the library was
+// built without CUDA or where no driver / GPU is found (the status says which).
+absl::StatusOr<std::unique_ptr<Vmm>> MakeCudaVmm(int ordinal);
+
+// Wraps `inner`, forwarding every call, except that the chosen calls fail.
+// Thread-safe.
+class FaultInjectingVmm : public Vmm {
+ public:
+  explicit FaultInjectingVmm(std::shared_ptr<Vmm> inner);
+  ~FaultInjectingVmm() override;
+
+  // The n-th call of `op` from now (1-based) fails with `code`; 0 disarms.
+  void FailNth(VmmOp op, int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
+  // Every call of `op` fails from the n-th on, until disarmed.
+  void FailFrom(VmmOp op, int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
+  void DisarmAll();
+  // Calls of `op` seen since construction (failed ones included).
+  int64_t calls(VmmOp op) const;
+  // Total calls of all ops that can fail (every op except FenceComplete).
+  int64_t total_calls() const;
+  // The n-th call of any op from now fails (counts across ops).
+  void FailNthAny(int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
+  int64_t injected_failures() const;
+
+  std::string_view name() const override;
+  int64_t granularity() const override;
+  bool is_device() const override;
+  absl::StatusOr<uintptr_t> Reserve(int64_t bytes) override;
+  absl::Status FreeReservation(uintptr_t addr, int64_t bytes) override;
+  absl::StatusOr<PhysHandle> Create() override;
+  absl::Status Release(PhysHandle handle) override;
+  absl::Status Map(uintptr_t addr, PhysHandle handle) override;
+  absl::Status SetAccess(uintptr_t addr, int64_t bytes) override;
+  absl::Status Unmap(uintptr_t addr, int64_t bytes) override;
+  absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) override;
+  bool FenceComplete(const Fence& fence) override;
+  VmmCounters counters() const override;
+
+ private:
+  struct State;
+  absl::Status Tick(VmmOp op);
+  std::shared_ptr<Vmm> inner_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_VMM_H_
