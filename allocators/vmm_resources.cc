@@ -28,7 +28,8 @@ Reservation& Reservation::operator=(Reservation&& o) noexcept {
 void Reservation::Reset() {
   if (vmm_ == nullptr) return;
   absl::Status s = vmm_->FreeReservation(addr_, size_);
-  if (!s.ok()) Logger()->error("freeing reservation {:#x} ({} bytes): {}", addr_, size_, s.ToString());
+  if (!s.ok())
+    Logger()->error("freeing reservation {:#x} ({} bytes): {}", addr_, size_, s.ToString());
   vmm_ = nullptr;
   addr_ = 0;
   size_ = 0;

@@ -41,8 +41,8 @@ std::string DescribeConfig(const KvCacheConfig& c) {
       c.layout == Layout::kVirtual
           ? (c.arrangement == Arrangement::kAllLayers ? "/all-layers" : "/per-layer")
           : "",
-      c.num_layers, c.num_kv_heads, c.head_dim, DTypeName(c.dtype), c.page_tokens,
-      c.max_requests, c.max_context, static_cast<double>(c.memory_budget_bytes) / (1 << 30),
+      c.num_layers, c.num_kv_heads, c.head_dim, DTypeName(c.dtype), c.page_tokens, c.max_requests,
+      c.max_context, static_cast<double>(c.memory_budget_bytes) / (1 << 30),
       c.device == DeviceKind::kHost ? "host" : absl::StrFormat("cuda:%d", c.device_ordinal));
 }
 

@@ -135,8 +135,8 @@ absl::Status KvCache::Truncate(RequestId id, int64_t new_length) {
   absl::MutexLock lock(&impl_->mu);
   KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
   if (new_length < 0 || new_length > req->length) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "request %d: Truncate to %d tokens, but it has %d", id, new_length, req->length));
+    return absl::OutOfRangeError(absl::StrFormat("request %d: Truncate to %d tokens, but it has %d",
+                                                 id, new_length, req->length));
   }
   if (new_length == req->length) return absl::OkStatus();
   KVMEM_RETURN_IF_ERROR(impl_->layout->Shrink(req->row, req->length, new_length));

@@ -8,9 +8,9 @@
 #define KVMEM_CONCAT_INNER_(a, b) a##b
 #define KVMEM_CONCAT_(a, b) KVMEM_CONCAT_INNER_(a, b)
 
-#define KVMEM_RETURN_IF_ERROR(expr)              \
-  do {                                           \
-    ::absl::Status kvmem_status_ = (expr);       \
+#define KVMEM_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    ::absl::Status kvmem_status_ = (expr);         \
     if (!kvmem_status_.ok()) return kvmem_status_; \
   } while (0)
 

@@ -63,9 +63,7 @@ struct KvCacheConfig {
   int64_t map_ahead_tokens = 0;
 
   // Bytes of K (or V) of one token in one layer: kv_heads * head_dim * dtype.
-  int64_t TokenLayerBytes() const {
-    return int64_t{num_kv_heads} * head_dim * DTypeBytes(dtype);
-  }
+  int64_t TokenLayerBytes() const { return int64_t{num_kv_heads} * head_dim * DTypeBytes(dtype); }
   // Bytes of one token over all layers, K and V.
   int64_t TokenBytes() const { return 2 * int64_t{num_layers} * TokenLayerBytes(); }
 };

@@ -24,14 +24,21 @@ struct AttentionShape {
   int num_kv_heads = 8;
   int head_dim = 128;
   DType kv_dtype = DType::kBFloat16;
-  float scale = 0.f;      // softmax scale; 0 means 1 / sqrt(head_dim)
-  int window_left = -1;   // sliding window: keys at most this many positions back
+  float scale = 0.f;     // softmax scale; 0 means 1 / sqrt(head_dim)
+  int window_left = -1;  // sliding window: keys at most this many positions back
 
   float EffectiveScale() const;
 };
 
 // InvalidArgument for a bad shape (heads not dividing, head_dim < 1, ...).
 absl::Status ValidateAttentionShape(const AttentionShape& shape);
+
+// Writes the K and V of new tokens to their slots (locations from KvCache::Extend),
+// rounding to shape.kv_dtype: the CPU reference of the AppendKv kernel.
+// k, v: [slots.size()][num_kv_heads][head_dim]. The view's memory must be host-accessible.
+template <typename Kv>
+absl::Status ReferenceAppendKv(const AttentionShape& shape, const Kv& kv,
+                               absl::Span<const int64_t> slots, const float* k, const float* v);
 
 // q: [batch][num_q_heads][head_dim]; out: same shape. batch = seq_lens.size().
 template <typename Kv>
@@ -48,6 +55,12 @@ absl::Status ReferenceExtend(const AttentionShape& shape, const Kv& kv,
                              absl::Span<const int32_t> prefix_lens,
                              absl::Span<const int32_t> new_lens, const float* q, float* out);
 
+extern template absl::Status ReferenceAppendKv<PagedKv>(const AttentionShape&, const PagedKv&,
+                                                        absl::Span<const int64_t>, const float*,
+                                                        const float*);
+extern template absl::Status ReferenceAppendKv<VirtualKv>(const AttentionShape&, const VirtualKv&,
+                                                          absl::Span<const int64_t>, const float*,
+                                                          const float*);
 extern template absl::Status ReferenceDecode<PagedKv>(const AttentionShape&, const PagedKv&,
                                                       absl::Span<const int32_t>, const float*,
                                                       float*);

@@ -11,9 +11,10 @@ namespace kvmem {
 
 struct Stats {
   // Requests and tokens.
-  int64_t num_requests = 0;    // live requests
-  int64_t logical_tokens = 0;  // sum of the live requests' lengths (shared prefixes counted per request)
-  int64_t stored_tokens = 0;   // distinct token slots holding a live token (shared ones once)
+  int64_t num_requests = 0;  // live requests
+  int64_t logical_tokens =
+      0;  // sum of the live requests' lengths (shared prefixes counted per request)
+  int64_t stored_tokens = 0;  // distinct token slots holding a live token (shared ones once)
 
   // Bytes. held: physical memory assigned to live requests (paged: used pages; virtual:
   // pages mapped under live rows). live: stored_tokens * token bytes.
@@ -31,10 +32,10 @@ struct Stats {
   // Pages: the layout's own unit (paged: a page of page_tokens tokens over all layers;
   // virtual: one granule of physical memory).
   int64_t page_bytes = 0;
-  int64_t pages_total = 0;   // pages the budget allows
-  int64_t pages_free = 0;    // available now (includes ones not yet created / mapped)
-  int64_t pages_used = 0;    // owned by at least one live request
-  int64_t pages_shared = 0;  // owned by more than one
+  int64_t pages_total = 0;        // pages the budget allows
+  int64_t pages_free = 0;         // available now (includes ones not yet created / mapped)
+  int64_t pages_used = 0;         // owned by at least one live request
+  int64_t pages_shared = 0;       // owned by more than one
   int64_t pages_quarantined = 0;  // freed, waiting for their fence
 
   // Peaks since creation.
@@ -45,11 +46,11 @@ struct Stats {
   // Activity.
   int64_t extends = 0;
   int64_t forks = 0;
-  int64_t cow_copies = 0;     // copy-on-write copies of a shared, partly filled page
-  int64_t pages_reclaimed = 0;  // virtual: pages taken back from idle rows
-  int64_t map_stalls = 0;       // virtual: growth that had to map synchronously
+  int64_t cow_copies = 0;         // copy-on-write copies of a shared, partly filled page
+  int64_t pages_reclaimed = 0;    // virtual: pages taken back from idle rows
+  int64_t map_stalls = 0;         // virtual: growth that had to map synchronously
   int64_t pool_create_nanos = 0;  // creating physical handles up front
-  VmmCounters vmm;              // backend calls and time spent in them
+  VmmCounters vmm;                // backend calls and time spent in them
 
   // 1 - live / held: the fraction of held memory not holding a live token.
   double internal_fragmentation() const {
