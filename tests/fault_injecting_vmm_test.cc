@@ -180,7 +180,9 @@ TEST_F(FaultInjectingVmmTest, SweepFailsOnlyTheChosenCall) {
       EXPECT_TRUE(inner_->Unmap(*r, kGran).ok());
       EXPECT_TRUE(inner_->Release(*h).ok());
     }
-    if (r.ok()) EXPECT_TRUE(inner_->FreeReservation(*r, kGran).ok());
+    if (r.ok()) {
+      EXPECT_TRUE(inner_->FreeReservation(*r, kGran).ok());
+    }
   };
   std::vector<bool> failed;
   for (int n = 1; n <= 4; ++n) {
