@@ -1,0 +1,110 @@
+// PagePool: the bookkeeping of a paged KV cache's pages, with no memory behind it.
+// Which page ids are free, how many requests hold each used page (ref counts for
+// shared prefixes), and which freed pages wait in quarantine for a fence (the GPU may
+// still read them). The layout that owns a PagePool maps memory for the ids; the pool
+// itself makes no backend call, so it is testable in plain C++.
+//
+// Every page id in [0, num_pages) is in exactly one state:
+//   free         refcount 0, in the free set;
+//   used         refcount >= 1 (shared when >= 2);
+//   quarantined  refcount 0, waiting for the fence it was freed under.
+// Allocate() always hands out the LOWEST free id, so used pages pack at the bottom of
+// the pool and an elastic pool can give its free tail back (docs/layouts.md).
+//
+// Not thread-safe: the owning layout calls it under KvCache's mutex.
+#ifndef KVMEM_SRC_PAGE_POOL_H_
+#define KVMEM_SRC_PAGE_POOL_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvmem/vmm.h"
+
+namespace kvmem::internal {
+
+// A set of ids in [0, size) as a two-level bitmap: a bit per id and a summary bit per
+// 64-id word, so the lowest member is found in O(size / 4096) word reads at worst and
+// O(1) in the common case (a hint remembers where the lowest member may be).
+class IdBitmap {
+ public:
+  // REQUIRES: size >= 0.
+  explicit IdBitmap(int64_t size = 0);
+
+  int64_t size() const { return size_; }
+  int64_t count() const { return count_; }
+  bool Contains(int64_t id) const { return (bits_[id >> 6] >> (id & 63)) & 1; }
+  // REQUIRES: 0 <= id < size. Return whether the set changed.
+  bool Insert(int64_t id);
+  bool Erase(int64_t id);
+  // Lowest member, or -1 when empty.
+  int64_t Lowest() const;
+  // Highest id in [0, size) that is NOT a member, or -1 when every id is a member.
+  int64_t HighestAbsent() const;
+
+ private:
+  int64_t size_ = 0;
+  int64_t count_ = 0;
+  std::vector<uint64_t> bits_;     // bit i of word w: id w * 64 + i is a member
+  std::vector<uint64_t> summary_;  // bit i of word s: bits_[s * 64 + i] != 0
+  // Every summary word below this index is zero.
+  mutable int64_t low_hint_ = 0;
+};
+
+class PagePool {
+ public:
+  // All pages start free. REQUIRES: 0 <= num_pages <= INT32_MAX.
+  explicit PagePool(int32_t num_pages);
+
+  int32_t num_pages() const { return num_pages_; }
+  int64_t free_count() const { return free_.count(); }
+  int64_t used_count() const { return used_; }
+  int64_t shared_count() const { return shared_; }
+  int64_t quarantined_count() const { return quarantined_; }
+  int32_t refcount(int32_t page) const { return refcount_[page]; }
+  bool is_free(int32_t page) const { return free_.Contains(page); }
+  // Lowest free page, or -1.
+  int32_t LowestFree() const { return static_cast<int32_t>(free_.Lowest()); }
+  // Highest page that is used or quarantined, or -1 when every page is free.
+  int32_t HighestNonFree() const { return static_cast<int32_t>(free_.HighestAbsent()); }
+
+  // Takes the lowest free page with refcount 1; -1 when none is free.
+  int32_t Allocate();
+  // REQUIRES: page is used.
+  void AddRef(int32_t page);
+  // Drops one reference. When the count reaches 0 the page is freed at once if
+  // `fence.event` is null, else quarantined until the fence completes. Pages dropped
+  // with the same fence in a row share one quarantine entry. Returns whether the count
+  // reached 0. REQUIRES: page is used.
+  bool Unref(int32_t page, const Fence& fence = {});
+
+  // Frees quarantined pages whose fence `complete` reports finished. With
+  // scan_all = false stops at the first entry still pending (fences of one stream
+  // complete in order, so that is the cheap check); true looks at every entry.
+  // Returns the pages freed.
+  int64_t Reclaim(const std::function<bool(const Fence&)>& complete, bool scan_all);
+
+  // OK when the counters agree with a recount and every page is in exactly one state;
+  // Internal naming the first page or counter that is wrong.
+  absl::Status CheckConsistency() const;
+
+ private:
+  struct QuarantineEntry {
+    Fence fence;
+    std::vector<int32_t> pages;
+  };
+
+  int32_t num_pages_;
+  IdBitmap free_;
+  std::vector<int32_t> refcount_;
+  std::deque<QuarantineEntry> quarantine_;  // oldest first
+  int64_t used_ = 0;
+  int64_t shared_ = 0;
+  int64_t quarantined_ = 0;
+};
+
+}  // namespace kvmem::internal
+
+#endif  // KVMEM_SRC_PAGE_POOL_H_
