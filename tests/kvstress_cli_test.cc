@@ -1,0 +1,294 @@
+// kvstress's input handling: trace parsing (errors name the line), flag checking (errors
+// name the flag), and the binary end to end: bad input exits non-zero with a clear
+// message, a good tiny run writes its table, JSON and SVG.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tools/kvstress/json_writer.h"
+#include "tools/kvstress/options.h"
+#include "tools/kvstress/policies.h"
+#include "tools/kvstress/svg_plot.h"
+#include "tools/kvstress/trace.h"
+
+namespace kvstress {
+namespace {
+
+using ::testing::HasSubstr;
+
+// ---- trace parsing ---------------------------------------------------------
+
+std::string TraceError(const std::string& text, int64_t max_context = 100, int64_t prefix_len = 8) {
+  absl::StatusOr<Workload> w = ParseTrace(text, "t.csv", max_context, prefix_len);
+  EXPECT_FALSE(w.ok()) << "accepted:\n" << text;
+  return w.ok() ? "" : std::string(w.status().message());
+}
+
+TEST(KvstressTraceTest, ParsesAndSortsByArrival) {
+  absl::StatusOr<Workload> w = ParseTrace(
+      "# comment\narrival_step,prompt_len,output_len,prefix_group\n\n5,20,3,1\n0,10,4,\n"
+      "0,12,2,-1\n",
+      "t.csv", 100, 8);
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(w->requests.size(), 3u);
+  EXPECT_EQ(w->requests[0].prompt_len, 10);  // stable: file order within a step
+  EXPECT_EQ(w->requests[0].prefix_group, -1);
+  EXPECT_EQ(w->requests[1].prompt_len, 12);
+  EXPECT_EQ(w->requests[2].arrival_step, 5);
+  EXPECT_EQ(w->requests[2].prefix_group, 1);
+  EXPECT_EQ(w->prefix_len, 8);
+}
+
+TEST(KvstressTraceTest, ErrorsNameTheLine) {
+  EXPECT_THAT(TraceError(""), HasSubstr("empty trace"));
+  EXPECT_THAT(TraceError("a,b,c\n"), HasSubstr("t.csv:1: expected the header"));
+  const std::string h = "arrival_step,prompt_len,output_len\n";
+  EXPECT_THAT(TraceError(h + "0,10,5\n1,x,5\n"), HasSubstr("t.csv:3: prompt_len 'x' is not"));
+  EXPECT_THAT(TraceError(h + "0,10\n"), HasSubstr("t.csv:2: expected 3 comma-separated"));
+  EXPECT_THAT(TraceError(h + "0,10,5,1\n"), HasSubstr("t.csv:2: expected 3"));
+  EXPECT_THAT(TraceError(h + "-1,10,5\n"), HasSubstr("t.csv:2: arrival_step -1"));
+  EXPECT_THAT(TraceError(h + "0,0,5\n"), HasSubstr("prompt_len 0 must be >= 1"));
+  EXPECT_THAT(TraceError(h + "0,10,0\n"), HasSubstr("output_len 0 must be >= 1"));
+  EXPECT_THAT(TraceError(h + "0,90,11\n"), HasSubstr("t.csv:2: prompt_len + output_len = 101"));
+  EXPECT_THAT(TraceError(h + "0,99999999999999999999,1\n"), HasSubstr("not an integer"));
+  const std::string g = "arrival_step,prompt_len,output_len,prefix_group\n";
+  EXPECT_THAT(TraceError(g + "0,8,5,0\n"), HasSubstr("must exceed the shared prefix"));
+  EXPECT_THAT(TraceError(g + "0,20,5,-2\n"), HasSubstr("prefix_group -2"));
+}
+
+TEST(KvstressTraceTest, MissingFileIsNotFound) {
+  absl::StatusOr<Workload> w = LoadTrace("/nonexistent/kvstress.csv", 100, 8);
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(w.status().message()), HasSubstr("/nonexistent/kvstress.csv"));
+}
+
+// ---- flags -------------------------------------------------------------------
+
+std::string FlagError(const FlagValues& f) {
+  absl::StatusOr<RunConfig> rc = BuildRunConfig(f);
+  EXPECT_FALSE(rc.ok());
+  return rc.ok() ? "" : std::string(rc.status().message());
+}
+
+TEST(KvstressFlagsTest, DefaultsAreValid) {
+  absl::StatusOr<RunConfig> rc = BuildRunConfig(FlagValues{});
+  ASSERT_TRUE(rc.ok()) << rc.status();
+  EXPECT_EQ(rc->policies.size(), AllPolicies().size());
+  EXPECT_EQ(rc->base.TokenBytes(), 128 * 1024);  // Llama-3-8B: 32 x 8 x 128 x bf16 x K,V
+  EXPECT_EQ(rc->base.memory_budget_bytes, int64_t{64} << 30);
+  EXPECT_EQ(rc->mix.arrival_rate, DefaultArrivalRate(Mix::kChat));
+  EXPECT_FALSE(rc->sim.keep_series);  // no --json / --plot: no series kept
+}
+
+TEST(KvstressFlagsTest, ScaleMultipliesSizeTogether) {
+  FlagValues f;
+  f.scale = 0.5;
+  absl::StatusOr<RunConfig> rc = BuildRunConfig(f);
+  ASSERT_TRUE(rc.ok()) << rc.status();
+  EXPECT_EQ(rc->base.memory_budget_bytes, int64_t{32} << 30);
+  EXPECT_EQ(rc->base.max_requests, 512);
+  EXPECT_EQ(rc->mix.num_requests, 1000);
+  EXPECT_DOUBLE_EQ(rc->mix.arrival_rate, DefaultArrivalRate(Mix::kChat) / 2);
+}
+
+TEST(KvstressFlagsTest, BadValuesNameTheFlag) {
+  auto with = [](auto set) {
+    FlagValues f;
+    set(f);
+    return FlagError(f);
+  };
+  EXPECT_THAT(with([](FlagValues& f) { f.device = "tpu"; }), HasSubstr("--device"));
+  EXPECT_THAT(with([](FlagValues& f) { f.device = "cuda:x"; }), HasSubstr("--device"));
+  EXPECT_THAT(with([](FlagValues& f) { f.dtype = "int8"; }), HasSubstr("--dtype"));
+  EXPECT_THAT(with([](FlagValues& f) { f.layers = 0; }), HasSubstr("--layers"));
+  EXPECT_THAT(with([](FlagValues& f) { f.head_dim = -5; }), HasSubstr("--head_dim"));
+  EXPECT_THAT(with([](FlagValues& f) { f.budget_gib = 0; }), HasSubstr("--budget_gib"));
+  EXPECT_THAT(with([](FlagValues& f) { f.budget_gib = 0.5; }),
+              HasSubstr("less than one request at --max_context=8192"));
+  EXPECT_THAT(with([](FlagValues& f) { f.max_context = 0; }), HasSubstr("--max_context"));
+  EXPECT_THAT(with([](FlagValues& f) { f.max_requests = 0; }), HasSubstr("--max_requests"));
+  EXPECT_THAT(with([](FlagValues& f) { f.scale = 0; }), HasSubstr("--scale"));
+  EXPECT_THAT(with([](FlagValues& f) { f.arrival_rate = 0; }), HasSubstr("--arrival_rate"));
+  EXPECT_THAT(with([](FlagValues& f) { f.arrival_rate = -3; }), HasSubstr("--arrival_rate"));
+  EXPECT_THAT(with([](FlagValues& f) { f.requests = 0; }), HasSubstr("--requests"));
+  EXPECT_THAT(with([](FlagValues& f) { f.workload = "video"; }), HasSubstr("--workload"));
+  EXPECT_THAT(with([](FlagValues& f) { f.policies = "paged-8"; }), HasSubstr("--policies"));
+  EXPECT_THAT(with([](FlagValues& f) { f.policies = ","; }), HasSubstr("no policy"));
+  EXPECT_THAT(with([](FlagValues& f) { f.steps = 0; }), HasSubstr("--steps"));
+  EXPECT_THAT(with([](FlagValues& f) { f.host_page_kib = 12; }), HasSubstr("--host_page_kib"));
+  EXPECT_THAT(with([](FlagValues& f) {
+                f.workload = "shared-system-prompt";
+                f.prefix_len = 5000;
+              }),
+              HasSubstr("--prefix_len"));
+}
+
+TEST(KvstressFlagsTest, PoliciesParseSubsetsAndDropDuplicates) {
+  absl::StatusOr<std::vector<Policy>> p = ParsePolicies(" paged-16,static,paged-16 ");
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_EQ(p->size(), 2u);
+  EXPECT_EQ((*p)[0].name, "paged-16");
+  EXPECT_EQ((*p)[1].name, "static");
+  EXPECT_FALSE((*p)[1].shares_prefixes);
+  kvmem::KvCacheConfig base;
+  base.max_context = 4096;
+  EXPECT_EQ(PolicyConfig((*p)[1], base).page_tokens, 4096);  // static = one max_context page
+}
+
+// ---- small pieces of the output ------------------------------------------------
+
+TEST(KvstressOutputTest, JsonWriterNestsAndEscapes) {
+  JsonWriter j;
+  j.BeginObject();
+  j.Field("a", int64_t{1});
+  j.Key("b");
+  j.BeginArray();
+  j.Int(2);
+  j.Double(0.5);
+  j.Double(1.0 / 0.0);
+  j.EndArray();
+  j.Field("s", std::string("x\"y\n"));
+  j.Field("t", true);
+  j.EndObject();
+  EXPECT_EQ(j.str(), R"({"a":1,"b":[2,0.5,null],"s":"x\"y\n","t":true})");
+}
+
+TEST(KvstressOutputTest, NiceTicksCoverTheRange) {
+  for (double max : {0.7, 1.0, 3.0, 64.0, 65.3, 3995.0, 12029.0}) {
+    const std::vector<double> t = NiceTicks(max, 6);
+    ASSERT_GE(t.size(), 2u) << max;
+    EXPECT_EQ(t.front(), 0);
+    EXPECT_GE(t.back(), max * (1 - 1e-9)) << max;
+    EXPECT_LE(t.size(), 13u) << max;
+  }
+}
+
+// ---- the binary ------------------------------------------------------------------
+
+struct Outcome {
+  int exit_code;
+  std::string output;  // stdout and stderr
+};
+
+Outcome RunKvstress(const std::string& args) {
+  const std::string cmd = std::string(KVSTRESS_BINARY) + " --progress=false " + args + " 2>&1";
+  std::FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return {-1, "popen failed"};
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+std::string WriteTemp(const std::string& name, const std::string& text) {
+  // Prefixed: ctest runs the tests of this file as parallel processes sharing TempDir.
+  const std::string path = ::testing::TempDir() + "/kvstress_cli_" + name;
+  std::ofstream(path) << text;
+  return path;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Tiny shape: 2 KiB per token, budget 512 KiB = 256 tokens, 4 KiB host pages.
+const std::string kTiny =
+    "--layers=1 --kv_heads=1 --head_dim=256 --dtype=fp32 --budget_gib=0.00048828125 "
+    "--max_context=128 --max_requests=4 --host_page_kib=4 --check_invariants=1";
+
+TEST(KvstressBinaryTest, BadInputExitsNonZeroWithAMessage) {
+  const std::string bad_trace =
+      WriteTemp("bad.csv", "arrival_step,prompt_len,output_len\n0,10,5\n1,ten,5\n");
+  const std::string long_trace =
+      WriteTemp("long.csv", "arrival_step,prompt_len,output_len\n0,100,100\n");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--no_such_flag", "Unknown command line flag"},
+      {"--layers=abc", "Illegal value"},
+      {"stray_argument", "unexpected argument"},
+      {"--budget_gib=0.5", "less than one request"},
+      {"--budget_gib=-1", "--budget_gib"},
+      {"--policies=paged-8", "unknown policy 'paged-8'"},
+      {"--workload=video", "unknown workload 'video'"},
+      {"--dtype=int4", "--dtype"},
+      {"--trace=/nonexistent/trace.csv", "cannot open trace '/nonexistent/trace.csv'"},
+      {"--trace=" + ::testing::TempDir(), "is a directory"},
+      {"--trace=" + bad_trace + " " + kTiny, "bad.csv:3: prompt_len 'ten' is not an integer"},
+      {"--trace=" + long_trace + " " + kTiny, "long.csv:2: prompt_len + output_len = 200"},
+      {"--json=/nonexistent/dir/out.json --trace=" +
+           WriteTemp("ok.csv",
+                     "arrival_step,prompt_len,"
+                     "output_len\n0,10,2\n") +
+           " " + kTiny,
+       "cannot write '/nonexistent/dir/out.json'"},
+  };
+  for (const auto& [args, message] : cases) {
+    const Outcome o = RunKvstress(args);
+    EXPECT_NE(o.exit_code, 0) << args << "\n" << o.output;
+    EXPECT_LT(o.exit_code, 128) << "crashed: " << args << "\n" << o.output;
+    EXPECT_THAT(o.output, HasSubstr(message)) << args;
+  }
+}
+
+// The flags allow one max_context request (100 tokens of 1.5 KiB = 153600 bytes), but
+// whole 4 KiB granules per pool do not: every policy fails to create its cache, each
+// failure is listed, and the exit status says so.
+TEST(KvstressBinaryTest, PolicyFailuresAreListedAndExitNonZero) {
+  const std::string trace = WriteTemp("one.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
+  const Outcome o = RunKvstress(
+      "--trace=" + trace +
+      " --layers=1 --kv_heads=1 --head_dim=192 --dtype=fp32 --budget_gib=0.0001430511474609375 "
+      "--max_context=100 --max_requests=2 --host_page_kib=4 --policies=static,virtual");
+  EXPECT_EQ(o.exit_code, 1) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("FAILED static: policy static: cannot create the cache"));
+  EXPECT_THAT(o.output, HasSubstr("FAILED virtual: policy virtual: cannot create the cache"));
+  EXPECT_THAT(o.output, HasSubstr("2 of 2 policies failed"));
+}
+
+TEST(KvstressBinaryTest, CudaDeviceFailsCleanlyWithoutCuda) {
+  const Outcome o = RunKvstress("--device=cuda " + kTiny + " --requests=3");
+#ifdef KVMEM_WITH_CUDA
+  // Built with CUDA: either it runs, or it says why the device is unavailable.
+  if (o.exit_code != 0) EXPECT_THAT(o.output, HasSubstr("--device=cuda:0 is not available"));
+#else
+  EXPECT_EQ(o.exit_code, 1) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("--device=cuda:0 is not available"));
+#endif
+}
+
+TEST(KvstressBinaryTest, TinyTraceWritesTableJsonAndPlot) {
+  const std::string trace = WriteTemp(
+      "tiny.csv", "arrival_step,prompt_len,output_len\n0,100,4\n0,60,8\n1,90,3\n2,20,2\n");
+  const std::string json = ::testing::TempDir() + "/kvstress_cli_tiny.json";
+  const std::string svg = ::testing::TempDir() + "/kvstress_cli_tiny.svg";
+  std::remove(json.c_str());
+  std::remove(svg.c_str());
+  const Outcome o =
+      RunKvstress("--trace=" + trace + " " + kTiny + " --json=" + json + " --plot=" + svg);
+  ASSERT_EQ(o.exit_code, 0) << o.output;
+  for (const Policy& p : AllPolicies()) EXPECT_THAT(o.output, HasSubstr(p.name));
+  EXPECT_THAT(o.output, HasSubstr("4 requests, 270 prompt + 17 output tokens"));
+  const std::string j = ReadFile(json);
+  EXPECT_THAT(j, HasSubstr("\"policy\":\"paged-16\""));
+  EXPECT_THAT(j, HasSubstr("\"held_bytes\":[360448,"));  // paged-16 after step 0: 11 pages
+  EXPECT_THAT(j, HasSubstr("\"drained\":true"));
+  const std::string s = ReadFile(svg);
+  EXPECT_EQ(s.rfind("<svg", 0), 0u);
+  EXPECT_THAT(s, HasSubstr("virtual-layer"));
+  EXPECT_THAT(s, HasSubstr("</svg>"));
+}
+
+}  // namespace
+}  // namespace kvstress
