@@ -55,10 +55,12 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
     return absl::InvalidArgumentError(absl::StrFormat(
         "paged layout: memory budget %d bytes holds %d pages of %d bytes (%d tokens x %d bytes "
         "per token; %d pools of %d bytes per page, each rounded to whole granules of %d bytes), "
-        "but one request at max_context %d needs %d pages (%d bytes)",
+        "but one request at max_context %d needs %d pages (%d bytes); the smallest budget "
+        "that fits is %d bytes",
         config.memory_budget_bytes, budget_pages, pt * config.TokenBytes(), pt, config.TokenBytes(),
         g.num_pools, g.pool_page_bytes, granularity, config.max_context, pages_per_request,
-        pages_per_request * pt * config.TokenBytes()));
+        pages_per_request * pt * config.TokenBytes(),
+        g.num_pools * CeilDiv(pages_per_request * g.pool_page_bytes, granularity) * granularity));
   }
   // Slots (page * page_tokens + offset) are int32 in the token index. Pages beyond
   // every row at max_context could never be used together, so they are not tracked
@@ -231,9 +233,29 @@ absl::Status PagedKvCache::UnmapChunks(int64_t target) {
     }
     return cause;
   }
-  chunks_.resize(target);  // releases the handles
+  // The chunks are unmapped and their pages gone from the pool. A handle the backend
+  // fails to release is kept (counted in physical bytes) and retried by the next Trim
+  // and the destructor, rather than dropped and leaked.
+  for (int64_t c = target; c < c1; ++c) {
+    for (PhysicalPage& page : chunks_[c]) unreleased_.push_back(std::move(page));
+  }
+  chunks_.resize(target);
   usable_pages_ = UsablePagesFor(target);
+  ReleasePending();
   return absl::OkStatus();
+}
+
+void PagedKvCache::ReleasePending() {
+  std::vector<PhysicalPage> kept;
+  for (PhysicalPage& page : unreleased_) {
+    absl::Status s = page.Release();
+    if (!s.ok()) {
+      Logger()->warn("paged layout: releasing a trimmed chunk failed (retried later): {}",
+                     s.ToString());
+      kept.push_back(std::move(page));
+    }
+  }
+  unreleased_ = std::move(kept);
 }
 
 void PagedKvCache::ReclaimQuarantine(bool scan_all) {
@@ -482,6 +504,7 @@ absl::Status PagedKvCache::Release(int32_t row, int64_t len, Fence fence) {
 
 absl::StatusOr<int64_t> PagedKvCache::Trim() {
   if (!config_.elastic_pool) return 0;  // a fixed pool keeps the whole budget mapped
+  ReleasePending();
   ReclaimQuarantine(/*scan_all=*/true);
   const int64_t highest = pool_.HighestNonFree();
   const int64_t keep =
@@ -554,7 +577,8 @@ void PagedKvCache::FillStats(Stats* s) const {
   s->held_bytes = pool_.used_count() * page_bytes;
   s->idle_bytes = (usable_pages_ - pool_.used_count()) * page_bytes;
   s->mapped_bytes = mapped;
-  s->physical_bytes = mapped;  // every handle is mapped exactly once
+  // Every handle is mapped exactly once, but for trimmed ones whose release failed.
+  s->physical_bytes = mapped + static_cast<int64_t>(unreleased_.size()) * geo_.granularity;
   s->peak_held_bytes = peak_held_bytes_;
   s->peak_live_bytes = peak_live_bytes_;
   s->cow_copies = cow_copies_;

@@ -109,6 +109,8 @@ class PagedKvCache final : public KvLayout {
   // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool.
   absl::Status MapChunks(int64_t target);
   // Unmaps and releases chunks [target, mapped). On error every chunk stays mapped.
+  // Retries the release of handles in unreleased_.
+  void ReleasePending();
   absl::Status UnmapChunks(int64_t target);
   void ReclaimQuarantine(bool scan_all);
 
@@ -126,6 +128,7 @@ class PagedKvCache final : public KvLayout {
   const int64_t pt_;  // page_tokens
   Reservation reservation_;
   std::vector<std::vector<PhysicalPage>> chunks_;  // [chunk][pool]
+  std::vector<PhysicalPage> unreleased_;  // trimmed, but the backend failed to release them
   int64_t usable_pages_ = 0;
   PagePool pool_;
   TokenIndex index_;

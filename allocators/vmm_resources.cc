@@ -53,6 +53,15 @@ PhysicalPage& PhysicalPage::operator=(PhysicalPage&& o) noexcept {
   return *this;
 }
 
+absl::Status PhysicalPage::Release() {
+  if (vmm_ == nullptr) return absl::OkStatus();
+  absl::Status s = vmm_->Release(handle_);
+  if (!s.ok()) return s;
+  vmm_ = nullptr;
+  handle_ = 0;
+  return absl::OkStatus();
+}
+
 void PhysicalPage::Reset() {
   if (vmm_ == nullptr) return;
   absl::Status s = vmm_->Release(handle_);

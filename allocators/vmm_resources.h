@@ -45,6 +45,9 @@ class PhysicalPage {
 
   PhysHandle handle() const { return handle_; }
   bool valid() const { return vmm_ != nullptr; }
+  // Releases the handle now. On failure the handle stays owned (and valid), so the
+  // caller can retry instead of leaking it; Reset() only logs.
+  absl::Status Release();
   void Reset();
 
  private:
