@@ -1,7 +1,10 @@
 // KvCache: request ids, lengths, argument checks and locking over a KvLayout.
 #include "kvmem/kv_cache.h"
 
+#include <cstdint>
+#include <limits>
 #include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
@@ -198,10 +201,20 @@ bool KvCache::Contains(RequestId id) const {
 absl::Status KvCache::ReqToToken(RequestId id, std::vector<int32_t>* out) const {
   absl::ReaderMutexLock lock(&impl_->mu);
   KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
-  out->resize(req->length);
+  // Slots are int32 in the index (SGLang's req_to_token); a slot that does not fit
+  // (virtual: row * max_context + pos past 2^31) is an error, never a truncated value.
+  std::vector<int32_t> slots(req->length);
   for (int64_t pos = 0; pos < req->length; ++pos) {
-    (*out)[pos] = static_cast<int32_t>(impl_->layout->SlotOf(req->row, pos));
+    const int64_t slot = impl_->layout->SlotOf(req->row, pos);
+    if (slot < 0 || slot > std::numeric_limits<int32_t>::max()) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "request %d: slot %d of token %d (row %d) does not fit the int32 token index; "
+          "use the int64 locations from Extend",
+          id, slot, pos, req->row));
+    }
+    slots[pos] = static_cast<int32_t>(slot);
   }
+  *out = std::move(slots);
   return absl::OkStatus();
 }
 
