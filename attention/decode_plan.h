@@ -1,0 +1,117 @@
+// Internal to the decode kernels: the plan records uploaded to the device (shared by the
+// host planner in cuda_decode_workspace.cc and the kernels in decode_kernel.cuh), the
+// workspace's private state, and the per-kernel set-up that only the .cu can do.
+// Plain C++ (no CUDA headers), so the planner compiles with the host compiler.
+#ifndef KVMEM_ATTENTION_DECODE_PLAN_H_
+#define KVMEM_ATTENTION_DECODE_PLAN_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvmem/attention.h"
+
+struct CUevent_st;
+
+namespace kvmem {
+namespace internal {
+
+// Tokens [start, end) of request b, one of the `chunks` work items of b (16 bytes: one
+// vector load in the kernel).
+struct alignas(16) DecodeWork {
+  int32_t b;
+  int32_t start;
+  int32_t end;
+  int32_t chunks;
+};
+
+struct alignas(16) DecodePlanHeader {
+  int32_t batch;
+  int32_t num_work;
+  int32_t pad[2];
+};
+
+// Query heads per KV head a CTA takes: the 16 rows of one m16n8k16 MMA.
+inline constexpr int kMaxDecodeGroup = 16;
+// Smallest chunk a request is split into, in tiles: shorter chunks cost more in
+// pipeline fill and merge traffic than they gain in parallelism.
+inline constexpr int kMinChunkTiles = 2;
+
+// Sets the decode kernel of (layout, dtype, head_dim) up for launch (dynamic shared
+// memory limit) and reports its tile (tokens) and how many of its CTAs one SM holds.
+// InvalidArgument for an unsupported dtype or head_dim. Defined in decode_attention.cu.
+struct DecodeKernelInfo {
+  int tile_tokens = 0;
+  int ctas_per_sm = 0;
+};
+absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim);
+
+// Splits `lens` into work items (see DecodeWorkspace). One per request when
+// batch * kv_heads >= resident_ctas (the grid fills the device already); otherwise each
+// request is cut into equal pieces of whole tiles, with the smallest chunk for which all
+// pieces x kv_heads fit in one wave of resident_ctas (no tail wave). Writes
+// work_begin[batch + 1] and work[]; returns the number of work items, or Internal if
+// more than max_work would be needed.
+absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_left,
+                                    int num_kv_heads, int tile_tokens, int resident_ctas,
+                                    int max_work, int32_t* work_begin, DecodeWork* work);
+
+// Capacity of the work list that BuildDecodePlan never exceeds for max_batch requests.
+int MaxDecodeWork(int max_batch, int num_kv_heads, int resident_ctas);
+
+}  // namespace internal
+
+struct DecodeWorkspace::Impl {
+  DecodeOptions options;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int group = 0;
+  int head_dim = 0;
+  float scale_log2 = 0.f;  // softmax scale * log2(e)
+  int tile_tokens = 0;
+  int resident_ctas = 0;     // decode CTAs the device runs at once (occupancy x SMs)
+  int max_work = 0;          // capacity of the work list
+  int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1
+
+  // One device block, uploaded by one copy per Plan():
+  //   header | work_begin[max_batch + 1] | work[max_work] | index[max_batch][index_stride]
+  size_t off_work_begin = 0;
+  size_t off_work = 0;
+  size_t off_index = 0;
+  size_t block_bytes = 0;
+  void* block = nullptr;
+  float* partial_o = nullptr;    // [max_work][num_q_heads][head_dim]
+  float* partial_lse = nullptr;  // [max_work][num_q_heads]
+  // Per (request, KV head): finished pieces of a split request; the CTA that finishes
+  // last merges and resets it to 0 (so a replayed graph finds zeros).
+  int32_t* counters = nullptr;  // [max_batch][num_kv_heads]
+
+  // Pinned staging ring: a buffer is refilled only after its last upload completed.
+  void* stage[2] = {nullptr, nullptr};
+  CUevent_st* stage_done[2] = {nullptr, nullptr};
+  int next_stage = 0;
+
+  // Of the last Plan().
+  int batch = 0;
+  int num_work = 0;
+
+  ~Impl();
+
+  template <typename P>
+  static P* At(void* base, size_t off) {
+    return reinterpret_cast<P*>(static_cast<char*>(base) + off);
+  }
+  const internal::DecodePlanHeader* header() const {
+    return At<const internal::DecodePlanHeader>(block, 0);
+  }
+  const int32_t* work_begin() const { return At<const int32_t>(block, off_work_begin); }
+  const internal::DecodeWork* work() const {
+    return At<const internal::DecodeWork>(block, off_work);
+  }
+  int32_t* index() const { return At<int32_t>(block, off_index); }
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_ATTENTION_DECODE_PLAN_H_

@@ -1,0 +1,610 @@
+// GPU tests of DecodeAttention (kvmem/attention.h) against the CPU reference
+// (ReferenceDecode): paged pages of 1, 3, 16, 64 and 256 tokens, virtual all-layer and
+// per-layer arrangements, head_dim 64/128/256, bf16 and fp16, GQA groups 1..16, lengths
+// 0, 1, page and tile boundaries, split and unsplit plans, sliding windows, 131072 tokens,
+// and one CUDA graph replayed over changed lengths and page tables.
+//
+// Memory no request owns is NaN, outputs are poisoned (NaN) before every launch, and
+// inputs are fresh random values, so a stray read or an unwritten output fails.
+// KVMEM_TEST_SMALL=1 skips the 131072-token case (for compute-sanitizer runs).
+// Skips, saying so, where no GPU is present.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
+#include "gtest/gtest.h"
+#include "kvmem/attention.h"
+#include "kvmem/dtype.h"
+#include "kvmem/kv_accessor.h"
+#include "kvmem/reference_attention.h"
+
+namespace kvmem {
+namespace {
+
+bool GpuPresent() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU()                                                \
+  do {                                                                    \
+    if (!GpuPresent()) GTEST_SKIP() << "no CUDA GPU found: test skipped"; \
+  } while (0)
+
+#define CUDA_ASSERT(expr)                                                      \
+  do {                                                                         \
+    const cudaError_t err_ = (expr);                                           \
+    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
+  } while (0)
+
+bool SmallRun() {
+  const char* e = std::getenv("KVMEM_TEST_SMALL");
+  return e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0;
+}
+
+// Owns one cudaMalloc'd buffer.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (cudaMalloc(&ptr_, std::max<size_t>(bytes, 16)) != cudaSuccess) ptr_ = nullptr;
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+uint16_t NanBits(DType t) { return t == DType::kBFloat16 ? 0x7fc0 : 0x7e00; }
+uint16_t ToBits(DType t, float f) {
+  return t == DType::kBFloat16 ? FloatToBf16Bits(f) : FloatToFp16Bits(f);
+}
+float FromBits(DType t, uint16_t h) {
+  return t == DType::kBFloat16 ? Bf16BitsToFloat(h) : Fp16BitsToFloat(h);
+}
+
+enum class Kind { kPaged, kVirtualAllLayers, kVirtualPerLayer };
+
+std::string KindName(Kind k) {
+  switch (k) {
+    case Kind::kPaged:
+      return "paged";
+    case Kind::kVirtualAllLayers:
+      return "virtual-all-layers";
+    case Kind::kVirtualPerLayer:
+      return "virtual-per-layer";
+  }
+  return "?";
+}
+
+struct Case {
+  Kind kind = Kind::kPaged;
+  int page_tokens = 16;
+  DType dtype = DType::kBFloat16;
+  int head_dim = 128;
+  int kv_heads = 2;
+  int group = 4;
+  int window = -1;
+  float scale = 0.f;
+  float q_std = 1.f;
+  std::vector<int32_t> lens;
+
+  std::string Name() const {
+    return absl::StrCat(KindName(kind),
+                        kind == Kind::kPaged ? absl::StrCat(" page ", page_tokens) : std::string(),
+                        " ", std::string(DTypeName(dtype)), " D", head_dim, " H", kv_heads, " G",
+                        group, " window ", window, " batch ", lens.size());
+  }
+  AttentionShape Shape() const {
+    AttentionShape s;
+    s.num_q_heads = kv_heads * group;
+    s.num_kv_heads = kv_heads;
+    s.head_dim = head_dim;
+    s.kv_dtype = dtype;
+    s.scale = scale;
+    s.window_left = window;
+    return s;
+  }
+};
+
+// Allowed ||out - ref|| / ||ref|| per request. The kernel rounds the softmax weights to
+// the storage type for the tensor-core P V product and the output to the storage type;
+// each is a relative error of at most 2^-9 (bf16) or 2^-12 (fp16) per element, about
+// 1.5e-3 / 2e-4 in norm. Wrong indexing or a missed key gives O(1e-1) and more.
+double Tolerance(DType t) { return t == DType::kBFloat16 ? 6e-3 : 1.5e-3; }
+
+// K/V storage of one case, on the host (for the reference) and the device (for the
+// kernel) with the same element offsets. Memory that no request owns holds NaN.
+class TestKv {
+ public:
+  // Room for batches of up to max_batch requests, max_context tokens each and
+  // pool_tokens tokens in all (paged).
+  TestKv(const Case& c, int max_batch, int64_t max_context, int64_t pool_tokens)
+      : c_(c), max_batch_(max_batch), max_context_(max_context) {
+    block_ = int64_t{c.kv_heads} * c.head_dim;
+    if (c.kind == Kind::kPaged) {
+      num_pages_ = (pool_tokens + c.page_tokens - 1) / c.page_tokens + max_batch + 3;
+      pt_stride_ = (max_context + c.page_tokens - 1) / c.page_tokens;
+      k_elems_ = num_pages_ * c.page_tokens * block_;
+      v_offset_ = k_elems_;  // v pool follows the k pool
+      total_elems_ = 2 * k_elems_;
+    } else {
+      rows_ = max_batch + 3;
+      // All layers: [row][token][layer = 2][k|v][H][D], tested on layer 1.
+      token_stride_ = c.kind == Kind::kVirtualAllLayers ? 4 * block_ : block_;
+      k_elems_ = rows_ * max_context * token_stride_;
+      v_offset_ = c.kind == Kind::kVirtualAllLayers ? block_ : k_elems_;
+      layer_offset_ = c.kind == Kind::kVirtualAllLayers ? 2 * block_ : 0;
+      total_elems_ = c.kind == Kind::kVirtualAllLayers ? k_elems_ : 2 * k_elems_;
+    }
+    host_.resize(total_elems_);
+    device_ = std::make_unique<DeviceBuffer>(total_elems_ * 2);
+  }
+
+  bool ok() const { return device_->get() != nullptr; }
+
+  // Gives `lens` fresh pages (shuffled) or rows, fills their tokens with random K/V and
+  // everything else with NaN, and uploads.
+  void Fill(absl::Span<const int32_t> lens, std::mt19937_64& rng) {
+    lens_.assign(lens.begin(), lens.end());
+    std::fill(host_.begin(), host_.end(), NanBits(c_.dtype));
+    if (c_.kind == Kind::kPaged) {
+      std::vector<int32_t> pages(num_pages_);
+      std::iota(pages.begin(), pages.end(), 0);
+      std::shuffle(pages.begin(), pages.end(), rng);
+      page_table_.assign(std::max<size_t>(lens.size(), 1) * pt_stride_, -1);
+      size_t next = 0;
+      for (size_t b = 0; b < lens.size(); ++b) {
+        const int64_t n = (lens[b] + c_.page_tokens - 1) / c_.page_tokens;
+        for (int64_t i = 0; i < n; ++i) page_table_[b * pt_stride_ + i] = pages.at(next++);
+      }
+    } else {
+      std::vector<int32_t> rows(rows_);
+      std::iota(rows.begin(), rows.end(), 0);
+      std::shuffle(rows.begin(), rows.end(), rng);
+      row_ids_.assign(rows.begin(), rows.begin() + lens.size());
+    }
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (size_t b = 0; b < lens.size(); ++b) {
+      for (int64_t pos = 0; pos < lens[b]; ++pos) {
+        const int64_t off = HostOffset(static_cast<int32_t>(b), pos);
+        uint16_t* k = host_.data() + KBase() + off;
+        uint16_t* v = host_.data() + KBase() + v_offset_ + off;
+        for (int64_t i = 0; i < block_; ++i) {
+          k[i] = ToBits(c_.dtype, normal(rng));
+          v[i] = ToBits(c_.dtype, normal(rng));
+        }
+      }
+    }
+    ASSERT_EQ(cudaMemcpy(device_->get(), host_.data(), total_elems_ * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+
+  // Views over host / device memory; the device one still needs ws.Bind().
+  PagedKv HostPaged() const { return Paged(host_.data(), page_table_.data()); }
+  PagedKv DevicePaged() const { return Paged(device_->get(), nullptr); }
+  VirtualKv HostVirtual() const { return Virtual(host_.data(), row_ids_.data()); }
+  VirtualKv DeviceVirtual() const { return Virtual(device_->get(), nullptr); }
+
+  const std::vector<int32_t>& page_table() const { return page_table_; }
+  int64_t page_table_stride() const { return pt_stride_; }
+  const std::vector<int32_t>& row_ids() const { return row_ids_; }
+
+ private:
+  int64_t KBase() const { return layer_offset_; }
+  int64_t HostOffset(int32_t b, int64_t pos) const {
+    return c_.kind == Kind::kPaged ? HostPaged().Offset(b, pos) : HostVirtual().Offset(b, pos);
+  }
+  PagedKv Paged(const void* base, const int32_t* table) const {
+    PagedKv kv;
+    uint16_t* k = static_cast<uint16_t*>(const_cast<void*>(base));
+    kv.k = k;
+    kv.v = k + v_offset_;
+    kv.page_tokens = c_.page_tokens;
+    kv.token_stride = block_;
+    kv.page_stride = c_.page_tokens * block_;
+    kv.page_table = table;
+    kv.page_table_stride = pt_stride_;
+    return kv;
+  }
+  VirtualKv Virtual(const void* base, const int32_t* rows) const {
+    VirtualKv kv;
+    uint16_t* k = static_cast<uint16_t*>(const_cast<void*>(base)) + layer_offset_;
+    kv.k = k;
+    kv.v = k + v_offset_;
+    kv.token_stride = token_stride_;
+    kv.row_stride = max_context_ * token_stride_;
+    kv.max_context = max_context_;
+    kv.row_ids = rows;
+    return kv;
+  }
+
+  Case c_;
+  int max_batch_;
+  int64_t max_context_;
+  int64_t block_ = 0;
+  int64_t num_pages_ = 0;
+  int64_t pt_stride_ = 0;
+  int64_t rows_ = 0;
+  int64_t token_stride_ = 0;
+  int64_t k_elems_ = 0;
+  int64_t v_offset_ = 0;
+  int64_t layer_offset_ = 0;
+  int64_t total_elems_ = 0;
+  std::vector<uint16_t> host_;
+  std::unique_ptr<DeviceBuffer> device_;
+  std::vector<int32_t> lens_;
+  std::vector<int32_t> page_table_;
+  std::vector<int32_t> row_ids_;
+};
+
+DecodeOptions OptionsFor(const Case& c, int max_batch, int64_t max_context, bool fixed_grid) {
+  DecodeOptions o;
+  o.shape = c.Shape();
+  o.layout = c.kind == Kind::kPaged ? Layout::kPaged : Layout::kVirtual;
+  o.max_batch = max_batch;
+  o.max_context = max_context;
+  o.page_tokens = c.page_tokens;
+  o.fixed_grid = fixed_grid;
+  return o;
+}
+
+absl::Status Plan(DecodeWorkspace& ws, const TestKv& kv, absl::Span<const int32_t> lens,
+                  cudaStream_t stream) {
+  if (ws.options().layout == Layout::kPaged) {
+    return ws.PlanPaged(lens, kv.page_table(), kv.page_table_stride(), stream);
+  }
+  return ws.PlanVirtual(lens, kv.row_ids(), stream);
+}
+
+absl::Status Launch(const DecodeWorkspace& ws, const TestKv& kv, const void* q, void* out,
+                    cudaStream_t stream) {
+  if (ws.options().layout == Layout::kPaged) {
+    return DecodeAttention(ws, ws.Bind(kv.DevicePaged()), q, out, stream);
+  }
+  return DecodeAttention(ws, ws.Bind(kv.DeviceVirtual()), q, out, stream);
+}
+
+// Random q of `batch` requests, rounded to the storage type: float for the reference,
+// bits for the device.
+void RandomQ(const Case& c, int batch, std::mt19937_64& rng, std::vector<float>* q,
+             std::vector<uint16_t>* bits) {
+  const int64_t n = int64_t{batch} * c.kv_heads * c.group * c.head_dim;
+  std::normal_distribution<float> normal(0.f, c.q_std);
+  q->resize(n);
+  bits->resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    (*bits)[i] = ToBits(c.dtype, normal(rng));
+    (*q)[i] = FromBits(c.dtype, (*bits)[i]);
+  }
+}
+
+// Compares the device output with ReferenceDecode on the host copy, request by request.
+void ExpectMatchesReference(const Case& c, const TestKv& kv, absl::Span<const int32_t> lens,
+                            const std::vector<float>& q, const std::vector<uint16_t>& out_bits) {
+  const int64_t row = int64_t{c.kv_heads} * c.group * c.head_dim;
+  std::vector<float> ref(lens.size() * row);
+  const absl::Status st =
+      c.kind == Kind::kPaged
+          ? ReferenceDecode(c.Shape(), kv.HostPaged(), lens, q.data(), ref.data())
+          : ReferenceDecode(c.Shape(), kv.HostVirtual(), lens, q.data(), ref.data());
+  ASSERT_TRUE(st.ok()) << st;
+  double worst = 0.0;
+  for (size_t b = 0; b < lens.size(); ++b) {
+    double err2 = 0.0;
+    double ref2 = 0.0;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < row; ++i) {
+      const float o = FromBits(c.dtype, out_bits[b * row + i]);
+      const float r = ref[b * row + i];
+      if (!std::isfinite(o)) ++bad;
+      err2 += (double(o) - r) * (double(o) - r);
+      ref2 += double(r) * r;
+    }
+    ASSERT_EQ(bad, 0) << "request " << b << " (len " << lens[b] << "): " << bad
+                      << " outputs not finite (unwritten or NaN read)";
+    if (ref2 == 0.0) {
+      EXPECT_EQ(err2, 0.0) << "request " << b << " (len " << lens[b] << ") must be all zeros";
+      continue;
+    }
+    const double rel = std::sqrt(err2 / ref2);
+    worst = std::max(worst, rel);
+    EXPECT_LE(rel, Tolerance(c.dtype)) << "request " << b << " (len " << lens[b] << ")";
+  }
+  ::testing::Test::RecordProperty("worst_rel_error", absl::StrCat(worst));
+}
+
+struct RunInfo {
+  int batch = 0;
+  int num_work = 0;
+};
+
+// One case end to end: storage, plan, launch, compare. Returns what the plan did.
+RunInfo RunCase(const Case& c) {
+  SCOPED_TRACE(c.Name());
+  RunInfo info;
+  std::mt19937_64 rng(std::hash<std::string>{}(c.Name()));
+  const int batch = static_cast<int>(c.lens.size());
+  const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
+  const int64_t max_context = std::max<int64_t>(max_len, 1) + 7;
+  const int64_t total = std::accumulate(c.lens.begin(), c.lens.end(), int64_t{0});
+  TestKv kv(c, batch, max_context, total);
+  EXPECT_TRUE(kv.ok()) << "device allocation failed";
+  if (!kv.ok()) return info;
+  kv.Fill(c.lens, rng);
+
+  std::vector<float> q;
+  std::vector<uint16_t> q_bits;
+  RandomQ(c, batch, rng, &q, &q_bits);
+  DeviceBuffer q_dev(q_bits.size() * 2);
+  DeviceBuffer out_dev(q_bits.size() * 2);
+  EXPECT_EQ(cudaMemcpy(q_dev.get(), q_bits.data(), q_bits.size() * 2, cudaMemcpyHostToDevice),
+            cudaSuccess);
+  EXPECT_EQ(cudaMemset(out_dev.get(), 0xff, out_dev.bytes()), cudaSuccess);  // NaN poison
+
+  auto ws = DecodeWorkspace::Create(OptionsFor(c, batch, max_context, false));
+  EXPECT_TRUE(ws.ok()) << ws.status();
+  if (!ws.ok()) return info;
+  const absl::Status planned = Plan(**ws, kv, c.lens, nullptr);
+  EXPECT_TRUE(planned.ok()) << planned;
+  const absl::Status launched = Launch(**ws, kv, q_dev.get(), out_dev.get(), nullptr);
+  EXPECT_TRUE(launched.ok()) << launched;
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  info.batch = (*ws)->batch();
+  info.num_work = (*ws)->num_work();
+
+  std::vector<uint16_t> out_bits(q_bits.size());
+  EXPECT_EQ(cudaMemcpy(out_bits.data(), out_dev.get(), out_bits.size() * 2, cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  ExpectMatchesReference(c, kv, c.lens, q, out_bits);
+  return info;
+}
+
+// Lengths at and around page and tile (32 / 64 tokens) boundaries, plus 0 and 1 and a
+// few long ones that the plan splits.
+std::vector<int32_t> BoundaryLens(int page) {
+  std::vector<int32_t> lens = {0, 1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 1000, 2049, 4100};
+  for (int m : {1, 2, 3}) {
+    for (int d : {-1, 0, 1}) {
+      if (m * page + d >= 1) lens.push_back(m * page + d);
+    }
+  }
+  return lens;
+}
+
+TEST(DecodeAttentionTest, PagedPageSizes) {
+  SKIP_WITHOUT_GPU();
+  for (int page : {1, 3, 16, 64, 256}) {
+    Case c;
+    c.kind = Kind::kPaged;
+    c.page_tokens = page;
+    c.lens = BoundaryLens(page);
+    const RunInfo info = RunCase(c);
+    EXPECT_GT(info.num_work, info.batch) << "a small batch of long requests must be split";
+  }
+}
+
+TEST(DecodeAttentionTest, VirtualArrangements) {
+  SKIP_WITHOUT_GPU();
+  for (Kind kind : {Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+    Case c;
+    c.kind = kind;
+    c.lens = BoundaryLens(16);
+    RunCase(c);
+  }
+}
+
+TEST(DecodeAttentionTest, HeadDimsAndDtypes) {
+  SKIP_WITHOUT_GPU();
+  for (int d : {64, 128, 256}) {
+    for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+        Case c;
+        c.kind = kind;
+        c.page_tokens = 16;
+        c.dtype = t;
+        c.head_dim = d;
+        c.lens = {0, 1, 31, 32, 33, 64, 200, 1500, 3000};
+        RunCase(c);
+      }
+    }
+  }
+}
+
+TEST(DecodeAttentionTest, GroupSizes) {
+  SKIP_WITHOUT_GPU();
+  std::vector<std::pair<int, int>> heads;  // (kv_heads, group)
+  for (int g = 1; g <= 8; ++g) heads.push_back({2, g});
+  heads.push_back({4, 7});   // 28 query heads over 4 KV heads
+  heads.push_back({1, 16});  // the whole MMA
+  heads.push_back({3, 12});
+  for (auto [h, g] : heads) {
+    Case c;
+    c.kv_heads = h;
+    c.group = g;
+    c.page_tokens = 16;
+    c.lens = {0, 1, 17, 100, 700, 2500};
+    RunCase(c);
+  }
+}
+
+TEST(DecodeAttentionTest, SlidingWindowAndScale) {
+  SKIP_WITHOUT_GPU();
+  for (int window : {0, 1, 70, 1000}) {
+    for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer}) {
+      Case c;
+      c.kind = kind;
+      c.page_tokens = 3;
+      c.window = window;
+      c.scale = 0.2f;
+      c.q_std = 3.f;  // peaked softmax: exercises the running max
+      c.lens = {0, 1, 2, 70, 71, 72, 999, 1000, 1001, 1002, 5000};
+      RunCase(c);
+    }
+  }
+}
+
+// batch x kv_heads above the resident CTAs: one work item per request, no merge.
+TEST(DecodeAttentionTest, LargeBatchUnsplit) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.kv_heads = 8;
+  c.group = 2;
+  c.page_tokens = 16;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> len(0, 600);
+  for (int b = 0; b < 200; ++b) c.lens.push_back(len(rng));
+  const RunInfo info = RunCase(c);
+  EXPECT_EQ(info.num_work, info.batch);
+}
+
+TEST(DecodeAttentionTest, LongContext) {
+  SKIP_WITHOUT_GPU();
+  if (SmallRun()) GTEST_SKIP() << "KVMEM_TEST_SMALL: 131072-token case skipped";
+  for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer}) {
+    Case c;
+    c.kind = kind;
+    c.page_tokens = 16;
+    c.lens = {131072, 65537};
+    const RunInfo info = RunCase(c);
+    EXPECT_GT(info.num_work, info.batch);
+  }
+}
+
+// A step captured once (fixed_grid) replays over new lengths, batch sizes, page tables
+// and row ids, and K/V contents: split and unsplit plans alike.
+TEST(DecodeAttentionTest, GraphReplayWithNewLengthsAndTables) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<std::vector<int32_t>> steps = {{5000, 3, 0, 700},
+                                                   {17, 64, 1, 2000, 129, 4000, 0, 9},
+                                                   {6000},
+                                                   std::vector<int32_t>(24, 100),
+                                                   {}};
+  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+    Case c;
+    c.kind = kind;
+    c.page_tokens = 16;
+    const int max_batch = 24;
+    const int64_t max_context = 6000;
+    SCOPED_TRACE(c.Name());
+    std::mt19937_64 rng(11);
+    TestKv kv(c, max_batch, max_context, 12000);
+    ASSERT_TRUE(kv.ok());
+    const int64_t q_elems = int64_t{max_batch} * c.kv_heads * c.group * c.head_dim;
+    DeviceBuffer q_dev(q_elems * 2);
+    DeviceBuffer out_dev(q_elems * 2);
+    auto ws = DecodeWorkspace::Create(OptionsFor(c, max_batch, max_context, true));
+    ASSERT_TRUE(ws.ok()) << ws.status();
+    cudaStream_t stream;
+    CUDA_ASSERT(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_ASSERT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    const absl::Status captured = Launch(**ws, kv, q_dev.get(), out_dev.get(), stream);
+    CUDA_ASSERT(cudaStreamEndCapture(stream, &graph));
+    ASSERT_TRUE(captured.ok()) << captured;
+    CUDA_ASSERT(cudaGraphInstantiate(&exec, graph, 0));
+    for (size_t s = 0; s < steps.size(); ++s) {
+      SCOPED_TRACE(absl::StrCat("step ", s));
+      const std::vector<int32_t>& lens = steps[s];
+      kv.Fill(lens, rng);
+      std::vector<float> q;
+      std::vector<uint16_t> q_bits;
+      RandomQ(c, static_cast<int>(lens.size()), rng, &q, &q_bits);
+      CUDA_ASSERT(
+          cudaMemcpy(q_dev.get(), q_bits.data(), q_bits.size() * 2, cudaMemcpyHostToDevice));
+      CUDA_ASSERT(cudaMemset(out_dev.get(), 0xff, out_dev.bytes()));
+      const absl::Status planned = Plan(**ws, kv, lens, stream);
+      ASSERT_TRUE(planned.ok()) << planned;
+      CUDA_ASSERT(cudaGraphLaunch(exec, stream));
+      CUDA_ASSERT(cudaStreamSynchronize(stream));
+      std::vector<uint16_t> out_bits(q_bits.size());
+      CUDA_ASSERT(
+          cudaMemcpy(out_bits.data(), out_dev.get(), out_bits.size() * 2, cudaMemcpyDeviceToHost));
+      ExpectMatchesReference(c, kv, lens, q, out_bits);
+      if (lens.empty()) {
+        // Nothing planned: the graph must leave the (poisoned) output alone.
+        std::vector<uint16_t> all(q_elems);
+        CUDA_ASSERT(cudaMemcpy(all.data(), out_dev.get(), all.size() * 2, cudaMemcpyDeviceToHost));
+        EXPECT_EQ(all[0], 0xffff);
+      }
+    }
+    CUDA_ASSERT(cudaGraphExecDestroy(exec));
+    CUDA_ASSERT(cudaGraphDestroy(graph));
+    CUDA_ASSERT(cudaStreamDestroy(stream));
+  }
+}
+
+TEST(DecodeAttentionTest, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  DecodeOptions o = OptionsFor(c, 4, 1024, false);
+
+  DecodeOptions bad = o;
+  bad.shape.num_q_heads = 17 * bad.shape.num_kv_heads;  // group 17
+  EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.shape.head_dim = 96;
+  EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.shape.kv_dtype = DType::kFloat32;
+  EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.max_batch = 0;
+  EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+
+  auto ws = DecodeWorkspace::Create(o);
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  const std::vector<int32_t> table(4 * 64, 0);
+  const std::vector<int32_t> too_long = {1025};
+  EXPECT_EQ((*ws)->PlanPaged(too_long, table, 64, nullptr).code(), absl::StatusCode::kOutOfRange);
+  const std::vector<int32_t> five(5, 1);
+  EXPECT_EQ((*ws)->PlanPaged(five, table, 64, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);  // over max_batch
+  const std::vector<int32_t> negative_page(4 * 64, -1);
+  const std::vector<int32_t> one = {1};
+  EXPECT_EQ((*ws)->PlanPaged(one, negative_page, 64, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*ws)->PlanVirtual(one, one, nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);  // paged workspace
+
+  // A virtual view on a paged workspace, and a misaligned q.
+  VirtualKv vkv;
+  vkv.k = vkv.v = reinterpret_cast<void*>(256);
+  vkv.token_stride = 256;
+  vkv.row_stride = 256 * 1024;
+  vkv.max_context = 1024;
+  int32_t rows[1] = {0};
+  vkv.row_ids = rows;
+  EXPECT_EQ(DecodeAttention(**ws, vkv, vkv.k, vkv.k, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  PagedKv pkv = (*ws)->Bind(PagedKv{});
+  pkv.k = pkv.v = reinterpret_cast<void*>(256);
+  pkv.page_tokens = 16;
+  pkv.token_stride = 256;
+  pkv.page_stride = 16 * 256;
+  EXPECT_EQ(DecodeAttention(**ws, pkv, reinterpret_cast<void*>(258), pkv.k, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  pkv.page_tokens = 8;  // not the workspace's
+  EXPECT_EQ(DecodeAttention(**ws, pkv, pkv.k, pkv.k, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvmem
