@@ -1,0 +1,302 @@
+// kvbench prefill: extend / prefill attention (kvmem/extend_attention.h) on the P1 shapes
+// of shared/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new tokens on a 4096
+// cached prefix), default model shape 32 q / 8 KV heads, head_dim 128, bf16, over the
+// paged layout (page 16, pages shuffled) and the virtual layout (all-layer arrangement,
+// 32 layers, and per-layer).
+//
+// FLOPs: prefill (no prefix) uses the convention of benchmarks.md,
+// 2 x B x q_heads x L x L x head_dim (twice the attended pairs, which are ~L^2 / 2); an
+// extend counts its attended pairs exactly: 4 x q_heads x head_dim x
+// (new x prefix + new x (new + 1) / 2). Each figure is the median of event-timed launches
+// after a warm-up. tools/gpu/anchor_prefill.py runs torch SDPA on the same shapes for the
+// anchors; docs/prefill.md has the figures.
+//
+// usage: kvbench prefill [--reps=N] [--warmup=N] [--layouts=paged,virtual-all,virtual-layer]
+//                        [--shapes=p4k,p16k,b4,extend] [--page=16]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvmem/extend_attention.h"
+#include "kvmem/kv_accessor.h"
+#include "kvmem/reference_attention.h"
+#include "tools/kvbench/registry.h"
+
+namespace kvmem {
+namespace {
+
+#define PREFILL_CUDA(expr)                                                              \
+  do {                                                                                  \
+    const cudaError_t err_ = (expr);                                                    \
+    if (err_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "prefill bench: %s: %s\n", #expr, cudaGetErrorString(err_)); \
+      return false;                                                                     \
+    }                                                                                   \
+  } while (0)
+
+constexpr int kQHeads = 32;
+constexpr int kKvHeads = 8;
+constexpr int kHeadDim = 128;
+constexpr int kLayers = 32;  // of the all-layer arrangement: a token's stride spans them all
+
+struct Settings {
+  int reps = 20;
+  int warmup = 3;
+  int page = 16;
+  std::string layouts = "paged,virtual-all,virtual-layer";
+  std::string shapes = "p4k,p16k,b4,extend";
+};
+
+struct Shape {
+  const char* tag;
+  int batch;
+  int prefix;
+  int fresh;
+};
+
+// Owns one cudaMalloc'd buffer.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  bool Allocate(size_t bytes) {
+    cudaFree(ptr_);
+    ptr_ = nullptr;
+    return cudaMalloc(&ptr_, bytes) == cudaSuccess;
+  }
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// Random bf16 in [-1, 1) from a hash of the index: never zeros, fast to fill gigabytes.
+__global__ void PrefillFillRandomBf16(uint16_t* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u ^ static_cast<uint32_t>(i >> 32) ^ seed;
+    x ^= x >> 16;
+    x *= 0x85ebca6bu;
+    x ^= x >> 13;
+    x *= 0xc2b2ae35u;
+    x ^= x >> 16;
+    const float f = static_cast<float>(x >> 8) * (2.f / 16777216.f) - 1.f;
+    const uint32_t u = __float_as_uint(f);
+    p[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+bool FillRandom(void* p, int64_t bytes, uint32_t seed) {
+  PrefillFillRandomBf16<<<1024, 256>>>(static_cast<uint16_t*>(p), bytes / 2, seed);
+  PREFILL_CUDA(cudaGetLastError());
+  return true;
+}
+
+// Median of `reps` event-timed runs of fn() after `warmup` untimed ones (milliseconds).
+template <typename Fn>
+double MedianMs(int warmup, int reps, Fn&& fn) {
+  for (int r = 0; r < warmup; ++r) fn();
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) cudaEventCreate(&e);
+  for (int r = 0; r < reps; ++r) {
+    cudaEventRecord(ev[2 * r]);
+    fn();
+    cudaEventRecord(ev[2 * r + 1]);
+  }
+  cudaEventSynchronize(ev.back());
+  std::vector<double> ms(reps);
+  for (int r = 0; r < reps; ++r) {
+    float t = 0.f;
+    cudaEventElapsedTime(&t, ev[2 * r], ev[2 * r + 1]);
+    ms[r] = t;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
+  return ms[reps / 2];
+}
+
+double Flops(const Shape& sh) {
+  const double hd = double{kQHeads} * kHeadDim;
+  if (sh.prefix == 0) return 2.0 * sh.batch * hd * double(sh.fresh) * sh.fresh;
+  const double pairs = double(sh.fresh) * sh.prefix + double(sh.fresh) * (sh.fresh + 1) / 2;
+  return 4.0 * sh.batch * hd * pairs;
+}
+
+// Times one (shape, layout); prints a row. *tflops gets the figure.
+bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, double* tflops) {
+  const int64_t block = int64_t{kKvHeads} * kHeadDim;  // elements per token, one of K / V
+  const int64_t ctx = int64_t{sh.prefix} + sh.fresh;
+  const int64_t total_new = int64_t{sh.batch} * sh.fresh;
+  AttentionShape shape;
+  shape.num_q_heads = kQHeads;
+  shape.num_kv_heads = kKvHeads;
+  shape.head_dim = kHeadDim;
+  shape.kv_dtype = DType::kBFloat16;
+
+  ExtendOptions o;
+  o.shape = shape;
+  o.max_batch = sh.batch;
+  o.max_new_tokens = total_new;
+  o.max_context = ctx;
+  o.page_tokens = s.page;
+  o.layout = layout == "paged" ? Layout::kPaged : Layout::kVirtual;
+  auto ws = ExtendWorkspace::Create(o);
+  if (!ws.ok()) {
+    std::fprintf(stderr, "prefill bench: %s\n", ws.status().ToString().c_str());
+    return false;
+  }
+  const std::vector<int32_t> prefix(sh.batch, sh.prefix);
+  const std::vector<int32_t> fresh(sh.batch, sh.fresh);
+
+  DeviceBuffer kv_buf, q_buf, out_buf;
+  PagedKv paged;
+  VirtualKv virt;
+  std::vector<int32_t> table, rows;
+  int64_t kv_bytes = 0;
+  if (layout == "paged") {
+    const int64_t pages_per_req = (ctx + s.page - 1) / s.page;
+    const int64_t pages = pages_per_req * sh.batch;
+    kv_bytes = 2 * pages * s.page * block * 2;
+    if (!kv_buf.Allocate(kv_bytes)) return false;
+    paged.k = kv_buf.get();
+    paged.v = kv_buf.get<uint16_t>() + pages * s.page * block;
+    paged.page_tokens = s.page;
+    paged.token_stride = block;
+    paged.page_stride = s.page * block;
+    table.resize(pages);
+    std::iota(table.begin(), table.end(), 0);
+    std::mt19937 rng(1);
+    std::shuffle(table.begin(), table.end(), rng);  // a fragmented pool
+    auto st = (*ws)->PlanPaged(prefix, fresh, table, pages_per_req, nullptr);
+    if (!st.ok()) {
+      std::fprintf(stderr, "prefill bench: %s\n", st.ToString().c_str());
+      return false;
+    }
+    paged = (*ws)->Bind(paged);
+  } else {
+    const bool all = layout == "virtual-all";
+    // All layers: [row][token][layer][k|v][H][D] (layer 0 is timed); per layer: [row][token][H][D].
+    const int64_t token_stride = all ? int64_t{kLayers} * 2 * block : block;
+    const int64_t row_stride = ctx * token_stride;
+    kv_bytes = (all ? 1 : 2) * sh.batch * row_stride * 2;
+    if (!kv_buf.Allocate(kv_bytes)) return false;
+    virt.k = kv_buf.get();
+    virt.v = all ? kv_buf.get<uint16_t>() + block : kv_buf.get<uint16_t>() + sh.batch * row_stride;
+    virt.token_stride = token_stride;
+    virt.row_stride = row_stride;
+    virt.max_context = ctx;
+    rows.resize(sh.batch);
+    std::iota(rows.begin(), rows.end(), 0);
+    std::reverse(rows.begin(), rows.end());
+    auto st = (*ws)->PlanVirtual(prefix, fresh, rows, nullptr);
+    if (!st.ok()) {
+      std::fprintf(stderr, "prefill bench: %s\n", st.ToString().c_str());
+      return false;
+    }
+    virt = (*ws)->Bind(virt);
+  }
+  const int64_t q_bytes = total_new * kQHeads * kHeadDim * 2;
+  if (!q_buf.Allocate(q_bytes) || !out_buf.Allocate(q_bytes)) return false;
+  if (!FillRandom(kv_buf.get(), kv_bytes, 7) || !FillRandom(q_buf.get(), q_bytes, 9)) return false;
+  PREFILL_CUDA(cudaDeviceSynchronize());
+
+  absl::Status launched = absl::OkStatus();
+  auto run = [&] {
+    absl::Status st = layout == "paged"
+                          ? ExtendAttention(**ws, paged, q_buf.get(), out_buf.get(), nullptr)
+                          : ExtendAttention(**ws, virt, q_buf.get(), out_buf.get(), nullptr);
+    if (!st.ok()) launched = st;
+  };
+  const double ms = MedianMs(s.warmup, s.reps, run);
+  PREFILL_CUDA(cudaDeviceSynchronize());
+  if (!launched.ok()) {
+    std::fprintf(stderr, "prefill bench: %s\n", launched.ToString().c_str());
+    return false;
+  }
+  *tflops = Flops(sh) / (ms * 1e-3) * 1e-12;
+  std::printf("%-8s B=%d prefix=%-5d new=%-5d %-14s %9.3f ms %7.1f TFLOP/s\n", sh.tag, sh.batch,
+              sh.prefix, sh.fresh,
+              layout == "paged" ? ("paged-" + std::to_string(s.page)).c_str() : layout.c_str(), ms,
+              *tflops);
+  std::fflush(stdout);
+  return true;
+}
+
+bool Listed(const std::string& list, const std::string& name) {
+  return ("," + list + ",").find("," + name + ",") != std::string::npos;
+}
+
+int Main(const std::vector<std::string>& args) {
+  Settings s;
+  for (const std::string& a : args) {
+    auto value = [&](const char* flag) -> const char* {
+      const size_t n = std::strlen(flag);
+      return a.compare(0, n, flag) == 0 ? a.c_str() + n : nullptr;
+    };
+    if (const char* v = value("--reps=")) {
+      s.reps = std::max(1, std::atoi(v));
+    } else if (const char* v = value("--warmup=")) {
+      s.warmup = std::max(0, std::atoi(v));
+    } else if (const char* v = value("--page=")) {
+      s.page = std::max(1, std::atoi(v));
+    } else if (const char* v = value("--layouts=")) {
+      s.layouts = v;
+    } else if (const char* v = value("--shapes=")) {
+      s.shapes = v;
+    } else {
+      std::fprintf(stderr,
+                   "usage: kvbench prefill [--reps=N] [--warmup=N] [--page=N]\n"
+                   "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n");
+      return 2;
+    }
+  }
+  int dev = 0;
+  cudaDeviceProp prop;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+    std::fprintf(stderr, "prefill bench: no CUDA device\n");
+    return 1;
+  }
+  std::printf("prefill: %s, %d SMs; q_heads %d, kv_heads %d, head_dim %d, bf16; median of %d\n",
+              prop.name, prop.multiProcessorCount, kQHeads, kKvHeads, kHeadDim, s.reps);
+  const Shape shapes[] = {
+      {"p4k", 1, 0, 4096}, {"p16k", 1, 0, 16384}, {"b4", 4, 0, 8192}, {"extend", 1, 4096, 512}};
+  const char* layouts[] = {"paged", "virtual-all", "virtual-layer"};
+  int rc = 0;
+  for (const Shape& sh : shapes) {
+    if (!Listed(s.shapes, sh.tag)) continue;
+    double paged = 0.0, virt = 0.0;
+    for (const char* l : layouts) {
+      if (!Listed(s.layouts, l)) continue;
+      double t = 0.0;
+      if (!RunOne(s, sh, l, &t)) {
+        rc = 1;
+        continue;
+      }
+      if (std::strcmp(l, "paged") == 0) paged = t;
+      if (std::strcmp(l, "virtual-all") == 0) virt = t;
+    }
+    if (paged > 0 && virt > 0) {
+      std::printf("%-8s paged / virtual-all = %.3f\n", sh.tag, paged / virt);
+    }
+  }
+  return rc;
+}
+
+}  // namespace
+}  // namespace kvmem
+
+KVBENCH_REGISTER(prefill, "prefill",
+                 "extend / prefill attention on P1 (paged and virtual), TFLOP/s", kvmem::Main);
