@@ -39,13 +39,12 @@
 #include "absl/synchronization/mutex.h"
 #include "allocators/cuda_driver.h"
 #include "allocators/cuda_vmm_factory.h"
+#include "allocators/vmm_ledger.h"
 #include "kvmem/vmm.h"
 #include "src/logging.h"
 
 namespace kvmem::internal {
 namespace {
-
-constexpr int kNumOps = static_cast<int>(VmmOp::kCount);
 
 // Makes `ctx` current on this thread for the scope, restoring the caller's context
 // after. Callers (the background mapper, an engine's threads) may have no context or
@@ -171,7 +170,8 @@ class CudaVmm final : public Vmm {
         ordinal_(ordinal),
         ctx_(std::move(ctx)),
         stream_(std::move(stream)),
-        granularity_(granularity) {}
+        granularity_(granularity),
+        ledger_("CUDA VMM", granularity) {}
   ~CudaVmm() override;
 
   std::string_view name() const override { return "cuda"; }
@@ -190,47 +190,9 @@ class CudaVmm final : public Vmm {
   VmmCounters counters() const override;
 
  private:
-  struct ReservationInfo {
-    int64_t bytes = 0;
-    int64_t mapped_granules = 0;
-  };
-  struct HandleInfo {
-    CUmemGenericAllocationHandle cu = 0;
-    int64_t mappings = 0;  // addresses it is mapped at now
-  };
-  struct MappingInfo {
-    PhysHandle handle = 0;
-    uintptr_t reservation = 0;  // key of the reservation holding this granule
-    bool accessible = false;
-  };
-
-  // Counts one call of `op` and the time until it goes out of scope.
-  class OpTimer {
-   public:
-    OpTimer(const CudaVmm* vmm, VmmOp op)
-        : vmm_(vmm), op_(static_cast<int>(op)), start_(std::chrono::steady_clock::now()) {}
-    ~OpTimer() {
-      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                          std::chrono::steady_clock::now() - start_)
-                          .count();
-      vmm_->calls_[op_].fetch_add(1, std::memory_order_relaxed);
-      vmm_->nanos_[op_].fetch_add(ns, std::memory_order_relaxed);
-    }
-
-   private:
-    const CudaVmm* vmm_;
-    int op_;
-    std::chrono::steady_clock::time_point start_;
-  };
-
   absl::Status Driver(CUresult r, std::string_view what) const {
     return CudaStatus(driver_, r, what);
   }
-  absl::Status CheckAlignedRange(std::string_view op, uintptr_t addr, int64_t bytes) const;
-  absl::Status CheckMapped(std::string_view op, uintptr_t addr, int64_t bytes,
-                           bool need_access) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  std::map<uintptr_t, ReservationInfo>::iterator FindReservation(uintptr_t addr, int64_t bytes)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CudaDriver* const driver_;
   const int ordinal_;
@@ -240,41 +202,37 @@ class CudaVmm final : public Vmm {
   const int64_t granularity_;
 
   mutable absl::Mutex mu_;
-  std::map<uintptr_t, ReservationInfo> reservations_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<PhysHandle, HandleInfo> handles_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<uintptr_t, MappingInfo> mappings_ ABSL_GUARDED_BY(mu_);
-  // Ids are never reused, so a stale handle is NotFound rather than another granule;
-  // 0 is never valid, which catches uninitialised handles.
-  PhysHandle next_handle_ ABSL_GUARDED_BY(mu_) = 1;
+  // Under mu_, but for CheckAlignedRange and CheckCopyArgs (they read only constants).
+  VmmLedger ledger_;
 
-  mutable std::array<std::atomic<int64_t>, kNumOps> calls_{};
-  mutable std::array<std::atomic<int64_t>, kNumOps> nanos_{};
+  VmmOpStats stats_;
 };
 
 CudaVmm::~CudaVmm() {
   absl::MutexLock lock(&mu_);
-  if (reservations_.empty() && handles_.empty() && mappings_.empty()) return;
+  if (ledger_.empty()) return;
   Logger()->warn(
       "CUDA VMM destroyed with leaked resources: {} reservations, {} physical handles, {} "
       "mapped granules; releasing them",
-      reservations_.size(), handles_.size(), mappings_.size());
+      ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size());
   ScopedContext scope(driver_, ctx_.get());
   // The device may still be reading leaked memory: let it finish before unmapping.
   if (CUresult r = driver_->cuStreamSynchronize(stream_.get()); r != CUDA_SUCCESS) {
     Logger()->error("CUDA VMM: cuStreamSynchronize failed: {}", CudaErrorText(driver_, r));
   }
-  for (const auto& [addr, m] : mappings_) {
+  for (const auto& [addr, m] : ledger_.mappings()) {
     if (CUresult r = driver_->cuMemUnmap(addr, granularity_); r != CUDA_SUCCESS) {
       Logger()->error("CUDA VMM: cuMemUnmap({:#x}) failed: {}", addr, CudaErrorText(driver_, r));
     }
   }
-  for (const auto& [id, h] : handles_) {
-    if (CUresult r = driver_->cuMemRelease(h.cu); r != CUDA_SUCCESS) {
+  for (const auto& [id, h] : ledger_.handles()) {
+    if (CUresult r = driver_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(h.backing));
+        r != CUDA_SUCCESS) {
       Logger()->error("CUDA VMM: cuMemRelease(handle {}) failed: {}", id,
                       CudaErrorText(driver_, r));
     }
   }
-  for (const auto& [addr, info] : reservations_) {
+  for (const auto& [addr, info] : ledger_.reservations()) {
     if (CUresult r = driver_->cuMemAddressFree(addr, info.bytes); r != CUDA_SUCCESS) {
       Logger()->error("CUDA VMM: cuMemAddressFree({:#x}, {}) failed: {}", addr, info.bytes,
                       CudaErrorText(driver_, r));
@@ -282,55 +240,8 @@ CudaVmm::~CudaVmm() {
   }
 }
 
-absl::Status CudaVmm::CheckAlignedRange(std::string_view op, uintptr_t addr, int64_t bytes) const {
-  if (bytes <= 0 || bytes % granularity_ != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("CUDA VMM %s: size %d is not a positive multiple of the granularity %d", op,
-                        bytes, granularity_));
-  }
-  if (addr % granularity_ != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "CUDA VMM %s: address %#x is not aligned to the granularity %d", op, addr, granularity_));
-  }
-  if (static_cast<uint64_t>(bytes) > std::numeric_limits<uintptr_t>::max() - addr) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("CUDA VMM %s: range %#x + %d wraps the address space", op, addr, bytes));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CudaVmm::CheckMapped(std::string_view op, uintptr_t addr, int64_t bytes,
-                                  bool need_access) const {
-  const uintptr_t g = granularity_;
-  const uintptr_t first = addr / g * g;
-  const uintptr_t last = (addr + bytes - 1) / g * g;
-  for (uintptr_t a = first;; a += g) {
-    auto it = mappings_.find(a);
-    if (it == mappings_.end()) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "CUDA VMM %s: granule %#x of [%#x, +%d) is not mapped", op, a, addr, bytes));
-    }
-    if (need_access && !it->second.accessible) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "CUDA VMM %s: granule %#x of [%#x, +%d) is mapped but not accessible (no SetAccess)", op,
-          a, addr, bytes));
-    }
-    if (a == last) break;
-  }
-  return absl::OkStatus();
-}
-
-std::map<uintptr_t, CudaVmm::ReservationInfo>::iterator CudaVmm::FindReservation(uintptr_t addr,
-                                                                                 int64_t bytes) {
-  auto it = reservations_.upper_bound(addr);
-  if (it == reservations_.begin()) return reservations_.end();
-  --it;
-  if (addr + bytes > it->first + it->second.bytes) return reservations_.end();
-  return it;
-}
-
 absl::StatusOr<uintptr_t> CudaVmm::Reserve(int64_t bytes) {
-  OpTimer timer(this, VmmOp::kReserve);
+  VmmOpStats::Timer timer(&stats_, VmmOp::kReserve);
   if (bytes <= 0 || bytes % granularity_ != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "CUDA VMM reserve: size %d is not a positive multiple of the granularity %d", bytes,
@@ -344,35 +255,22 @@ absl::StatusOr<uintptr_t> CudaVmm::Reserve(int64_t bytes) {
     return Driver(r, absl::StrFormat("CUDA VMM reserve: cuMemAddressReserve(%d bytes)", bytes));
   }
   absl::MutexLock lock(&mu_);
-  reservations_[ptr] = ReservationInfo{.bytes = bytes};
+  ledger_.AddReservation(ptr, VmmLedger::Reservation{.bytes = bytes});
   return static_cast<uintptr_t>(ptr);
 }
 
 absl::Status CudaVmm::FreeReservation(uintptr_t addr, int64_t bytes) {
-  OpTimer timer(this, VmmOp::kFreeReservation);
-  ReservationInfo info;
+  VmmOpStats::Timer timer(&stats_, VmmOp::kFreeReservation);
+  VmmLedger::Reservation info;
   {
     absl::MutexLock lock(&mu_);
-    auto it = reservations_.find(addr);
-    if (it == reservations_.end() || it->second.bytes != bytes) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "CUDA VMM free_reservation: [%#x, +%d) is not exactly a live reservation%s", addr, bytes,
-          it == reservations_.end()
-              ? ""
-              : absl::StrFormat(" (that one has %d bytes)", it->second.bytes)));
-    }
-    if (it->second.mapped_granules != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrFormat("CUDA VMM free_reservation: [%#x, +%d) still has %d mapped granules",
-                          addr, bytes, it->second.mapped_granules));
-    }
-    info = it->second;
-    reservations_.erase(it);
+    if (absl::Status s = ledger_.CheckFreeReservation(addr, bytes); !s.ok()) return s;
+    info = ledger_.EraseReservation(addr);
   }
   ScopedContext scope(driver_, ctx_.get());
   if (CUresult r = driver_->cuMemAddressFree(addr, static_cast<size_t>(bytes)); r != CUDA_SUCCESS) {
     absl::MutexLock lock(&mu_);
-    reservations_[addr] = info;  // still reserved: keep tracking it
+    ledger_.AddReservation(addr, info);  // still reserved: keep tracking it
     return Driver(
         r, absl::StrFormat("CUDA VMM free_reservation: cuMemAddressFree(%#x, %d)", addr, bytes));
   }
@@ -380,7 +278,7 @@ absl::Status CudaVmm::FreeReservation(uintptr_t addr, int64_t bytes) {
 }
 
 absl::StatusOr<PhysHandle> CudaVmm::Create() {
-  OpTimer timer(this, VmmOp::kCreate);
+  VmmOpStats::Timer timer(&stats_, VmmOp::kCreate);
   CUmemAllocationProp prop = {};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
@@ -394,58 +292,39 @@ absl::StatusOr<PhysHandle> CudaVmm::Create() {
                                      granularity_, ordinal_));
   }
   absl::MutexLock lock(&mu_);
-  const PhysHandle handle = next_handle_++;
-  handles_[handle] = HandleInfo{.cu = cu};
-  return handle;
+  static_assert(sizeof(CUmemGenericAllocationHandle) <= sizeof(uint64_t));
+  return ledger_.AddHandle(static_cast<uint64_t>(cu));
 }
 
 absl::Status CudaVmm::Release(PhysHandle handle) {
-  OpTimer timer(this, VmmOp::kRelease);
-  HandleInfo info;
+  VmmOpStats::Timer timer(&stats_, VmmOp::kRelease);
+  VmmLedger::Handle info;
   {
     absl::MutexLock lock(&mu_);
-    auto it = handles_.find(handle);
-    if (it == handles_.end()) {
-      return absl::NotFoundError(
-          absl::StrFormat("CUDA VMM release: %d is not a live physical handle", handle));
-    }
-    if (it->second.mappings != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrFormat("CUDA VMM release: handle %d is still mapped at %d addresses", handle,
-                          it->second.mappings));
-    }
-    info = it->second;
-    handles_.erase(it);
+    absl::StatusOr<VmmLedger::Handle> checked = ledger_.CheckRelease(handle);
+    if (!checked.ok()) return checked.status();
+    info = *checked;
+    ledger_.EraseHandle(handle);
   }
   ScopedContext scope(driver_, ctx_.get());
-  if (CUresult r = driver_->cuMemRelease(info.cu); r != CUDA_SUCCESS) {
+  if (CUresult r = driver_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(info.backing));
+      r != CUDA_SUCCESS) {
     absl::MutexLock lock(&mu_);
-    handles_[handle] = info;
+    ledger_.RestoreHandle(handle, info);
     return Driver(r, absl::StrFormat("CUDA VMM release: cuMemRelease(handle %d)", handle));
   }
   return absl::OkStatus();
 }
 
 absl::Status CudaVmm::Map(uintptr_t addr, PhysHandle handle) {
-  OpTimer timer(this, VmmOp::kMap);
-  if (absl::Status s = CheckAlignedRange("map", addr, granularity_); !s.ok()) return s;
+  VmmOpStats::Timer timer(&stats_, VmmOp::kMap);
+  if (absl::Status s = ledger_.CheckAlignedRange("map", addr, granularity_); !s.ok()) return s;
   CUmemGenericAllocationHandle cu = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (FindReservation(addr, granularity_) == reservations_.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("CUDA VMM map: %#x is not inside a live reservation", addr));
-    }
-    if (mappings_.contains(addr)) {
-      return absl::FailedPreconditionError(
-          absl::StrFormat("CUDA VMM map: %#x is already mapped", addr));
-    }
-    auto h = handles_.find(handle);
-    if (h == handles_.end()) {
-      return absl::NotFoundError(
-          absl::StrFormat("CUDA VMM map: %d is not a live physical handle", handle));
-    }
-    cu = h->second.cu;
+    absl::StatusOr<uint64_t> backing = ledger_.CheckMap(addr, handle);
+    if (!backing.ok()) return backing.status();
+    cu = static_cast<CUmemGenericAllocationHandle>(*backing);
   }
   ScopedContext scope(driver_, ctx_.get());
   if (CUresult r = driver_->cuMemMap(addr, static_cast<size_t>(granularity_), 0, cu, 0);
@@ -453,9 +332,7 @@ absl::Status CudaVmm::Map(uintptr_t addr, PhysHandle handle) {
     return Driver(r, absl::StrFormat("CUDA VMM map: cuMemMap(handle %d at %#x)", handle, addr));
   }
   absl::MutexLock lock(&mu_);
-  auto res = FindReservation(addr, granularity_);
-  auto h = handles_.find(handle);
-  if (res == reservations_.end() || h == handles_.end()) {
+  if (!ledger_.AddMapping(addr, handle)) {
     // Only a caller racing FreeReservation / Release against this Map gets here.
     Logger()->error("CUDA VMM map: reservation or handle {} vanished during the map at {:#x}",
                     handle, addr);
@@ -463,18 +340,16 @@ absl::Status CudaVmm::Map(uintptr_t addr, PhysHandle handle) {
         "CUDA VMM map: reservation or handle %d released concurrently with map at %#x", handle,
         addr));
   }
-  mappings_[addr] = MappingInfo{.handle = handle, .reservation = res->first};
-  ++h->second.mappings;
-  ++res->second.mapped_granules;
   return absl::OkStatus();
 }
 
 absl::Status CudaVmm::SetAccess(uintptr_t addr, int64_t bytes) {
-  OpTimer timer(this, VmmOp::kSetAccess);
-  if (absl::Status s = CheckAlignedRange("set_access", addr, bytes); !s.ok()) return s;
+  VmmOpStats::Timer timer(&stats_, VmmOp::kSetAccess);
+  if (absl::Status s = ledger_.CheckAlignedRange("set_access", addr, bytes); !s.ok()) return s;
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (absl::Status s = CheckMapped("set_access", addr, bytes, /*need_access=*/false); !s.ok()) {
+    if (absl::Status s = ledger_.CheckMapped("set_access", addr, bytes, /*need_access=*/false);
+        !s.ok()) {
       return s;
     }
   }
@@ -488,18 +363,17 @@ absl::Status CudaVmm::SetAccess(uintptr_t addr, int64_t bytes) {
     return Driver(r, absl::StrFormat("CUDA VMM set_access: cuMemSetAccess(%#x, %d)", addr, bytes));
   }
   absl::MutexLock lock(&mu_);
-  for (uintptr_t a = addr; a < addr + bytes; a += granularity_) {
-    if (auto it = mappings_.find(a); it != mappings_.end()) it->second.accessible = true;
-  }
+  ledger_.SetAccessible(addr, bytes);
   return absl::OkStatus();
 }
 
 absl::Status CudaVmm::Unmap(uintptr_t addr, int64_t bytes) {
-  OpTimer timer(this, VmmOp::kUnmap);
-  if (absl::Status s = CheckAlignedRange("unmap", addr, bytes); !s.ok()) return s;
+  VmmOpStats::Timer timer(&stats_, VmmOp::kUnmap);
+  if (absl::Status s = ledger_.CheckAlignedRange("unmap", addr, bytes); !s.ok()) return s;
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (absl::Status s = CheckMapped("unmap", addr, bytes, /*need_access=*/false); !s.ok()) {
+    if (absl::Status s = ledger_.CheckMapped("unmap", addr, bytes, /*need_access=*/false);
+        !s.ok()) {
       return s;
     }
   }
@@ -510,32 +384,19 @@ absl::Status CudaVmm::Unmap(uintptr_t addr, int64_t bytes) {
     return Driver(r, absl::StrFormat("CUDA VMM unmap: cuMemUnmap(%#x, %d)", addr, bytes));
   }
   absl::MutexLock lock(&mu_);
-  for (uintptr_t a = addr; a < addr + bytes; a += granularity_) {
-    auto it = mappings_.find(a);
-    if (it == mappings_.end()) continue;  // only after a concurrent Unmap of the same range
-    if (auto h = handles_.find(it->second.handle); h != handles_.end()) --h->second.mappings;
-    if (auto res = reservations_.find(it->second.reservation); res != reservations_.end()) {
-      --res->second.mapped_granules;
-    }
-    mappings_.erase(it);
-  }
+  ledger_.RemoveMappings(addr, bytes);
   return absl::OkStatus();
 }
 
 absl::Status CudaVmm::Copy(uintptr_t dst, uintptr_t src, int64_t bytes) {
-  OpTimer timer(this, VmmOp::kCopy);
-  if (bytes < 0) {
-    return absl::InvalidArgumentError(absl::StrFormat("CUDA VMM copy: negative size %d", bytes));
-  }
+  VmmOpStats::Timer timer(&stats_, VmmOp::kCopy);
+  if (absl::Status s = ledger_.CheckCopyArgs(dst, src, bytes); !s.ok()) return s;
   if (bytes == 0) return absl::OkStatus();
-  const uint64_t max = std::numeric_limits<uintptr_t>::max();
-  if (static_cast<uint64_t>(bytes) > max - dst || static_cast<uint64_t>(bytes) > max - src) {
-    return absl::InvalidArgumentError("CUDA VMM copy: range wraps the address space");
-  }
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (absl::Status s = CheckMapped("copy (source)", src, bytes, true); !s.ok()) return s;
-    if (absl::Status s = CheckMapped("copy (destination)", dst, bytes, true); !s.ok()) return s;
+    if (absl::Status s = ledger_.CheckMapped("copy (source)", src, bytes, true); !s.ok()) return s;
+    if (absl::Status s = ledger_.CheckMapped("copy (destination)", dst, bytes, true); !s.ok())
+      return s;
   }
   ScopedContext scope(driver_, ctx_.get());
   if (CUresult r = driver_->cuMemcpyDtoDAsync(dst, src, static_cast<size_t>(bytes), stream_.get());
@@ -567,14 +428,9 @@ bool CudaVmm::FenceComplete(const Fence& fence) {
 
 VmmCounters CudaVmm::counters() const {
   VmmCounters c;
-  for (int i = 0; i < kNumOps; ++i) {
-    c.calls[i] = calls_[i].load(std::memory_order_relaxed);
-    c.nanos[i] = nanos_[i].load(std::memory_order_relaxed);
-  }
+  stats_.Fill(&c);
   absl::ReaderMutexLock lock(&mu_);
-  c.live_reservations = static_cast<int64_t>(reservations_.size());
-  c.live_handles = static_cast<int64_t>(handles_.size());
-  c.mapped_granules = static_cast<int64_t>(mappings_.size());
+  ledger_.FillLive(&c);
   return c;
 }
 
