@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -13,6 +14,7 @@
 #include "attention/decode_kernel.cuh"
 #include "attention/decode_plan.h"
 #include "attention/device_utils.cuh"
+#include "attention/launch_util.cuh"
 #include "kvmem/attention.h"
 #include "src/status_macros.h"
 
@@ -20,39 +22,10 @@ namespace kvmem {
 namespace internal {
 namespace {
 
-template <typename T, int kHeadDim>
-struct KernelTag {
-  using Type = T;
-  static constexpr int kDim = kHeadDim;
-};
-
-template <typename T, typename F>
-absl::Status DispatchHeadDim(int head_dim, F& f) {
-  switch (head_dim) {
-    case 64:
-      return f(KernelTag<T, 64>{});
-    case 128:
-      return f(KernelTag<T, 128>{});
-    case 256:
-      return f(KernelTag<T, 256>{});
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("decode supports head_dim 64, 128 and 256, not ", head_dim));
-  }
-}
-
 // Calls f(KernelTag<T, head_dim>{}) for the storage type of `dtype`.
 template <typename F>
 absl::Status DispatchDecode(DType dtype, int head_dim, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return DispatchHeadDim<__nv_bfloat16>(head_dim, f);
-    case DType::kFloat16:
-      return DispatchHeadDim<__half>(head_dim, f);
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("decode supports bf16 and fp16 storage, not ",
-                                                     std::string(DTypeName(dtype))));
-  }
+  return DispatchKernel("decode", dtype, head_dim, std::forward<F>(f));
 }
 
 }  // namespace
@@ -86,44 +59,14 @@ absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype,
 }  // namespace internal
 
 namespace {
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Checks that `kv` matches the workspace and that every 16-byte load is aligned.
 absl::Status ValidateView(const DecodeWorkspace::Impl& w, const PagedKv& kv) {
-  const DecodeOptions& o = w.options;
-  if (o.layout != Layout::kPaged) {
-    return absl::InvalidArgumentError("a PagedKv view on a workspace for the virtual layout");
-  }
-  if (kv.page_tokens != o.page_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("view has page_tokens ", kv.page_tokens, ", the workspace ", o.page_tokens));
-  }
-  if (kv.page_table == nullptr || kv.page_table_stride < w.index_stride) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "view needs a device page table of stride >= ", w.index_stride, " (use Bind)"));
-  }
-  const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
-  if (kv.token_stride < row || kv.token_stride % 8 != 0 ||
-      kv.page_stride < kv.token_stride * kv.page_tokens || kv.page_stride % 8 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("paged strides (token ", kv.token_stride, ", page ", kv.page_stride,
-                     ") must cover kv_heads * head_dim per token and be multiples of 8 elements"));
-  }
-  return absl::OkStatus();
+  return internal::ValidatePagedView(w, kv);
 }
 
 absl::Status ValidateView(const DecodeWorkspace::Impl& w, const VirtualKv& kv) {
-  const DecodeOptions& o = w.options;
-  if (o.layout != Layout::kVirtual) {
-    return absl::InvalidArgumentError("a VirtualKv view on a workspace for the paged layout");
-  }
-  if (kv.row_ids == nullptr) {
-    return absl::InvalidArgumentError("view needs device row_ids (use Bind)");
-  }
-  if (kv.max_context < o.max_context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "view holds ", kv.max_context, " positions per row, the workspace allows ", o.max_context));
-  }
+  KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualBinding(w, kv));
   const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
   if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0) {
     return absl::InvalidArgumentError(
@@ -140,12 +83,7 @@ absl::Status DecodeAttention(const DecodeWorkspace& ws, const Kv& kv, const void
                              CudaStream stream) {
   const DecodeWorkspace::Impl& w = ws.impl();
   KVMEM_RETURN_IF_ERROR(ValidateView(w, kv));
-  if (kv.k == nullptr || kv.v == nullptr || q == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError("null k, v, q or out");
-  }
-  if (!Aligned16(kv.k) || !Aligned16(kv.v) || !Aligned16(q) || !Aligned16(out)) {
-    return absl::InvalidArgumentError("k, v, q and out must be 16-byte aligned");
-  }
+  KVMEM_RETURN_IF_ERROR(internal::ValidateLaunchPointers(kv, q, out));
   const bool fixed = w.options.fixed_grid;
   if (!fixed && w.batch == 0) return absl::OkStatus();
   const int work_items = fixed ? w.max_work : w.num_work;

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/device_utils.cuh"
 #include "attention/extend_kernel.cuh"
+#include "attention/launch_util.cuh"
 #include "kvmem/extend_attention.h"
 #include "src/status_macros.h"
 
@@ -80,41 +81,10 @@ namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-template <typename T, int kHeadDim>
-struct KernelTag {
-  using Type = T;
-  static constexpr int kDim = kHeadDim;
-};
-
-template <typename T, typename F>
-absl::Status DispatchHeadDim(int head_dim, F& f) {
-  switch (head_dim) {
-    case 64:
-      return f(KernelTag<T, 64>{});
-    case 128:
-      return f(KernelTag<T, 128>{});
-    case 256:
-      return f(KernelTag<T, 256>{});
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("extend attention supports head_dim 64, 128 and 256, not ", head_dim));
-  }
-}
-
 // Calls f(KernelTag<T, head_dim>{}) for the storage type of `dtype`.
 template <typename F>
 absl::Status DispatchExtend(DType dtype, int head_dim, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return DispatchHeadDim<__nv_bfloat16>(head_dim, f);
-    case DType::kFloat16:
-      return DispatchHeadDim<__half>(head_dim, f);
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "extend attention supports bf16 and fp16 storage, not ", std::string(DTypeName(dtype))));
-  }
+  return DispatchKernel("extend attention", dtype, head_dim, std::forward<F>(f));
 }
 
 // Rows of one CTA for head_dim (the kernel's kBlockM).
@@ -407,40 +377,11 @@ namespace {
 
 // Checks that `kv` matches the workspace and that every 16-byte copy is aligned.
 absl::Status ValidateView(const ExtendWorkspace::Impl& w, const PagedKv& kv) {
-  const ExtendOptions& o = w.options;
-  if (o.layout != Layout::kPaged) {
-    return absl::InvalidArgumentError("a PagedKv view on a workspace for the virtual layout");
-  }
-  if (kv.page_tokens != o.page_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("view has page_tokens ", kv.page_tokens, ", the workspace ", o.page_tokens));
-  }
-  if (kv.page_table == nullptr || kv.page_table_stride < w.index_stride) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "view needs a device page table of stride >= ", w.index_stride, " (use Bind)"));
-  }
-  const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
-  if (kv.token_stride < row || kv.token_stride % 8 != 0 ||
-      kv.page_stride < kv.token_stride * kv.page_tokens || kv.page_stride % 8 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("paged strides (token ", kv.token_stride, ", page ", kv.page_stride,
-                     ") must cover kv_heads * head_dim per token and be multiples of 8 elements"));
-  }
-  return absl::OkStatus();
+  return internal::ValidatePagedView(w, kv);
 }
 
 absl::Status ValidateView(const ExtendWorkspace::Impl& w, const VirtualKv& kv) {
-  const ExtendOptions& o = w.options;
-  if (o.layout != Layout::kVirtual) {
-    return absl::InvalidArgumentError("a VirtualKv view on a workspace for the paged layout");
-  }
-  if (kv.row_ids == nullptr) {
-    return absl::InvalidArgumentError("view needs device row_ids (use Bind)");
-  }
-  if (kv.max_context < o.max_context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "view holds ", kv.max_context, " positions per row, the workspace allows ", o.max_context));
-  }
+  KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualBinding(w, kv));
   const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
   if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0 ||
       kv.row_stride < kv.max_context * kv.token_stride) {
@@ -459,13 +400,7 @@ absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void
                              CudaStream stream) {
   const ExtendWorkspace::Impl& w = ws.impl();
   KVMEM_RETURN_IF_ERROR(ValidateView(w, kv));
-  if (kv.k == nullptr || kv.v == nullptr || q == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError("null k, v, q or out");
-  }
-  if (!internal::Aligned16(kv.k) || !internal::Aligned16(kv.v) || !internal::Aligned16(q) ||
-      !internal::Aligned16(out)) {
-    return absl::InvalidArgumentError("k, v, q and out must be 16-byte aligned");
-  }
+  KVMEM_RETURN_IF_ERROR(internal::ValidateLaunchPointers(kv, q, out));
   const bool fixed = w.options.fixed_grid;
   if (!fixed && w.num_work == 0) return absl::OkStatus();
   const int work_items = fixed ? w.max_work : w.num_work;
