@@ -17,24 +17,22 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvmem/attention.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
+#include "tools/kvbench/bench_util.h"
 #include "tools/kvbench/registry.h"
 
 namespace kvmem {
 namespace {
 
-#define BENCH_CUDA(expr)                                                               \
-  do {                                                                                 \
-    const cudaError_t err_ = (expr);                                                   \
-    if (err_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "decode bench: %s: %s\n", #expr, cudaGetErrorString(err_)); \
-      return false;                                                                    \
-    }                                                                                  \
-  } while (0)
+constexpr char kWho[] = "decode bench";
+#define BENCH_CUDA(expr) KVBENCH_CUDA(kWho, expr)
+
+using kvbench::DeviceBuffer;
 
 constexpr int64_t kRotateBytes = int64_t{200} << 20;  // 4x L2: inputs never stay cached
 
@@ -47,49 +45,6 @@ struct Settings {
   bool seq_pages = false;  // paged: pages in order instead of shuffled (diagnostic)
   std::string filter;      // run only shapes whose layout name contains this
 };
-
-// Owns one cudaMalloc'd buffer.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  bool Allocate(size_t bytes) {
-    cudaFree(ptr_);
-    ptr_ = nullptr;
-    return cudaMalloc(&ptr_, bytes) == cudaSuccess;
-  }
-  template <typename T = void>
-  T* get() const {
-    return static_cast<T*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-};
-
-// Random bf16 in [-1, 1) from a hash of the index: never zeros, fast to fill gigabytes.
-__global__ void FillRandomBf16(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u ^ static_cast<uint32_t>(i >> 32) ^ seed;
-    x ^= x >> 16;
-    x *= 0x85ebca6bu;
-    x ^= x >> 13;
-    x *= 0xc2b2ae35u;
-    x ^= x >> 16;
-    const float f = static_cast<float>(x >> 8) * (2.f / 16777216.f) - 1.f;
-    const uint32_t u = __float_as_uint(f);
-    p[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-bool FillRandom(void* p, int64_t bytes, uint32_t seed) {
-  FillRandomBf16<<<1024, 256>>>(static_cast<uint16_t*>(p), bytes / 2, seed);
-  BENCH_CUDA(cudaGetLastError());
-  return true;
-}
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
 // of everything is stored only if it matches a value it never has, so nothing is elided.
@@ -123,24 +78,7 @@ __global__ void StreamRead(const int4* __restrict__ p, int64_t n, int* sink) {
 // Median of `reps` event-timed runs of fn(rep) after `warmup` untimed ones (microseconds).
 template <typename Fn>
 double MedianMicros(int warmup, int reps, Fn&& fn) {
-  for (int r = 0; r < warmup; ++r) fn(r);
-  std::vector<cudaEvent_t> ev(2 * reps);
-  for (auto& e : ev) cudaEventCreate(&e);
-  for (int r = 0; r < reps; ++r) {
-    cudaEventRecord(ev[2 * r]);
-    fn(warmup + r);
-    cudaEventRecord(ev[2 * r + 1]);
-  }
-  cudaEventSynchronize(ev.back());
-  std::vector<double> us(reps);
-  for (int r = 0; r < reps; ++r) {
-    float ms = 0.f;
-    cudaEventElapsedTime(&ms, ev[2 * r], ev[2 * r + 1]);
-    us[r] = ms * 1e3;
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  std::nth_element(us.begin(), us.begin() + reps / 2, us.end());
-  return us[reps / 2];
+  return kvbench::MedianMs(warmup, reps, std::forward<Fn>(fn)) * 1e3;
 }
 
 // The best of a few streaming-read configurations over `bytes` of device memory (GB/s).
@@ -151,7 +89,7 @@ bool MeasureCeiling(const Settings& s, int sms, double* gbps) {
                  static_cast<long long>(s.ceiling_bytes));
     return false;
   }
-  if (!FillRandom(buf.get(), s.ceiling_bytes, 1)) return false;
+  if (!kvbench::FillRandom(buf.get(), s.ceiling_bytes, 1, kWho)) return false;
   const int64_t n = s.ceiling_bytes / 16;
   *gbps = 0.0;
   for (int per_sm : {2, 4, 8}) {
@@ -228,7 +166,7 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling) {
                  static_cast<long long>(sets * set_bytes));
     return false;
   }
-  if (!FillRandom(kv.get(), sets * set_bytes, 7)) return false;
+  if (!kvbench::FillRandom(kv.get(), sets * set_bytes, 7, kWho)) return false;
   uint16_t* base = kv.get<uint16_t>();
   const int64_t set_elems = set_bytes / 2;
   std::vector<int32_t> lens(sh.batch, sh.ctx);
@@ -285,7 +223,7 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling) {
   const int64_t q_elems = int64_t{sh.batch} * kQHeads * kHeadDim;
   DeviceBuffer q, out;
   if (!q.Allocate(sets * q_elems * 2) || !out.Allocate(sets * q_elems * 2)) return false;
-  if (!FillRandom(q.get(), sets * q_elems * 2, 3)) return false;
+  if (!kvbench::FillRandom(q.get(), sets * q_elems * 2, 3, kWho)) return false;
   BENCH_CUDA(cudaDeviceSynchronize());
 
   absl::Status launched;
@@ -325,10 +263,10 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.d1 = false;
     } else if (a == "--seq-pages") {
       s.seq_pages = true;
-    } else if (a.rfind("--filter=", 0) == 0) {
-      s.filter = a.substr(9);
-    } else if (a.rfind("--reps=", 0) == 0) {
-      s.reps = std::max(1, std::atoi(a.c_str() + 7));
+    } else if (const char* v = kvbench::FlagValue(a, "--filter=")) {
+      s.filter = v;
+    } else if (const char* v = kvbench::FlagValue(a, "--reps=")) {
+      s.reps = std::max(1, std::atoi(v));
     } else {
       std::fprintf(stderr,
                    "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
@@ -336,13 +274,8 @@ int DecodeBench(const std::vector<std::string>& args) {
       return 2;
     }
   }
-  int device = 0;
   cudaDeviceProp prop;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-    std::fprintf(stderr, "decode bench: no CUDA device\n");
-    return 1;
-  }
+  if (!kvbench::CurrentDeviceProperties(&prop, kWho)) return 1;
   std::printf("device: %s, %d SMs, L2 %d MB; shape: %d q heads / %d kv heads, head_dim %d, bf16\n",
               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, kQHeads, kKvHeads,
               kHeadDim);

@@ -28,19 +28,16 @@
 #include "kvmem/extend_attention.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
+#include "tools/kvbench/bench_util.h"
 #include "tools/kvbench/registry.h"
 
 namespace kvmem {
 namespace {
 
-#define PREFILL_CUDA(expr)                                                              \
-  do {                                                                                  \
-    const cudaError_t err_ = (expr);                                                    \
-    if (err_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "prefill bench: %s: %s\n", #expr, cudaGetErrorString(err_)); \
-      return false;                                                                     \
-    }                                                                                   \
-  } while (0)
+constexpr char kWho[] = "prefill bench";
+#define PREFILL_CUDA(expr) KVBENCH_CUDA(kWho, expr)
+
+using kvbench::DeviceBuffer;
 
 constexpr int kQHeads = 32;
 constexpr int kKvHeads = 8;
@@ -61,72 +58,6 @@ struct Shape {
   int prefix;
   int fresh;
 };
-
-// Owns one cudaMalloc'd buffer.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  bool Allocate(size_t bytes) {
-    cudaFree(ptr_);
-    ptr_ = nullptr;
-    return cudaMalloc(&ptr_, bytes) == cudaSuccess;
-  }
-  template <typename T = void>
-  T* get() const {
-    return static_cast<T*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-};
-
-// Random bf16 in [-1, 1) from a hash of the index: never zeros, fast to fill gigabytes.
-__global__ void PrefillFillRandomBf16(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u ^ static_cast<uint32_t>(i >> 32) ^ seed;
-    x ^= x >> 16;
-    x *= 0x85ebca6bu;
-    x ^= x >> 13;
-    x *= 0xc2b2ae35u;
-    x ^= x >> 16;
-    const float f = static_cast<float>(x >> 8) * (2.f / 16777216.f) - 1.f;
-    const uint32_t u = __float_as_uint(f);
-    p[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-bool FillRandom(void* p, int64_t bytes, uint32_t seed) {
-  PrefillFillRandomBf16<<<1024, 256>>>(static_cast<uint16_t*>(p), bytes / 2, seed);
-  PREFILL_CUDA(cudaGetLastError());
-  return true;
-}
-
-// Median of `reps` event-timed runs of fn() after `warmup` untimed ones (milliseconds).
-template <typename Fn>
-double MedianMs(int warmup, int reps, Fn&& fn) {
-  for (int r = 0; r < warmup; ++r) fn();
-  std::vector<cudaEvent_t> ev(2 * reps);
-  for (auto& e : ev) cudaEventCreate(&e);
-  for (int r = 0; r < reps; ++r) {
-    cudaEventRecord(ev[2 * r]);
-    fn();
-    cudaEventRecord(ev[2 * r + 1]);
-  }
-  cudaEventSynchronize(ev.back());
-  std::vector<double> ms(reps);
-  for (int r = 0; r < reps; ++r) {
-    float t = 0.f;
-    cudaEventElapsedTime(&t, ev[2 * r], ev[2 * r + 1]);
-    ms[r] = t;
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
-  return ms[reps / 2];
-}
 
 double Flops(const Shape& sh) {
   const double hd = double{kQHeads} * kHeadDim;
@@ -210,7 +141,10 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, doubl
   }
   const int64_t q_bytes = total_new * kQHeads * kHeadDim * 2;
   if (!q_buf.Allocate(q_bytes) || !out_buf.Allocate(q_bytes)) return false;
-  if (!FillRandom(kv_buf.get(), kv_bytes, 7) || !FillRandom(q_buf.get(), q_bytes, 9)) return false;
+  if (!kvbench::FillRandom(kv_buf.get(), kv_bytes, 7, kWho) ||
+      !kvbench::FillRandom(q_buf.get(), q_bytes, 9, kWho)) {
+    return false;
+  }
   PREFILL_CUDA(cudaDeviceSynchronize());
 
   absl::Status launched = absl::OkStatus();
@@ -220,7 +154,7 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, doubl
                           : ExtendAttention(**ws, virt, q_buf.get(), out_buf.get(), nullptr);
     if (!st.ok()) launched = st;
   };
-  const double ms = MedianMs(s.warmup, s.reps, run);
+  const double ms = kvbench::MedianMs(s.warmup, s.reps, [&](int) { run(); });
   PREFILL_CUDA(cudaDeviceSynchronize());
   if (!launched.ok()) {
     std::fprintf(stderr, "prefill bench: %s\n", launched.ToString().c_str());
@@ -242,10 +176,7 @@ bool Listed(const std::string& list, const std::string& name) {
 int Main(const std::vector<std::string>& args) {
   Settings s;
   for (const std::string& a : args) {
-    auto value = [&](const char* flag) -> const char* {
-      const size_t n = std::strlen(flag);
-      return a.compare(0, n, flag) == 0 ? a.c_str() + n : nullptr;
-    };
+    auto value = [&](const char* flag) { return kvbench::FlagValue(a, flag); };
     if (const char* v = value("--reps=")) {
       s.reps = std::max(1, std::atoi(v));
     } else if (const char* v = value("--warmup=")) {
@@ -263,12 +194,8 @@ int Main(const std::vector<std::string>& args) {
       return 2;
     }
   }
-  int dev = 0;
   cudaDeviceProp prop;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
-    std::fprintf(stderr, "prefill bench: no CUDA device\n");
-    return 1;
-  }
+  if (!kvbench::CurrentDeviceProperties(&prop, kWho)) return 1;
   std::printf("prefill: %s, %d SMs; q_heads %d, kv_heads %d, head_dim %d, bf16; median of %d\n",
               prop.name, prop.multiProcessorCount, kQHeads, kKvHeads, kHeadDim, s.reps);
   const Shape shapes[] = {
