@@ -21,43 +21,13 @@
 #include "kvmem/dtype.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvmem {
 namespace {
 
-bool GpuPresent() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU()                                                \
-  do {                                                                    \
-    if (!GpuPresent()) GTEST_SKIP() << "no CUDA GPU found: test skipped"; \
-  } while (0)
-
-#define CUDA_ASSERT(expr)                                                      \
-  do {                                                                         \
-    const cudaError_t err_ = (expr);                                           \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&ptr_, std::max<size_t>(bytes, 16)) != cudaSuccess) ptr_ = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* get() const { return ptr_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_;
-};
-
-enum class Kind { kPaged, kVirtualAllLayers, kVirtualPerLayer };
+using gpu_test::DeviceBuffer;
+using gpu_test::Kind;
 
 struct Case {
   Kind kind = Kind::kPaged;

@@ -22,6 +22,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvmem/vmm.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvmem {
 namespace {
@@ -29,18 +30,6 @@ namespace {
 using ::testing::HasSubstr;
 
 int Op(VmmOp op) { return static_cast<int>(op); }
-
-#define ASSERT_OK(expr)                          \
-  do {                                           \
-    const ::absl::Status s_ = (expr);            \
-    ASSERT_TRUE(s_.ok()) << #expr << ": " << s_; \
-  } while (0)
-#define ASSERT_CUDA(expr)                                                      \
-  do {                                                                         \
-    const cudaError_t e_ = (expr);                                             \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorName(e_) << " " \
-                               << cudaGetErrorString(e_);                      \
-  } while (0)
 
 template <typename T>
 T ValueOrDie(absl::StatusOr<T> v) {
@@ -95,10 +84,7 @@ class CudaVmmTest : public ::testing::Test {
  protected:
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<Vmm>> vmm = MakeCudaVmm(0);
-    if (!vmm.ok()) {
-      ASSERT_EQ(vmm.status().code(), absl::StatusCode::kUnavailable) << vmm.status();
-      GTEST_SKIP() << "no CUDA driver / GPU found: " << vmm.status();
-    }
+    SKIP_WITHOUT_CUDA_VMM(vmm);
     vmm_ = std::move(*vmm);
     g_ = vmm_->granularity();
     // The runtime (used here to read and write device memory) must share the primary

@@ -28,69 +28,16 @@
 #include "kvmem/dtype.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvmem {
 namespace {
 
-bool GpuPresent() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU()                                                \
-  do {                                                                    \
-    if (!GpuPresent()) GTEST_SKIP() << "no CUDA GPU found: test skipped"; \
-  } while (0)
-
-#define CUDA_ASSERT(expr)                                                      \
-  do {                                                                         \
-    const cudaError_t err_ = (expr);                                           \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-bool SmallRun() {
-  const char* e = std::getenv("KVMEM_TEST_SMALL");
-  return e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0;
-}
-
-// Owns one cudaMalloc'd buffer.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&ptr_, std::max<size_t>(bytes, 16)) != cudaSuccess) ptr_ = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* get() const { return ptr_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_;
-};
-
-uint16_t NanBits(DType t) { return t == DType::kBFloat16 ? 0x7fc0 : 0x7e00; }
-uint16_t ToBits(DType t, float f) {
-  return t == DType::kBFloat16 ? FloatToBf16Bits(f) : FloatToFp16Bits(f);
-}
-float FromBits(DType t, uint16_t h) {
-  return t == DType::kBFloat16 ? Bf16BitsToFloat(h) : Fp16BitsToFloat(h);
-}
-
-enum class Kind { kPaged, kVirtualAllLayers, kVirtualPerLayer };
-
-std::string KindName(Kind k) {
-  switch (k) {
-    case Kind::kPaged:
-      return "paged";
-    case Kind::kVirtualAllLayers:
-      return "virtual-all-layers";
-    case Kind::kVirtualPerLayer:
-      return "virtual-per-layer";
-  }
-  return "?";
-}
+using gpu_test::DeviceBuffer;
+using gpu_test::Kind;
+using gpu_test::KindName;
+using gpu_test::RandomQ;
+using gpu_test::SmallRun;
 
 struct Case {
   Kind kind = Kind::kPaged;
@@ -128,130 +75,7 @@ struct Case {
 // 1.5e-3 / 2e-4 in norm. Wrong indexing or a missed key gives O(1e-1) and more.
 double Tolerance(DType t) { return t == DType::kBFloat16 ? 6e-3 : 1.5e-3; }
 
-// K/V storage of one case, on the host (for the reference) and the device (for the
-// kernel) with the same element offsets. Memory that no request owns holds NaN.
-class TestKv {
- public:
-  // Room for batches of up to max_batch requests, max_context tokens each and
-  // pool_tokens tokens in all (paged).
-  TestKv(const Case& c, int max_batch, int64_t max_context, int64_t pool_tokens)
-      : c_(c), max_batch_(max_batch), max_context_(max_context) {
-    block_ = int64_t{c.kv_heads} * c.head_dim;
-    if (c.kind == Kind::kPaged) {
-      num_pages_ = (pool_tokens + c.page_tokens - 1) / c.page_tokens + max_batch + 3;
-      pt_stride_ = (max_context + c.page_tokens - 1) / c.page_tokens;
-      k_elems_ = num_pages_ * c.page_tokens * block_;
-      v_offset_ = k_elems_;  // v pool follows the k pool
-      total_elems_ = 2 * k_elems_;
-    } else {
-      rows_ = max_batch + 3;
-      // All layers: [row][token][layer = 2][k|v][H][D], tested on layer 1.
-      token_stride_ = c.kind == Kind::kVirtualAllLayers ? 4 * block_ : block_;
-      k_elems_ = rows_ * max_context * token_stride_;
-      v_offset_ = c.kind == Kind::kVirtualAllLayers ? block_ : k_elems_;
-      layer_offset_ = c.kind == Kind::kVirtualAllLayers ? 2 * block_ : 0;
-      total_elems_ = c.kind == Kind::kVirtualAllLayers ? k_elems_ : 2 * k_elems_;
-    }
-    host_.resize(total_elems_);
-    device_ = std::make_unique<DeviceBuffer>(total_elems_ * 2);
-  }
-
-  bool ok() const { return device_->get() != nullptr; }
-
-  // Gives `lens` fresh pages (shuffled) or rows, fills their tokens with random K/V and
-  // everything else with NaN, and uploads.
-  void Fill(absl::Span<const int32_t> lens, std::mt19937_64& rng) {
-    lens_.assign(lens.begin(), lens.end());
-    std::fill(host_.begin(), host_.end(), NanBits(c_.dtype));
-    if (c_.kind == Kind::kPaged) {
-      std::vector<int32_t> pages(num_pages_);
-      std::iota(pages.begin(), pages.end(), 0);
-      std::shuffle(pages.begin(), pages.end(), rng);
-      page_table_.assign(std::max<size_t>(lens.size(), 1) * pt_stride_, -1);
-      size_t next = 0;
-      for (size_t b = 0; b < lens.size(); ++b) {
-        const int64_t n = (lens[b] + c_.page_tokens - 1) / c_.page_tokens;
-        for (int64_t i = 0; i < n; ++i) page_table_[b * pt_stride_ + i] = pages.at(next++);
-      }
-    } else {
-      std::vector<int32_t> rows(rows_);
-      std::iota(rows.begin(), rows.end(), 0);
-      std::shuffle(rows.begin(), rows.end(), rng);
-      row_ids_.assign(rows.begin(), rows.begin() + lens.size());
-    }
-    std::normal_distribution<float> normal(0.f, 1.f);
-    for (size_t b = 0; b < lens.size(); ++b) {
-      for (int64_t pos = 0; pos < lens[b]; ++pos) {
-        const int64_t off = HostOffset(static_cast<int32_t>(b), pos);
-        uint16_t* k = host_.data() + KBase() + off;
-        uint16_t* v = host_.data() + KBase() + v_offset_ + off;
-        for (int64_t i = 0; i < block_; ++i) {
-          k[i] = ToBits(c_.dtype, normal(rng));
-          v[i] = ToBits(c_.dtype, normal(rng));
-        }
-      }
-    }
-    ASSERT_EQ(cudaMemcpy(device_->get(), host_.data(), total_elems_ * 2, cudaMemcpyHostToDevice),
-              cudaSuccess);
-  }
-
-  // Views over host / device memory; the device one still needs ws.Bind().
-  PagedKv HostPaged() const { return Paged(host_.data(), page_table_.data()); }
-  PagedKv DevicePaged() const { return Paged(device_->get(), nullptr); }
-  VirtualKv HostVirtual() const { return Virtual(host_.data(), row_ids_.data()); }
-  VirtualKv DeviceVirtual() const { return Virtual(device_->get(), nullptr); }
-
-  const std::vector<int32_t>& page_table() const { return page_table_; }
-  int64_t page_table_stride() const { return pt_stride_; }
-  const std::vector<int32_t>& row_ids() const { return row_ids_; }
-
- private:
-  int64_t KBase() const { return layer_offset_; }
-  int64_t HostOffset(int32_t b, int64_t pos) const {
-    return c_.kind == Kind::kPaged ? HostPaged().Offset(b, pos) : HostVirtual().Offset(b, pos);
-  }
-  PagedKv Paged(const void* base, const int32_t* table) const {
-    PagedKv kv;
-    uint16_t* k = static_cast<uint16_t*>(const_cast<void*>(base));
-    kv.k = k;
-    kv.v = k + v_offset_;
-    kv.page_tokens = c_.page_tokens;
-    kv.token_stride = block_;
-    kv.page_stride = c_.page_tokens * block_;
-    kv.page_table = table;
-    kv.page_table_stride = pt_stride_;
-    return kv;
-  }
-  VirtualKv Virtual(const void* base, const int32_t* rows) const {
-    VirtualKv kv;
-    uint16_t* k = static_cast<uint16_t*>(const_cast<void*>(base)) + layer_offset_;
-    kv.k = k;
-    kv.v = k + v_offset_;
-    kv.token_stride = token_stride_;
-    kv.row_stride = max_context_ * token_stride_;
-    kv.max_context = max_context_;
-    kv.row_ids = rows;
-    return kv;
-  }
-
-  Case c_;
-  int max_batch_;
-  int64_t max_context_;
-  int64_t block_ = 0;
-  int64_t num_pages_ = 0;
-  int64_t pt_stride_ = 0;
-  int64_t rows_ = 0;
-  int64_t token_stride_ = 0;
-  int64_t k_elems_ = 0;
-  int64_t v_offset_ = 0;
-  int64_t layer_offset_ = 0;
-  int64_t total_elems_ = 0;
-  std::vector<uint16_t> host_;
-  std::unique_ptr<DeviceBuffer> device_;
-  std::vector<int32_t> lens_;
-  std::vector<int32_t> page_table_;
-  std::vector<int32_t> row_ids_;
-};
+using TestKv = gpu_test::TestKv<Case>;
 
 DecodeOptions OptionsFor(const Case& c, int max_batch, int64_t max_context, bool fixed_grid) {
   DecodeOptions o;
@@ -280,20 +104,6 @@ absl::Status Launch(const DecodeWorkspace& ws, const TestKv& kv, const void* q, 
   return DecodeAttention(ws, ws.Bind(kv.DeviceVirtual()), q, out, stream);
 }
 
-// Random q of `batch` requests, rounded to the storage type: float for the reference,
-// bits for the device.
-void RandomQ(const Case& c, int batch, std::mt19937_64& rng, std::vector<float>* q,
-             std::vector<uint16_t>* bits) {
-  const int64_t n = int64_t{batch} * c.kv_heads * c.group * c.head_dim;
-  std::normal_distribution<float> normal(0.f, c.q_std);
-  q->resize(n);
-  bits->resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    (*bits)[i] = ToBits(c.dtype, normal(rng));
-    (*q)[i] = FromBits(c.dtype, (*bits)[i]);
-  }
-}
-
 // Compares the device output with ReferenceDecode on the host copy, request by request.
 void ExpectMatchesReference(const Case& c, const TestKv& kv, absl::Span<const int32_t> lens,
                             const std::vector<float>& q, const std::vector<uint16_t>& out_bits) {
@@ -306,16 +116,8 @@ void ExpectMatchesReference(const Case& c, const TestKv& kv, absl::Span<const in
   ASSERT_TRUE(st.ok()) << st;
   double worst = 0.0;
   for (size_t b = 0; b < lens.size(); ++b) {
-    double err2 = 0.0;
-    double ref2 = 0.0;
-    int64_t bad = 0;
-    for (int64_t i = 0; i < row; ++i) {
-      const float o = FromBits(c.dtype, out_bits[b * row + i]);
-      const float r = ref[b * row + i];
-      if (!std::isfinite(o)) ++bad;
-      err2 += (double(o) - r) * (double(o) - r);
-      ref2 += double(r) * r;
-    }
+    const auto [err2, ref2, bad] =
+        gpu_test::CompareToReference(c.dtype, out_bits, ref, b * row, (b + 1) * row);
     ASSERT_EQ(bad, 0) << "request " << b << " (len " << lens[b] << "): " << bad
                       << " outputs not finite (unwritten or NaN read)";
     if (ref2 == 0.0) {
