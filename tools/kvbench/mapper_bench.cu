@@ -1,0 +1,346 @@
+// kvbench mapper (benchmark V2): is mapping hidden behind decode? A virtual-layout KvCache
+// on the GPU (all-layer arrangement, Llama-3-8B shape by default: 16 tokens per 2 MiB
+// page) holds `requests` requests with random prompt lengths; every decode step grows each
+// request by one token (KvCache::ExtendInto on the host), writes the new tokens' K/V with a
+// kernel and reads every live token's K/V with another (a decode step's memory traffic,
+// a few milliseconds), then waits for the GPU, as an engine's step does. Run with the
+// background mapper off (map_ahead_tokens = 0: a step whose requests cross into a new page
+// maps it synchronously, on the critical path) and on (pages mapped ahead while the GPU
+// works). Reported per mode: steps that stalled on the driver (Stats::map_stalls grew
+// during the step), host time of the step's Extend calls, and step time.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvmem/config.h"
+#include "kvmem/kv_accessor.h"
+#include "kvmem/kv_cache.h"
+#include "kvmem/stats.h"
+#include "kvmem/vmm.h"
+#include "tools/kvbench/registry.h"
+
+namespace kvbench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define MAPPER_CHECK_CUDA(expr)                                                               \
+  do {                                                                                        \
+    const cudaError_t e_ = (expr);                                                            \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "kvbench mapper: %s failed: %s\n", #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+#define MAPPER_CHECK_OK(expr)                                                                \
+  do {                                                                                       \
+    const ::absl::Status s_ = (expr);                                                        \
+    if (!s_.ok()) {                                                                          \
+      std::fprintf(stderr, "kvbench mapper: %s failed: %s\n", #expr, s_.ToString().c_str()); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+// Writes each new token's K/V over all layers (token_bytes from the slot's start).
+__global__ void AppendTokensKernel(kvmem::VirtualKv kv, const int64_t* slots, int64_t token_bytes,
+                                   uint32_t step) {
+  const int64_t off = kv.SlotOffset(slots[blockIdx.x]) * 2;  // bf16 elements -> bytes
+  uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(kv.k) + off);
+  const uint32_t x = step * 0x9E3779B1u + blockIdx.x;
+  for (int64_t i = threadIdx.x; i < token_bytes / 16; i += blockDim.x) {
+    dst[i] = make_uint4(x, x ^ static_cast<uint32_t>(i), x + 1, ~x);
+  }
+}
+
+// Reads every live token of every request (all layers, K and V), 16 bytes at a time.
+// gridDim.y = batch entries; gridDim.x blocks share one entry's bytes.
+__global__ void ReadLiveKvKernel(kvmem::VirtualKv kv, const int32_t* seq_lens, int64_t token_bytes,
+                                 uint32_t* sink) {
+  const int b = blockIdx.y;
+  const char* row = static_cast<const char*>(kv.k) + kv.Offset(b, 0) * 2;
+  const int64_t n = seq_lens[b] * token_bytes / 16;
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+  uint32_t acc = 0;
+  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9E3779B1u) sink[0] = acc;  // keeps the loads; practically never true
+}
+
+struct Options {
+  int requests = 256;
+  int steps = 256;
+  int warmup = 32;
+  int prompt_max = 512;
+  int64_t map_ahead = 32;
+  int layers = 32;
+  int kv_heads = 8;
+  int head_dim = 128;
+  int device = 0;
+  std::string modes = "off,on";
+};
+
+bool ParseArgs(const std::vector<std::string>& args, Options* o) {
+  for (const std::string& a : args) {
+    const size_t eq = a.find('=');
+    const std::string key = a.substr(0, eq);
+    const std::string val = eq == std::string::npos ? "" : a.substr(eq + 1);
+    const long long v = std::atoll(val.c_str());
+    if (key == "--requests") {
+      o->requests = static_cast<int>(v);
+    } else if (key == "--steps") {
+      o->steps = static_cast<int>(v);
+    } else if (key == "--warmup") {
+      o->warmup = static_cast<int>(v);
+    } else if (key == "--prompt_max") {
+      o->prompt_max = static_cast<int>(v);
+    } else if (key == "--map_ahead") {
+      o->map_ahead = v;
+    } else if (key == "--layers") {
+      o->layers = static_cast<int>(v);
+    } else if (key == "--kv_heads") {
+      o->kv_heads = static_cast<int>(v);
+    } else if (key == "--head_dim") {
+      o->head_dim = static_cast<int>(v);
+    } else if (key == "--device") {
+      o->device = static_cast<int>(v);
+    } else if (key == "--modes") {
+      o->modes = val;
+    } else {
+      std::fprintf(stderr,
+                   "usage: kvbench mapper [--requests=256] [--steps=256] [--warmup=32] "
+                   "[--prompt_max=512] [--map_ahead=32] [--layers=32] [--kv_heads=8] "
+                   "[--head_dim=128] [--modes=off,on] [--device=0]\n  unknown argument '%s'\n",
+                   a.c_str());
+      return false;
+    }
+  }
+  return o->requests > 0 && o->steps > 0 && o->warmup >= 0 && o->prompt_max > 0 && o->map_ahead > 0;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
+}
+double Mean(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0 : s / v.size();
+}
+
+struct ModeResult {
+  std::string mode;
+  int64_t stalled_steps = 0;
+  int64_t map_stalls = 0;
+  int64_t warmup_stalls = 0;
+  std::vector<int> stalled_at;  // timed steps (0-based) that stalled
+  std::vector<double> extend_us, step_us, gpu_us;
+  double create_ms = 0;
+  int64_t live_tokens_end = 0;
+};
+
+ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
+  ModeResult res;
+  res.mode = map_ahead > 0 ? "on (map_ahead " + std::to_string(map_ahead) + ")" : "off";
+  kvmem::KvCacheConfig config;
+  config.num_layers = o.layers;
+  config.num_kv_heads = o.kv_heads;
+  config.head_dim = o.head_dim;
+  config.dtype = kvmem::DType::kBFloat16;
+  config.layout = kvmem::Layout::kVirtual;
+  config.arrangement = kvmem::Arrangement::kAllLayers;
+  config.max_requests = o.requests;
+  const int64_t longest = o.prompt_max + o.warmup + o.steps;
+  config.max_context = (longest + o.map_ahead + 255) / 256 * 256;
+  const int64_t token_bytes = config.TokenBytes();
+  // Every request at its longest, mapped ahead, plus one page of slack per request.
+  const int64_t per_request =
+      ((longest + o.map_ahead) * token_bytes + granularity - 1) / granularity + 1;
+  config.memory_budget_bytes = o.requests * per_request * granularity;
+  config.device = kvmem::DeviceKind::kCuda;
+  config.device_ordinal = o.device;
+  config.map_ahead_tokens = map_ahead;
+
+  const auto c0 = Clock::now();
+  absl::StatusOr<std::unique_ptr<kvmem::KvCache>> made = kvmem::KvCache::Create(config);
+  res.create_ms = std::chrono::duration<double, std::milli>(Clock::now() - c0).count();
+  MAPPER_CHECK_OK(made.status());
+  kvmem::KvCache& cache = **made;
+  const kvmem::Stats created = cache.GetStats();
+  std::printf(
+      "  mode %-18s: cache created in %.1f ms (physical handles up front: %.1f GiB, "
+      "pool_create_nanos %.1f ms), max_context %lld\n",
+      res.mode.c_str(), res.create_ms, created.physical_bytes / double(1 << 30),
+      created.pool_create_nanos / 1e6, static_cast<long long>(config.max_context));
+
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> prompt(1, o.prompt_max);
+  std::vector<kvmem::RequestId> ids(o.requests);
+  std::vector<int64_t> locs;
+  for (int r = 0; r < o.requests; ++r) {
+    ids[r] = r + 1;
+    MAPPER_CHECK_OK(cache.AddRequest(ids[r]).status());
+    MAPPER_CHECK_OK(cache.ExtendInto(ids[r], prompt(rng), &locs));
+  }
+
+  cudaStream_t stream;
+  MAPPER_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t ev0, ev1;
+  MAPPER_CHECK_CUDA(cudaEventCreate(&ev0));
+  MAPPER_CHECK_CUDA(cudaEventCreate(&ev1));
+  int32_t *h_rows, *h_lens, *d_rows, *d_lens;
+  int64_t *h_slots, *d_slots;
+  uint32_t* d_sink;
+  MAPPER_CHECK_CUDA(cudaMallocHost(&h_rows, o.requests * sizeof(int32_t)));
+  MAPPER_CHECK_CUDA(cudaMallocHost(&h_lens, o.requests * sizeof(int32_t)));
+  MAPPER_CHECK_CUDA(cudaMallocHost(&h_slots, o.requests * sizeof(int64_t)));
+  MAPPER_CHECK_CUDA(cudaMalloc(&d_rows, o.requests * sizeof(int32_t)));
+  MAPPER_CHECK_CUDA(cudaMalloc(&d_lens, o.requests * sizeof(int32_t)));
+  MAPPER_CHECK_CUDA(cudaMalloc(&d_slots, o.requests * sizeof(int64_t)));
+  MAPPER_CHECK_CUDA(cudaMalloc(&d_sink, sizeof(uint32_t)));
+
+  int64_t prev_stalls = cache.GetStats().map_stalls;
+  kvmem::BatchMetadata meta;
+  for (int step = 0; step < o.warmup + o.steps; ++step) {
+    const bool timed = step >= o.warmup;
+    const auto t0 = Clock::now();
+    locs.clear();
+    for (int r = 0; r < o.requests; ++r) MAPPER_CHECK_OK(cache.ExtendInto(ids[r], 1, &locs));
+    const auto t1 = Clock::now();
+    MAPPER_CHECK_OK(cache.BuildBatchMetadata(ids, &meta));
+    absl::StatusOr<kvmem::VirtualKv> view = cache.VirtualView(0, meta);
+    MAPPER_CHECK_OK(view.status());
+    std::memcpy(h_rows, meta.row_ids.data(), o.requests * sizeof(int32_t));
+    std::memcpy(h_lens, meta.seq_lens.data(), o.requests * sizeof(int32_t));
+    std::memcpy(h_slots, locs.data(), o.requests * sizeof(int64_t));
+    MAPPER_CHECK_CUDA(cudaMemcpyAsync(d_rows, h_rows, o.requests * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, stream));
+    MAPPER_CHECK_CUDA(cudaMemcpyAsync(d_lens, h_lens, o.requests * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, stream));
+    MAPPER_CHECK_CUDA(cudaMemcpyAsync(d_slots, h_slots, o.requests * sizeof(int64_t),
+                                      cudaMemcpyHostToDevice, stream));
+    kvmem::VirtualKv kv = *view;
+    kv.row_ids = d_rows;
+    MAPPER_CHECK_CUDA(cudaEventRecord(ev0, stream));
+    AppendTokensKernel<<<o.requests, 256, 0, stream>>>(kv, d_slots, token_bytes, step);
+    ReadLiveKvKernel<<<dim3(16, o.requests), 256, 0, stream>>>(kv, d_lens, token_bytes, d_sink);
+    MAPPER_CHECK_CUDA(cudaGetLastError());
+    MAPPER_CHECK_CUDA(cudaEventRecord(ev1, stream));
+    MAPPER_CHECK_CUDA(cudaStreamSynchronize(stream));
+    const auto t2 = Clock::now();
+    const int64_t stalls = cache.GetStats().map_stalls;
+    if (timed) {
+      float gpu_ms = 0;
+      MAPPER_CHECK_CUDA(cudaEventElapsedTime(&gpu_ms, ev0, ev1));
+      res.extend_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      res.step_us.push_back(std::chrono::duration<double, std::micro>(t2 - t0).count());
+      res.gpu_us.push_back(gpu_ms * 1e3);
+      res.map_stalls += stalls - prev_stalls;
+      res.stalled_steps += stalls > prev_stalls;
+      if (stalls > prev_stalls) res.stalled_at.push_back(step - o.warmup);
+    } else {
+      res.warmup_stalls += stalls - prev_stalls;
+    }
+    prev_stalls = stalls;
+  }
+  res.live_tokens_end = cache.GetStats().logical_tokens;
+  MAPPER_CHECK_OK(cache.CheckInvariants());
+  cudaFreeHost(h_rows);
+  cudaFreeHost(h_lens);
+  cudaFreeHost(h_slots);
+  cudaFree(d_rows);
+  cudaFree(d_lens);
+  cudaFree(d_slots);
+  cudaFree(d_sink);
+  cudaEventDestroy(ev0);
+  cudaEventDestroy(ev1);
+  cudaStreamDestroy(stream);
+  return res;
+}
+
+int RunMapperBench(const std::vector<std::string>& args) {
+  Options o;
+  if (!ParseArgs(args, &o)) return 2;
+  absl::StatusOr<std::unique_ptr<kvmem::Vmm>> vmm = kvmem::MakeCudaVmm(o.device);
+  if (!vmm.ok()) {
+    std::fprintf(stderr, "kvbench mapper: %s\n", vmm.status().ToString().c_str());
+    return 1;
+  }
+  const int64_t granularity = (*vmm)->granularity();
+  vmm->reset();
+  MAPPER_CHECK_CUDA(cudaSetDevice(o.device));
+  cudaDeviceProp prop{};
+  MAPPER_CHECK_CUDA(cudaGetDeviceProperties(&prop, o.device));
+  kvmem::KvCacheConfig shape;
+  shape.num_layers = o.layers;
+  shape.num_kv_heads = o.kv_heads;
+  shape.head_dim = o.head_dim;
+  std::printf(
+      "kvbench mapper (V2): %s, granularity %lld, %d requests (prompts 1..%d), "
+      "%d decode steps (+%d warm-up), %d layers x %d KV heads x %d bf16 = %lld KiB per "
+      "token, %lld tokens per page\n",
+      prop.name, static_cast<long long>(granularity), o.requests, o.prompt_max, o.steps, o.warmup,
+      o.layers, o.kv_heads, o.head_dim, static_cast<long long>(shape.TokenBytes() >> 10),
+      static_cast<long long>(granularity / shape.TokenBytes()));
+  std::vector<ModeResult> results;
+  for (const char* mode : {"off", "on"}) {
+    if (o.modes.find(mode) == std::string::npos) continue;
+    results.push_back(RunMode(o, std::strcmp(mode, "on") == 0 ? o.map_ahead : 0, granularity));
+  }
+  std::printf("\n%-18s %8s %10s %9s %9s %9s %9s %9s %9s %8s\n", "mapper", "stalled", "map_stalls",
+              "ext_p50", "ext_p99", "ext_max", "ext_mean", "step_p50", "step_mean", "gpu_ms");
+  for (const ModeResult& r : results) {
+    std::printf("%-18s %4lld/%-3zu %10lld %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.3f\n",
+                r.mode.c_str(), static_cast<long long>(r.stalled_steps), r.step_us.size(),
+                static_cast<long long>(r.map_stalls), Percentile(r.extend_us, 0.5),
+                Percentile(r.extend_us, 0.99),
+                *std::max_element(r.extend_us.begin(), r.extend_us.end()), Mean(r.extend_us),
+                Percentile(r.step_us, 0.5), Mean(r.step_us), Mean(r.gpu_us) / 1e3);
+  }
+  std::printf(
+      "(ext_*: host us per step in the %d ExtendInto calls, on the critical path; "
+      "step: us from the first Extend to the GPU done; gpu: append + read kernels; "
+      "warm-up stalls not counted:",
+      o.requests);
+  for (const ModeResult& r : results) {
+    std::printf(" %s %lld", r.mode.c_str(), static_cast<long long>(r.warmup_stalls));
+  }
+  std::printf(")\n");
+  for (const ModeResult& r : results) {
+    if (r.stalled_at.empty() || r.stalled_at.size() == r.step_us.size()) continue;
+    std::printf("stalled steps with mapper %s:", r.mode.c_str());
+    for (size_t i = 0; i < r.stalled_at.size() && i < 16; ++i) std::printf(" %d", r.stalled_at[i]);
+    std::printf("%s\n", r.stalled_at.size() > 16 ? " ..." : "");
+  }
+  if (results.size() == 2) {
+    std::printf(
+        "time added per step by synchronous mapping: %.1f us mean (%.1f us mean "
+        "Extend with the mapper off vs %.1f us on); steps stalled: %lld off, %lld on\n",
+        Mean(results[0].step_us) - Mean(results[1].step_us), Mean(results[0].extend_us),
+        Mean(results[1].extend_us), static_cast<long long>(results[0].stalled_steps),
+        static_cast<long long>(results[1].stalled_steps));
+  }
+  return 0;
+}
+
+}  // namespace
+
+KVBENCH_REGISTER(mapper, "mapper",
+                 "V2: decode steps stalled on mapping, background mapper off vs on (GPU)",
+                 RunMapperBench);
+
+}  // namespace kvbench
