@@ -259,6 +259,7 @@ void VirtualKvCache::AddMapping(int32_t h, int32_t row, int64_t page, int32_t se
   if (hd.owners.size() == 2) shared_.insert(h);
   MutableEntry(r, page, seg) = h;
   ++r.mapped;
+  if (r.live && page >= geo_.PagesFor(r.len)) ++surplus_handles_;
 }
 
 void VirtualKvCache::RemoveMapping(int32_t h, int32_t row, int64_t page, int32_t seg) {
@@ -278,6 +279,31 @@ void VirtualKvCache::RemoveMapping(int32_t h, int32_t row, int64_t page, int32_t
   Account(hd, +1);
   MutableEntry(r, page, seg) = kNoHandle;
   --r.mapped;
+  if (r.live && page >= geo_.PagesFor(r.len)) --surplus_handles_;
+}
+
+int64_t VirtualKvCache::MappedFrom(const Row& r, int64_t from) const {
+  int64_t n = 0;
+  for (int64_t k = from; k < PageLimit(r); ++k) {
+    for (int32_t s = 0; s < geo_.segments; ++s) {
+      const int32_t h = Entry(r, k, s);
+      n += h != kNoHandle && handles_[h].state == HandleState::kMapped;
+    }
+  }
+  return n;
+}
+
+void VirtualKvCache::SetLen(Row& r, int64_t len) {
+  if (r.live) {
+    const int64_t old_need = geo_.PagesFor(r.len);
+    const int64_t new_need = geo_.PagesFor(len);
+    if (new_need > old_need) {
+      surplus_handles_ -= MappedFrom(r, old_need) - MappedFrom(r, new_need);
+    } else if (new_need < old_need) {
+      surplus_handles_ += MappedFrom(r, new_need) - MappedFrom(r, old_need);
+    }
+  }
+  r.len = len;
 }
 
 void VirtualKvCache::SetLive(int32_t row, bool live) {
@@ -289,6 +315,8 @@ void VirtualKvCache::SetLive(int32_t row, bool live) {
     handles_[h].live_owners += live ? 1 : -1;
     Account(handles_[h], +1);
   }
+  const int64_t beyond = MappedFrom(r, geo_.PagesFor(r.len));
+  surplus_handles_ += live ? beyond : -beyond;
   r.live = live;
   live_rows_ += live ? 1 : -1;
 }
@@ -331,17 +359,17 @@ int64_t VirtualKvCache::LiveBytesSlow() const {
 void VirtualKvCache::RecomputeLiveBytes() { live_bytes_ = LiveBytesSlow(); }
 
 void VirtualKvCache::UpdatePeaks() {
-  peak_held_bytes_ = std::max(peak_held_bytes_, used_handles_ * geo_.granularity);
+  peak_held_bytes_ = std::max(peak_held_bytes_, HeldHandles() * geo_.granularity);
   peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
 }
 
 // ---- reclamation -------------------------------------------------------------
 
-int64_t VirtualKvCache::ReclaimableIdle() {
+int64_t VirtualKvCache::ReclaimableIdle(int64_t limit) {
   std::vector<bool> done(rows_.size());
   for (size_t i = 0; i < rows_.size(); ++i) done[i] = !rows_[i].live && FenceDone(rows_[i]);
   int64_t n = 0;
-  for (int32_t row = 0; row < geo_.rows; ++row) {
+  for (int32_t row = 0; row < geo_.rows && n < limit; ++row) {
     if (!done[row] || rows_[row].mapped == 0) continue;
     for (int32_t h : rows_[row].entries) {
       if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
@@ -354,9 +382,9 @@ int64_t VirtualKvCache::ReclaimableIdle() {
   return n;
 }
 
-int64_t VirtualKvCache::ReclaimableSurplus(int32_t exclude) const {
+int64_t VirtualKvCache::ReclaimableSurplus(int32_t exclude, int64_t limit) const {
   int64_t n = 0;
-  for (int32_t row = 0; row < geo_.rows; ++row) {
+  for (int32_t row = 0; row < geo_.rows && n < limit; ++row) {
     const Row& r = rows_[row];
     if (!r.live || row == exclude) continue;
     for (int64_t k = geo_.PagesFor(r.len); k < PageLimit(r); ++k) {
@@ -518,7 +546,7 @@ absl::StatusOr<int32_t> VirtualKvCache::AcquireRow() {
   KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true).status());
   Row& r = rows_[best];
   SetLive(best, true);
-  r.len = 0;
+  SetLen(r, 0);
   r.private_lo = 0;
   r.private_hi = 0;
   ExtendPrivate(r);
@@ -535,7 +563,7 @@ absl::Status VirtualKvCache::Release(int32_t row, int64_t len, Fence fence) {
   Row& r = rows_[row];
   SetLive(row, false);
   live_tokens_ -= len;
-  r.len = 0;
+  SetLen(r, 0);
   r.fence = fence;
   r.idle_since = ++release_seq_;
   r.private_lo = 0;
@@ -558,7 +586,7 @@ absl::Status VirtualKvCache::Shrink(int32_t row, int64_t len, int64_t new_len) {
                          DropPages(row, geo_.PagesFor(new_len), /*only_shared=*/true));
   (void)freed;
   Row& r = rows_[row];
-  r.len = new_len;
+  SetLen(r, new_len);
   live_tokens_ -= len - new_len;
   r.private_lo = geo_.PageOf(new_len);
   r.private_hi = r.private_lo;
@@ -626,7 +654,7 @@ absl::Status VirtualKvCache::Share(int32_t parent, int64_t len, int32_t child) {
   for (int64_t k = 0; k < np; ++k) {
     for (int32_t s = 0; s < geo_.segments; ++s) AddMapping(Entry(p, k, s), child, k, s);
   }
-  c.len = len;
+  SetLen(c, len);
   live_tokens_ += len;
   // The prefix is shared now: neither row may write into it without a copy.
   p.private_lo = std::max(p.private_lo, np);
@@ -691,7 +719,7 @@ absl::Status VirtualKvCache::Grow(int32_t row, int64_t len, int64_t n, std::vect
   // Fast path: every page written is mapped and private: no driver call, O(1).
   const bool fast = p0 >= r.private_lo && p1 <= r.private_hi;
   if (!fast) KVMEM_RETURN_IF_ERROR(GrowSlow(row, p0, p1));
-  r.len = len + n;
+  SetLen(r, len + n);
   live_tokens_ += n;
   if (fast) {
     live_bytes_ += n * token_bytes_;  // only private pages changed
@@ -782,8 +810,9 @@ absl::Status VirtualKvCache::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
   const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
   if (needed > static_cast<int64_t>(free_.size())) {
     const int64_t free = static_cast<int64_t>(free_.size());
-    const int64_t idle = ReclaimableIdle();
-    const int64_t surplus = ReclaimableSurplus(row);
+    const int64_t short_by = needed - free;
+    const int64_t idle = ReclaimableIdle(short_by);
+    const int64_t surplus = idle >= short_by ? 0 : ReclaimableSurplus(row, short_by - idle);
     if (free + idle + surplus < needed) {
       UndoReclaim(journal, &reclaimed);
       int64_t waiting = 0;

@@ -211,8 +211,17 @@ class VirtualKvCache final : public KvLayout {
   // Handles Reclaim can free without touching `exclude`: tier 1 (fence-complete idle
   // rows) and, if `surplus`, tier 2 (other live rows' exclusive pages beyond their
   // length).
-  int64_t ReclaimableIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  int64_t ReclaimableSurplus(int32_t exclude) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Pages that reclamation could take, counted only up to `limit` (the caller needs to
+  // know whether enough exist; a full count walks every row's pages).
+  int64_t ReclaimableIdle(int64_t limit) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t ReclaimableSurplus(int32_t exclude, int64_t limit) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Mapped pages of live row `r` at page index >= `from` (over all segments).
+  int64_t MappedFrom(const Row& r, int64_t from) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Sets a row's length, keeping surplus_handles_ in step.
+  void SetLen(Row& r, int64_t len) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t HeldHandles() const ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return used_handles_ - surplus_handles_;
+  }
   // Unmaps mappings until `want` handles are free (pushed to *freed, not to free_),
   // recording them in *journal. On error the journal holds what was done.
   absl::Status Reclaim(int64_t want, int32_t exclude, bool surplus, std::vector<int32_t>* freed,
@@ -264,6 +273,10 @@ class VirtualKvCache final : public KvLayout {
   int64_t mapped_granules_ ABSL_GUARDED_BY(mu_) = 0;  // sum of ref counts
   int64_t used_handles_ ABSL_GUARDED_BY(mu_) = 0;     // mapped under >= 1 live row
   int64_t idle_handles_ ABSL_GUARDED_BY(mu_) = 0;     // mapped under idle rows only
+  // Handles mapped under a live row beyond its length (mapped ahead, kept after a
+  // Truncate, or kept from the row's previous request). They hold no token and are
+  // reclaimable on demand, so Stats counts them idle, not held. Never shared.
+  int64_t surplus_handles_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t in_flight_handles_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_set<int32_t> shared_ ABSL_GUARDED_BY(mu_);  // ref count > 1
   int64_t live_rows_ ABSL_GUARDED_BY(mu_) = 0;

@@ -13,13 +13,14 @@ namespace kvmem::internal {
 
 void VirtualKvCache::FillStats(Stats* stats) const {
   absl::MutexLock lock(&mu_);  // exclusive: reading stats samples the peaks
-  peak_held_bytes_ = std::max(peak_held_bytes_, used_handles_ * geo_.granularity);
+  peak_held_bytes_ = std::max(peak_held_bytes_, HeldHandles() * geo_.granularity);
   peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
   const int64_t g = geo_.granularity;
   stats->page_bytes = g;
   stats->pages_total = static_cast<int64_t>(handles_.size());
   stats->pages_free = static_cast<int64_t>(free_.size());
-  stats->pages_used = used_handles_;
+  // Pages holding live tokens; a live row's pages beyond its length count as idle.
+  stats->pages_used = HeldHandles();
   // Shared by live requests (an idle row's alias is kept only for reuse).
   int64_t shared_live = 0;
   for (int32_t h : shared_) shared_live += handles_[h].live_owners > 1;
@@ -38,8 +39,8 @@ void VirtualKvCache::FillStats(Stats* stats) const {
   stats->pages_quarantined = static_cast<int64_t>(quarantined.size());
   stats->live_bytes = live_bytes_;
   stats->stored_tokens = token_bytes_ == 0 ? 0 : live_bytes_ / token_bytes_;
-  stats->held_bytes = used_handles_ * g;
-  stats->idle_bytes = idle_handles_ * g;
+  stats->held_bytes = HeldHandles() * g;
+  stats->idle_bytes = (idle_handles_ + surplus_handles_) * g;
   stats->mapped_bytes = mapped_handles_ * g;  // physical memory mapped (aliases once)
   stats->physical_bytes = static_cast<int64_t>(handles_.size()) * g;
   stats->peak_held_bytes = peak_held_bytes_;
@@ -244,6 +245,30 @@ absl::Status VirtualKvCache::CheckInvariants(
         }
         break;
     }
+  }
+  // Pages of live rows beyond their length: counted, and never shared (Stats subtracts
+  // them from held bytes one handle each).
+  int64_t n_surplus = 0;
+  for (int32_t row = 0; row < geo_.rows; ++row) {
+    const Row& r = rows_[row];
+    if (!r.live) continue;
+    for (int64_t k = geo_.PagesFor(r.len); k < PageLimit(r); ++k) {
+      for (int32_t s = 0; s < S; ++s) {
+        const int32_t h = Entry(r, k, s);
+        if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
+        if (handles_[h].owners.size() != 1) {
+          return fail(
+              absl::StrFormat("row %d maps shared handle %d at page %d, beyond its %d "
+                              "tokens",
+                              row, h, k, r.len));
+        }
+        ++n_surplus;
+      }
+    }
+  }
+  if (n_surplus != surplus_handles_) {
+    return fail(absl::StrFormat("%d pages mapped beyond live rows' lengths, counter says %d",
+                                n_surplus, surplus_handles_));
   }
   if (n_shared != static_cast<int64_t>(shared_.size())) {
     return fail(
