@@ -346,7 +346,17 @@ TEST(VirtualLayout, DeferredReclamationReusesPagesWithoutDriverCalls) {
   const int32_t b = *h->Add();
   EXPECT_EQ(b, a);  // the row that kept its pages
   ASSERT_OK(h->Check());
-  ASSERT_OK(h->Grow(b, 50, 2));
+  // A short request on that row: the kept pages beyond its length hold no token, so they
+  // stay idle (reclaimable), and only the pages its tokens touch are held.
+  ASSERT_OK(h->Grow(b, 5, 2));
+  ASSERT_OK(h->Check());
+  s = h->GetStats();
+  EXPECT_EQ(s.held_bytes, (h->PagesFor(3) + h->PagesFor(5)) * k4K);
+  EXPECT_EQ(s.idle_bytes, (h->PagesFor(50) - h->PagesFor(5)) * k4K);
+  EXPECT_EQ(s.mapped_bytes, (h->PagesFor(3) + h->PagesFor(50)) * k4K);
+  ASSERT_OK(h->Grow(b, 45, 2));
+  ASSERT_OK(h->Check());
+  EXPECT_EQ(h->GetStats().idle_bytes, 0);
   ASSERT_OK(h->Check());
   const VmmCounters after = h->vmm().counters();
   for (VmmOp op : {VmmOp::kMap, VmmOp::kSetAccess, VmmOp::kUnmap, VmmOp::kCreate}) {
