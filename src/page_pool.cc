@@ -93,24 +93,43 @@ bool PagePool::Unref(int32_t page, const Fence& fence) {
   if (refcount_[page] < 1) Broken(absl::StrFormat("Unref of page %d that is not used", page));
   const int32_t rc = --refcount_[page];
   if (rc == 1) --shared_;
-  if (rc > 0) return false;
-  --used_;
-  if (fence.event == nullptr) {
-    free_.Insert(page);
-  } else {
-    if (quarantine_.empty() || quarantine_.back().fence.event != fence.event) {
-      quarantine_.push_back(QuarantineEntry{fence, {}});
+  if (rc > 0) {
+    if (fence.event != nullptr) {
+      std::vector<Fence>& pending = pending_fences_[page];
+      const bool known = std::any_of(pending.begin(), pending.end(),
+                                     [&](const Fence& f) { return f.event == fence.event; });
+      if (!known) pending.push_back(fence);
     }
-    quarantine_.back().pages.push_back(page);
-    ++quarantined_;
+    return false;
   }
+  --used_;
+  std::vector<Fence> fences;
+  if (auto it = pending_fences_.find(page); it != pending_fences_.end()) {
+    fences = std::move(it->second);
+    pending_fences_.erase(it);
+  }
+  if (fence.event != nullptr && std::none_of(fences.begin(), fences.end(), [&](const Fence& f) {
+        return f.event == fence.event;
+      })) {
+    fences.push_back(fence);
+  }
+  if (fences.empty()) {
+    free_.Insert(page);
+    return true;
+  }
+  const bool coalesce = fences.size() == 1 && !quarantine_.empty() &&
+                        quarantine_.back().fences.size() == 1 &&
+                        quarantine_.back().fences[0].event == fences[0].event;
+  if (!coalesce) quarantine_.push_back(QuarantineEntry{std::move(fences), {}});
+  quarantine_.back().pages.push_back(page);
+  ++quarantined_;
   return true;
 }
 
 int64_t PagePool::Reclaim(const std::function<bool(const Fence&)>& complete, bool scan_all) {
   int64_t freed = 0;
   for (auto it = quarantine_.begin(); it != quarantine_.end();) {
-    if (!complete(it->fence)) {
+    if (!std::all_of(it->fences.begin(), it->fences.end(), complete)) {
       if (!scan_all) break;
       ++it;
       continue;
@@ -127,8 +146,9 @@ absl::Status PagePool::CheckConsistency() const {
   std::vector<char> in_quarantine(num_pages_, 0);
   int64_t quarantined = 0;
   for (const QuarantineEntry& e : quarantine_) {
-    if (e.fence.event == nullptr) {
-      return absl::InternalError("page pool: quarantine entry with a null fence");
+    if (e.fences.empty() || std::any_of(e.fences.begin(), e.fences.end(),
+                                        [](const Fence& f) { return f.event == nullptr; })) {
+      return absl::InternalError("page pool: quarantine entry without fences or with a null one");
     }
     for (int32_t page : e.pages) {
       if (page < 0 || page >= num_pages_) {
@@ -139,6 +159,12 @@ absl::Status PagePool::CheckConsistency() const {
         return absl::InternalError(absl::StrFormat("page pool: page %d quarantined twice", page));
       }
       ++quarantined;
+    }
+  }
+  for (const auto& [page, fences] : pending_fences_) {
+    if (page < 0 || page >= num_pages_ || refcount_[page] < 1 || fences.empty()) {
+      return absl::InternalError(
+          absl::StrFormat("page pool: fences pending for page %d, which is not in use", page));
     }
   }
   int64_t used = 0, shared = 0, free = 0;

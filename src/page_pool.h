@@ -20,6 +20,7 @@
 #include <functional>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "kvmem/vmm.h"
 
@@ -74,10 +75,12 @@ class PagePool {
   int32_t Allocate();
   // REQUIRES: page is used.
   void AddRef(int32_t page);
-  // Drops one reference. When the count reaches 0 the page is freed at once if
-  // `fence.event` is null, else quarantined until the fence completes. Pages dropped
-  // with the same fence in a row share one quarantine entry. Returns whether the count
-  // reached 0. REQUIRES: page is used.
+  // Drops one reference. A non-null `fence` is remembered even while other references
+  // remain (a shared page freed by one request under a fence must not be reused before
+  // that fence, whoever drops the last reference). When the count reaches 0 the page is
+  // freed at once if no fence was given for it, else quarantined until every fence
+  // given for it completes. Pages dropped with the same single fence in a row share one
+  // quarantine entry. Returns whether the count reached 0. REQUIRES: page is used.
   bool Unref(int32_t page, const Fence& fence = {});
 
   // Frees quarantined pages whose fence `complete` reports finished. With
@@ -92,7 +95,7 @@ class PagePool {
 
  private:
   struct QuarantineEntry {
-    Fence fence;
+    std::vector<Fence> fences;  // the pages are free once all of them completed
     std::vector<int32_t> pages;
   };
 
@@ -100,6 +103,8 @@ class PagePool {
   IdBitmap free_;
   std::vector<int32_t> refcount_;
   std::deque<QuarantineEntry> quarantine_;  // oldest first
+  // Fences given for used pages by owners that dropped their reference (sparse).
+  absl::flat_hash_map<int32_t, std::vector<Fence>> pending_fences_;
   int64_t used_ = 0;
   int64_t shared_ = 0;
   int64_t quarantined_ = 0;

@@ -859,6 +859,35 @@ TEST_P(KvCacheTest, FencedFreeUnderTightBudget) {
   KVMEM_EXPECT_OK(cache->CheckInvariants());
 }
 
+// A shared page freed by one owner under a fence stays fenced even when another owner,
+// freeing later without a fence, drops the last reference (the GPU may still be reading
+// it for the first owner).
+TEST_P(KvCacheTest, FenceOfASharedPageHoldsAfterTheLastOwnerFreesWithoutOne) {
+  KvCacheConfig config = Config();
+  config.memory_budget_bytes = MinimalBudget(config);
+  ASSERT_GT(config.memory_budget_bytes, 0);
+  std::atomic<bool> done{false};  // outlives the cache
+  auto cache = MustCreate(config);
+  ASSERT_NE(cache, nullptr);
+  CacheModel model(cache.get());
+  KVMEM_ASSERT_OK(model.Add(1));
+  KVMEM_ASSERT_OK(model.Extend(1, config.max_context));
+  KVMEM_ASSERT_OK(model.Fork(1, 2));
+  KVMEM_ASSERT_OK(model.Free(1, HostFence(&done)));
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+  KVMEM_ASSERT_OK(model.Free(2, Fence{}));
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+  // Every page of the budget was shared with request 1, whose fence is pending.
+  KVMEM_ASSERT_OK(model.Add(3));
+  const std::vector<RequestId> ids = {3};
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->Extend(3, config.max_context),
+                         StatusCode::kResourceExhausted);
+  done.store(true);
+  KVMEM_ASSERT_OK(model.Extend(3, config.max_context));
+  KVMEM_EXPECT_OK(model.VerifyAll());
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+}
+
 TEST_P(KvCacheTest, NullFenceFreesAtOnce) {
   KvCacheConfig config = Config();
   config.memory_budget_bytes = MinimalBudget(config);
