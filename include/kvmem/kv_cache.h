@@ -79,12 +79,17 @@ class KvCache {
   // into it (copy on write). Returns the child's row.
   absl::StatusOr<int32_t> Fork(RequestId parent, RequestId child);
 
-  // Ends `id`. Its memory is reused only after `fence` completes.
+  // Ends `id`. Its memory is reused only after `fence` completes (also memory it shares
+  // with requests that end later without a fence). kvmem queries the fence lazily, so its
+  // event must stay valid until the memory is reused or the cache is destroyed: recycle
+  // events through a pool rather than destroying them after the step.
   absl::Status Free(RequestId id, Fence fence = {});
 
-  // Gives physical memory that no request holds back to the backend (paged: unmaps
-  // free chunks at the end of an elastic pool; virtual: takes pages from idle rows).
-  // Returns the bytes given back.
+  // Gives back memory that no request holds. Paged: unmaps and releases the free chunks
+  // at the end of an elastic pool (the device gets the memory back). Virtual: unmaps the
+  // pages that idle rows keep (deferred reclamation) into the free pool; the physical
+  // handles stay created for reuse, since creating them is the slow driver call.
+  // Returns the bytes unmapped.
   absl::StatusOr<int64_t> Trim();
 
   absl::StatusOr<int64_t> Length(RequestId id) const;
