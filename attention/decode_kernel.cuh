@@ -88,39 +88,6 @@ __device__ __forceinline__ void StoreOut(void* out, int64_t i, float4 v) {
   *reinterpret_cast<uint2*>(static_cast<T*>(out) + i) = make_uint2(lo, hi);
 }
 
-__device__ __forceinline__ float FastExp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// A token's element offset, resolved in two steps so that the index load (page id or
-// row id) of a tile can be issued a whole tile before its offsets are needed: Fetch()
-// loads, Finish() does the arithmetic. The same math as Kv::Offset (the tests compare
-// against the reference, which uses Offset), in 32-bit where positions allow it.
-template <typename Kv>
-struct SplitOffset;
-
-template <>
-struct SplitOffset<PagedKv> {
-  __device__ __forceinline__ static int32_t Fetch(const PagedKv& kv, int b, int pos) {
-    return kv.page_table[b * kv.page_table_stride + pos / kv.page_tokens];
-  }
-  __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, int32_t page, int pos) {
-    return kv.PageOffset(page) + static_cast<int64_t>(pos % kv.page_tokens) * kv.token_stride;
-  }
-};
-
-template <>
-struct SplitOffset<VirtualKv> {
-  __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, int b, int) {
-    return kv.row_ids[b];
-  }
-  __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, int32_t row, int pos) {
-    return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride;
-  }
-};
-
 template <typename Kv, typename T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
     DecodeKernel(const DecodeParams<Kv> p) {

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kvmem/kv_accessor.h"
 
 namespace kvmem::internal {
 
@@ -100,6 +101,43 @@ __device__ __forceinline__ void Mma16816<__half>(float (&d)[4], const uint32_t (
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// exp2 on the SFU (the softmax runs in the exp2 domain, the scale folded in by log2(e)).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A token's element offset, in two steps: Fetch() loads the index entry (page id or row
+// id), Finish() does the arithmetic. The decode kernel issues a tile's Fetch a whole tile
+// before its Finish, so the load hides behind the tile's MMAs; the extend kernels call
+// them back to back (splitting measured 5-15 % slower there, docs/prefill.md). The same
+// math as Kv::Offset (the tests compare against the reference, which uses Offset), in
+// 32-bit where positions allow it: plans bound positions by max_context < 2^30, so no
+// 64-bit division.
+template <typename Kv>
+struct SplitOffset;
+
+template <>
+struct SplitOffset<PagedKv> {
+  __device__ __forceinline__ static int32_t Fetch(const PagedKv& kv, int b, int pos) {
+    return kv.page_table[b * kv.page_table_stride + pos / kv.page_tokens];
+  }
+  __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, int32_t page, int pos) {
+    return kv.PageOffset(page) + static_cast<int64_t>(pos % kv.page_tokens) * kv.token_stride;
+  }
+};
+
+template <>
+struct SplitOffset<VirtualKv> {
+  __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, int b, int) {
+    return kv.row_ids[b];
+  }
+  __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, int32_t row, int pos) {
+    return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride;
+  }
+};
 
 }  // namespace kvmem::internal
 

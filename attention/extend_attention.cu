@@ -1,6 +1,7 @@
 // Extend / prefill attention (kvmem/extend_attention.h): the host-side plan of a step
 // (ExtendWorkspace), the launch validation, and the kernel instantiations of
-// attention/extend_kernel.cuh, one per (layout, dtype, head_dim): 2 x 2 x 3.
+// attention/extend_kernel.cuh, one per (layout, dtype, head_dim): 2 x 2 x 3, and of
+// attention/extend_wgmma_kernel.cuh (Hopper), 2 x 2 x 2.
 //
 // The plan is made from host lengths only and uploaded into one fixed-address device
 // block, so no launch waits on device data and a captured CUDA graph (fixed_grid)
@@ -21,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/device_utils.cuh"
 #include "attention/extend_kernel.cuh"
+#include "attention/extend_wgmma_kernel.cuh"
 #include "attention/launch_util.cuh"
 #include "kvmem/extend_attention.h"
 #include "src/status_macros.h"
@@ -35,6 +37,7 @@ struct ExtendWorkspace::Impl {
   int head_dim = 0;
   float scale_log2 = 0.f;
   int tokens_per_tile = 0;
+  bool wgmma = false;  // launches run ExtendWgmmaKernel
   int max_work = 0;
   int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1
 
@@ -100,22 +103,50 @@ int BlockRows(int head_dim) {
   return 0;
 }
 
-// Raises the dynamic shared-memory limit of the kernel of (layout, dtype, head_dim).
-absl::Status PrepareExtendKernel(Layout layout, DType dtype, int head_dim) {
+// Raises the dynamic shared-memory limit of `kernel` to kBytes.
+template <typename Kernel>
+absl::Status AllowSmem(Kernel kernel, int bytes) {
+  return CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+      "cudaFuncSetAttribute");
+}
+
+// Raises the dynamic shared-memory limit of the kernel of (layout, dtype, head_dim,
+// wgmma or not) that launches will use.
+absl::Status PrepareExtendKernel(Layout layout, DType dtype, int head_dim, bool wgmma) {
   auto prepare = [&](auto tag) -> absl::Status {
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
-    constexpr int kBytes = ExtendSmem<T, kDim>::kBytes;
-    if (layout == Layout::kPaged) {
-      return CudaStatus(cudaFuncSetAttribute(&ExtendKernel<PagedKv, T, kDim>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
-                        "cudaFuncSetAttribute");
+    if constexpr (kDim != 256) {
+      if (wgmma) {
+        constexpr int kBytes = WgmmaExtendSmem<T, kDim>::kBytes;
+        return layout == Layout::kPaged ? AllowSmem(&ExtendWgmmaKernel<PagedKv, T, kDim>, kBytes)
+                                        : AllowSmem(&ExtendWgmmaKernel<VirtualKv, T, kDim>, kBytes);
+      }
     }
-    return CudaStatus(cudaFuncSetAttribute(&ExtendKernel<VirtualKv, T, kDim>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
-                      "cudaFuncSetAttribute");
+    constexpr int kBytes = ExtendSmem<T, kDim>::kBytes;
+    return layout == Layout::kPaged ? AllowSmem(&ExtendKernel<PagedKv, T, kDim>, kBytes)
+                                    : AllowSmem(&ExtendKernel<VirtualKv, T, kDim>, kBytes);
   };
   return DispatchExtend(dtype, head_dim, prepare);
+}
+
+// Whether the wgmma kernel can run here: an sm_90a build, an sm_90 device, head_dim
+// 64 or 128.
+absl::StatusOr<bool> WgmmaAvailable(int head_dim) {
+#if defined(KVMEM_HAS_SM90A)
+  int device = 0;
+  KVMEM_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
+  int major = 0;
+  int minor = 0;
+  KVMEM_RETURN_IF_ERROR(CudaStatus(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute"));
+  KVMEM_RETURN_IF_ERROR(CudaStatus(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute"));
+  return major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
+#else
+  return false;
+#endif
 }
 
 // Checks the step's lengths against the workspace's capacity.
@@ -215,10 +246,22 @@ absl::StatusOr<std::unique_ptr<ExtendWorkspace>> ExtendWorkspace::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("page_tokens = ", options.page_tokens, ": must be >= 1"));
   }
-  KVMEM_RETURN_IF_ERROR(internal::PrepareExtendKernel(options.layout, s.kv_dtype, s.head_dim));
+  bool wgmma = false;
+  if (options.kernel != ExtendKernel::kMmaSync) {
+    KVMEM_ASSIGN_OR_RETURN(wgmma, internal::WgmmaAvailable(s.head_dim));
+    if (options.kernel == ExtendKernel::kWgmma && !wgmma) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ExtendKernel::kWgmma needs an sm_90a build, an sm_90 device and head_dim 64 or 128 "
+          "(head_dim ",
+          s.head_dim, ")"));
+    }
+  }
+  KVMEM_RETURN_IF_ERROR(
+      internal::PrepareExtendKernel(options.layout, s.kv_dtype, s.head_dim, wgmma));
 
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->wgmma = wgmma;
   impl->num_q_heads = s.num_q_heads;
   impl->num_kv_heads = s.num_kv_heads;
   impl->group = group;
@@ -372,6 +415,7 @@ int64_t ExtendWorkspace::total_new() const { return impl_->total_new; }
 int ExtendWorkspace::num_work() const { return impl_->num_work; }
 int ExtendWorkspace::max_work() const { return impl_->max_work; }
 int ExtendWorkspace::tokens_per_tile() const { return impl_->tokens_per_tile; }
+bool ExtendWorkspace::uses_wgmma() const { return impl_->wgmma; }
 
 namespace {
 
@@ -421,6 +465,14 @@ absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void
     constexpr int kDim = decltype(tag)::kDim;
     using Smem = internal::ExtendSmem<T, kDim>;
     const dim3 grid(static_cast<unsigned>(int64_t{work_items} * w.num_kv_heads));
+    if constexpr (kDim != 256) {
+      if (w.wgmma) {
+        using WSmem = internal::WgmmaExtendSmem<T, kDim>;
+        internal::ExtendWgmmaKernel<Kv, T, kDim>
+            <<<grid, WSmem::kThreads, WSmem::kBytes, stream>>>(params);
+        return internal::CudaStatus(cudaGetLastError(), "ExtendWgmmaKernel launch");
+      }
+    }
     internal::ExtendKernel<Kv, T, kDim>
         <<<grid, internal::ExtendConfig<kDim>::kWarps * 32, Smem::kBytes, stream>>>(params);
     return internal::CudaStatus(cudaGetLastError(), "ExtendKernel launch");

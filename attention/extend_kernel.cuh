@@ -103,26 +103,6 @@ __device__ __forceinline__ int ExtendSwizzle(int row, int c) {
   return row * kHeadDim + ((c ^ (row & 7)) << 3);
 }
 
-// Offset(b, pos) of the accessor, in 32-bit index arithmetic where the view allows it:
-// the plan bounds positions by max_context < 2^30, so the paged page index and the
-// position inside the page need no 64-bit division (a software routine of ~70
-// instructions, on the critical path of the threads that resolve a tile).
-__device__ __forceinline__ int64_t TileTokenOffset(const PagedKv& kv, int b, int pos) {
-  const int page_index = pos / kv.page_tokens;
-  const int in_page = pos - page_index * kv.page_tokens;
-  const int32_t page = kv.page_table[b * kv.page_table_stride + page_index];
-  return kv.PageOffset(page) + in_page * kv.token_stride;
-}
-__device__ __forceinline__ int64_t TileTokenOffset(const VirtualKv& kv, int b, int pos) {
-  return kv.Offset(b, pos);
-}
-
-__device__ __forceinline__ float ExtendExp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <typename Kv, typename T, int kHeadDim>
 __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
                                   ExtendConfig<kHeadDim>::kMinBlocks)
@@ -178,10 +158,12 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   constexpr int kOffStride = kThreads / kBlockN;
   const bool resolves = tid % kOffStride == 0;
   const int off_token = tid / kOffStride;
+  using Offsets = SplitOffset<Kv>;
   // Element offset of this thread's token of tile `tile` (resolving threads), 0 past end.
   auto token_offset = [&](int tile) -> int64_t {
     const int pos = kv_lo + tile * kBlockN + off_token;
-    return (resolves && pos < kv_hi) ? TileTokenOffset(p.kv, wk.b, pos) : 0;
+    return (resolves && pos < kv_hi) ? Offsets::Finish(p.kv, Offsets::Fetch(p.kv, wk.b, pos), pos)
+                                     : 0;
   };
   auto load_tile = [&](int tile, int stage) {
     const int tile_start = kv_lo + tile * kBlockN;
@@ -344,14 +326,14 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[ma][i], mx * p.scale_log2);
         const float base = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: no NaN
-        alpha[ma][i] = ExtendExp2(m[ma][i] - base);
+        alpha[ma][i] = FastExp2(m[ma][i] - base);
         max_moved |= m_new != m[ma][i];
         m[ma][i] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
-          s[ma][nt][2 * i] = ExtendExp2(fmaf(s[ma][nt][2 * i], p.scale_log2, -base));
-          s[ma][nt][2 * i + 1] = ExtendExp2(fmaf(s[ma][nt][2 * i + 1], p.scale_log2, -base));
+          s[ma][nt][2 * i] = FastExp2(fmaf(s[ma][nt][2 * i], p.scale_log2, -base));
+          s[ma][nt][2 * i + 1] = FastExp2(fmaf(s[ma][nt][2 * i + 1], p.scale_log2, -base));
           sum += s[ma][nt][2 * i] + s[ma][nt][2 * i + 1];
         }
         l[ma][i] = l[ma][i] * alpha[ma][i] + sum;

@@ -30,6 +30,13 @@
 
 namespace kvmem {
 
+// Which kernel runs the products. kAuto: the Hopper warpgroup-MMA kernel (wgmma) on an
+// sm_90 device for head_dim 64 and 128 when the library was built for sm_90a, the
+// portable mma.sync kernel otherwise. kMmaSync forces the portable kernel (to compare,
+// or as a fallback); kWgmma requires the Hopper kernel (InvalidArgument from Create
+// where it cannot run). Both give the same results within rounding.
+enum class ExtendKernel { kAuto, kMmaSync, kWgmma };
+
 struct ExtendOptions {
   // head_dim 64, 128 or 256; kv_dtype bf16 or fp16; num_q_heads / num_kv_heads at most
   // 64 (head_dim 256) or 128; scale and window_left as in reference_attention.h.
@@ -46,6 +53,7 @@ struct ExtendOptions {
   // launches are captured in a CUDA graph that is replayed after later Plan() calls.
   // CTAs past the planned work exit at once.
   bool fixed_grid = false;
+  ExtendKernel kernel = ExtendKernel::kAuto;
 };
 
 // Device state of an extend step: the work list (which CTA takes which query tile of
@@ -98,6 +106,8 @@ class ExtendWorkspace {
   int max_work() const;
   // New tokens of one request a work item covers (rows per CTA / group size).
   int tokens_per_tile() const;
+  // Whether launches run the Hopper wgmma kernel (see ExtendKernel).
+  bool uses_wgmma() const;
 
   struct Impl;  // internal
   const Impl& impl() const { return *impl_; }

@@ -58,10 +58,11 @@ struct Case {
   int window = -1;
   float scale = 0.f;
   float q_std = 1.f;
+  ExtendKernel kernel = ExtendKernel::kAuto;
   std::vector<Req> reqs;
 
   std::string Name() const {
-    return absl::StrCat(KindName(kind),
+    return absl::StrCat(kernel == ExtendKernel::kMmaSync ? "[mma.sync] " : "", KindName(kind),
                         kind == Kind::kPaged ? absl::StrCat(" page ", page_tokens) : std::string(),
                         " ", std::string(DTypeName(dtype)), " D", head_dim, " H", kv_heads, " G",
                         group, " window ", window, " batch ", reqs.size());
@@ -118,6 +119,7 @@ ExtendOptions OptionsFor(const Case& c, int max_batch, int64_t max_new, int64_t 
   o.max_context = max_context;
   o.page_tokens = c.page_tokens;
   o.fixed_grid = fixed_grid;
+  o.kernel = c.kernel;
   return o;
 }
 
@@ -218,9 +220,9 @@ void ExpectMatchesReference(const Case& c, const TestKv& kv, absl::Span<const Re
 // Extra poisoned rows after the batch's outputs: none may be written.
 constexpr int64_t kGuardRows = 3;
 
-// One case end to end: storage, plan, launch, compare. Returns the workspace's
-// work-item count.
-int RunCase(const Case& c) {
+// One case end to end with c.kernel: storage, plan, launch, compare. Returns the
+// workspace's work-item count; *wgmma tells whether the Hopper kernel ran.
+int RunOne(const Case& c, bool* wgmma) {
   SCOPED_TRACE(c.Name());
   std::mt19937_64 rng(std::hash<std::string>{}(c.Name()) ^ c.reqs.size());
   const int batch = static_cast<int>(c.reqs.size());
@@ -254,6 +256,7 @@ int RunCase(const Case& c) {
       OptionsFor(c, batch, std::max<int64_t>(total_new, 1), max_context, false));
   EXPECT_TRUE(ws.ok()) << ws.status();
   if (!ws.ok()) return 0;
+  *wgmma = (*ws)->uses_wgmma();
   const absl::Status planned = Plan(**ws, kv, c.reqs, nullptr);
   EXPECT_TRUE(planned.ok()) << planned;
   const absl::Status launched = Launch(**ws, kv, q_dev.get(), out_dev.get(), nullptr);
@@ -266,6 +269,20 @@ int RunCase(const Case& c) {
             cudaSuccess);
   ExpectMatchesReference(c, kv, c.reqs, q, out_bits);
   return (*ws)->num_work();
+}
+
+// RunOne with the kernel kAuto picks and, where that is the Hopper kernel, again with
+// the portable one, so both kernels meet every case on an H100.
+int RunCase(const Case& c) {
+  bool wgmma = false;
+  const int work = RunOne(c, &wgmma);
+  if (wgmma) {
+    Case portable = c;
+    portable.kernel = ExtendKernel::kMmaSync;
+    bool unused = false;
+    EXPECT_EQ(RunOne(portable, &unused), work) << "both kernels run one plan";
+  }
+  return work;
 }
 
 // Prefixes 0, 1, at and around page boundaries and long; new-token counts around the
@@ -410,9 +427,12 @@ TEST(ExtendAttentionTest, GraphReplayWithNewLengthsAndTables) {
                                                {{1500, 512}},
                                                std::vector<Req>(12, Req{40, 40}),
                                                {}};
-  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+  for (auto [kind, kernel] : {std::pair{Kind::kPaged, ExtendKernel::kAuto},
+                              std::pair{Kind::kVirtualAllLayers, ExtendKernel::kAuto},
+                              std::pair{Kind::kPaged, ExtendKernel::kMmaSync}}) {
     Case c;
     c.kind = kind;
+    c.kernel = kernel;
     c.page_tokens = 16;
     const int max_batch = 12;
     const int64_t max_new = 512;
@@ -460,6 +480,32 @@ TEST(ExtendAttentionTest, GraphReplayWithNewLengthsAndTables) {
     CUDA_ASSERT(cudaGraphExecDestroy(exec));
     CUDA_ASSERT(cudaGraphDestroy(graph));
     CUDA_ASSERT(cudaStreamDestroy(stream));
+  }
+}
+
+// On an H100 / H200 the default (sm_90a) build runs head_dim 64 and 128 on the wgmma
+// kernel; head_dim 256 has only the portable one, and asking for wgmma there fails.
+TEST(ExtendAttentionTest, KernelSelection) {
+  SKIP_WITHOUT_GPU();
+  int major = 0;
+  int minor = 0;
+  CUDA_ASSERT(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  CUDA_ASSERT(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+  Case c;
+  for (int d : {64, 128, 256}) {
+    c.head_dim = d;
+    ExtendOptions o = OptionsFor(c, 2, 100, 100, false);
+    auto ws = ExtendWorkspace::Create(o);
+    ASSERT_TRUE(ws.ok()) << ws.status();
+    EXPECT_EQ((*ws)->uses_wgmma(), major == 9 && minor == 0 && d != 256) << "head_dim " << d;
+    o.kernel = ExtendKernel::kMmaSync;
+    ws = ExtendWorkspace::Create(o);
+    ASSERT_TRUE(ws.ok()) << ws.status();
+    EXPECT_FALSE((*ws)->uses_wgmma());
+    o.kernel = ExtendKernel::kWgmma;
+    if (major != 9 || minor != 0 || d == 256) {
+      EXPECT_EQ(ExtendWorkspace::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+    }
   }
 }
 

@@ -18,8 +18,9 @@ for t in "$@"; do
   f=$(find "$build" -type f -name "$t" -perm -u+x | head -n 1)
   [ -n "$f" ] || { echo "bundle: no binary for target $t" >&2; exit 1; }
   cp "$f" "$bundle/bin/"
-  ldd "$f" | awk '/=> \// {print $3}' |
-    grep -E 'libabsl|libspdlog|libfmt|libgtest|libgmock|libbenchmark' |
+  # A binary may link none of them (grep then finds nothing, which is fine).
+  { ldd "$f" | awk '/=> \// {print $3}' |
+    grep -E 'libabsl|libspdlog|libfmt|libgtest|libgmock|libbenchmark' || true; } |
     xargs -r cp -L -t "$bundle/lib/"
 done
 cat >"$bundle/run.sh" <<'RUN'

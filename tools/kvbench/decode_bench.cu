@@ -44,6 +44,7 @@ struct Settings {
   int64_t ceiling_bytes = int64_t{8} << 30;
   bool seq_pages = false;  // paged: pages in order instead of shuffled (diagnostic)
   std::string filter;      // run only shapes whose layout name contains this
+  int batch = 0;           // > 0: run only shapes of this batch size (e.g. for ncu)
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -267,10 +268,12 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.filter = v;
     } else if (const char* v = kvbench::FlagValue(a, "--reps=")) {
       s.reps = std::max(1, std::atoi(v));
+    } else if (const char* v = kvbench::FlagValue(a, "--batch=")) {
+      s.batch = std::atoi(v);
     } else {
       std::fprintf(stderr,
                    "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
-                   "[--seq-pages]\n");
+                   "[--batch=B] [--seq-pages]\n");
       return 2;
     }
   }
@@ -302,6 +305,7 @@ int DecodeBench(const std::vector<std::string>& args) {
     if (std::string(KindName(sh.kind, sh.page_tokens)).find(s.filter) == std::string::npos) {
       continue;
     }
+    if (s.batch > 0 && sh.batch != s.batch) continue;
     if (!RunShape(s, sh, ceiling)) return 1;
   }
   return 0;

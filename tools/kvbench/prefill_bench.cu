@@ -12,7 +12,10 @@
 // anchors; docs/prefill.md has the figures.
 //
 // usage: kvbench prefill [--reps=N] [--warmup=N] [--layouts=paged,virtual-all,virtual-layer]
-//                        [--shapes=p4k,p16k,b4,extend] [--page=16]
+//                        [--shapes=p4k,p16k,b4,extend] [--page=16] [--kernel=auto|mma|both]
+// --kernel=both times the portable mma.sync kernel too (ExtendKernel::kMmaSync), beside
+// the one kAuto picks (wgmma on an H100). --seq-pages puts the paged pool's pages in
+// order (a diagnostic: the default shuffles them, a fragmented pool).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -50,6 +53,8 @@ struct Settings {
   int page = 16;
   std::string layouts = "paged,virtual-all,virtual-layer";
   std::string shapes = "p4k,p16k,b4,extend";
+  std::string kernel = "auto";  // auto | mma | both
+  bool seq_pages = false;       // paged: pages in order instead of shuffled (diagnostic)
 };
 
 struct Shape {
@@ -67,7 +72,8 @@ double Flops(const Shape& sh) {
 }
 
 // Times one (shape, layout); prints a row. *tflops gets the figure.
-bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, double* tflops) {
+bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, ExtendKernel kernel,
+            double* tflops) {
   const int64_t block = int64_t{kKvHeads} * kHeadDim;  // elements per token, one of K / V
   const int64_t ctx = int64_t{sh.prefix} + sh.fresh;
   const int64_t total_new = int64_t{sh.batch} * sh.fresh;
@@ -84,6 +90,7 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, doubl
   o.max_context = ctx;
   o.page_tokens = s.page;
   o.layout = layout == "paged" ? Layout::kPaged : Layout::kVirtual;
+  o.kernel = kernel;
   auto ws = ExtendWorkspace::Create(o);
   if (!ws.ok()) {
     std::fprintf(stderr, "prefill bench: %s\n", ws.status().ToString().c_str());
@@ -110,7 +117,7 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, doubl
     table.resize(pages);
     std::iota(table.begin(), table.end(), 0);
     std::mt19937 rng(1);
-    std::shuffle(table.begin(), table.end(), rng);  // a fragmented pool
+    if (!s.seq_pages) std::shuffle(table.begin(), table.end(), rng);  // a fragmented pool
     auto st = (*ws)->PlanPaged(prefix, fresh, table, pages_per_req, nullptr);
     if (!st.ok()) {
       std::fprintf(stderr, "prefill bench: %s\n", st.ToString().c_str());
@@ -161,10 +168,10 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, doubl
     return false;
   }
   *tflops = Flops(sh) / (ms * 1e-3) * 1e-12;
-  std::printf("%-8s B=%d prefix=%-5d new=%-5d %-14s %9.3f ms %7.1f TFLOP/s\n", sh.tag, sh.batch,
-              sh.prefix, sh.fresh,
-              layout == "paged" ? ("paged-" + std::to_string(s.page)).c_str() : layout.c_str(), ms,
-              *tflops);
+  std::printf("%-8s B=%d prefix=%-5d new=%-5d %-14s %-9s %9.3f ms %7.1f TFLOP/s\n", sh.tag,
+              sh.batch, sh.prefix, sh.fresh,
+              layout == "paged" ? ("paged-" + std::to_string(s.page)).c_str() : layout.c_str(),
+              (*ws)->uses_wgmma() ? "wgmma" : "mma.sync", ms, *tflops);
   std::fflush(stdout);
   return true;
 }
@@ -187,10 +194,15 @@ int Main(const std::vector<std::string>& args) {
       s.layouts = v;
     } else if (const char* v = value("--shapes=")) {
       s.shapes = v;
+    } else if (const char* v = value("--kernel=")) {
+      s.kernel = v;
+    } else if (a == "--seq-pages") {
+      s.seq_pages = true;
     } else {
       std::fprintf(stderr,
                    "usage: kvbench prefill [--reps=N] [--warmup=N] [--page=N]\n"
-                   "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n");
+                   "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n"
+                   "  [--kernel=auto|mma|both] [--seq-pages]\n");
       return 2;
     }
   }
@@ -201,22 +213,31 @@ int Main(const std::vector<std::string>& args) {
   const Shape shapes[] = {
       {"p4k", 1, 0, 4096}, {"p16k", 1, 0, 16384}, {"b4", 4, 0, 8192}, {"extend", 1, 4096, 512}};
   const char* layouts[] = {"paged", "virtual-all", "virtual-layer"};
+  std::vector<ExtendKernel> kernels;
+  if (s.kernel == "auto" || s.kernel == "both") kernels.push_back(ExtendKernel::kAuto);
+  if (s.kernel == "mma" || s.kernel == "both") kernels.push_back(ExtendKernel::kMmaSync);
+  if (kernels.empty()) {
+    std::fprintf(stderr, "prefill bench: --kernel=%s: want auto, mma or both\n", s.kernel.c_str());
+    return 2;
+  }
   int rc = 0;
-  for (const Shape& sh : shapes) {
-    if (!Listed(s.shapes, sh.tag)) continue;
-    double paged = 0.0, virt = 0.0;
-    for (const char* l : layouts) {
-      if (!Listed(s.layouts, l)) continue;
-      double t = 0.0;
-      if (!RunOne(s, sh, l, &t)) {
-        rc = 1;
-        continue;
+  for (const ExtendKernel kernel : kernels) {
+    for (const Shape& sh : shapes) {
+      if (!Listed(s.shapes, sh.tag)) continue;
+      double paged = 0.0, virt = 0.0;
+      for (const char* l : layouts) {
+        if (!Listed(s.layouts, l)) continue;
+        double t = 0.0;
+        if (!RunOne(s, sh, l, kernel, &t)) {
+          rc = 1;
+          continue;
+        }
+        if (std::strcmp(l, "paged") == 0) paged = t;
+        if (std::strcmp(l, "virtual-all") == 0) virt = t;
       }
-      if (std::strcmp(l, "paged") == 0) paged = t;
-      if (std::strcmp(l, "virtual-all") == 0) virt = t;
-    }
-    if (paged > 0 && virt > 0) {
-      std::printf("%-8s paged / virtual-all = %.3f\n", sh.tag, paged / virt);
+      if (paged > 0 && virt > 0) {
+        std::printf("%-8s paged / virtual-all = %.3f\n", sh.tag, paged / virt);
+      }
     }
   }
   return rc;
