@@ -139,10 +139,12 @@ absl::StatusOr<bool> WgmmaAvailable(int head_dim) {
   KVMEM_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
   int major = 0;
   int minor = 0;
-  KVMEM_RETURN_IF_ERROR(CudaStatus(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute"));
-  KVMEM_RETURN_IF_ERROR(CudaStatus(
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute"));
+  KVMEM_RETURN_IF_ERROR(
+      CudaStatus(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                 "cudaDeviceGetAttribute"));
+  KVMEM_RETURN_IF_ERROR(
+      CudaStatus(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+                 "cudaDeviceGetAttribute"));
   return major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
 #else
   return false;

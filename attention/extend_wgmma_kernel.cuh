@@ -224,7 +224,8 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
     for (int i = 0; i < 2; ++i) {
       float mx = kNegInf;
 #pragma unroll
-      for (int nb = 0; nb < kNBlocks; ++nb) mx = fmaxf(mx, fmaxf(s[nb * 4 + 2 * i], s[nb * 4 + 2 * i + 1]));
+      for (int nb = 0; nb < kNBlocks; ++nb)
+        mx = fmaxf(mx, fmaxf(s[nb * 4 + 2 * i], s[nb * 4 + 2 * i + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[i], mx * p.scale_log2);

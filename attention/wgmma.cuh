@@ -78,9 +78,18 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-#define KVMEM_WG_D8(i)                                                              \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),       \
-      "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// The accumulator operand lists of the asm templates: {%0, ..., %63} and {%0, ..., %31}.
+#define KVMEM_WG_R64                                                                 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define KVMEM_WG_R32                                                       \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define KVMEM_WG_D8(i)                                                                        \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
 #define KVMEM_WG_D32 KVMEM_WG_D8(0), KVMEM_WG_D8(8), KVMEM_WG_D8(16), KVMEM_WG_D8(24)
 #define KVMEM_WG_D64 \
   KVMEM_WG_D32, KVMEM_WG_D8(32), KVMEM_WG_D8(40), KVMEM_WG_D8(48), KVMEM_WG_D8(56)
@@ -95,35 +104,45 @@ template <typename T, int kN>
 __device__ __forceinline__ void WgmmaRsTransB(float (&d)[kN / 2], const uint32_t (&a)[4],
                                               uint64_t b);
 
-#define KVMEM_WGMMA_DEFINE(T, TY)                                                          \
-  template <>                                                                              \
-  __device__ __forceinline__ void WgmmaSsN128<T>(float (&d)[64], uint64_t a, uint64_t b,   \
-                                                 int scale_d) {                            \
-    asm volatile(                                                                          \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, " \
-        "1, 1, 0, 0;\n}\n"                                                                 \
-        : KVMEM_WG_D64                                                                     \
-        : "l"(a), "l"(b), "r"(scale_d));                                                   \
-  }                                                                                        \
-  template <>                                                                              \
-  __device__ __forceinline__ void WgmmaRsTransB<T, 128>(float (&d)[64],                   \
-                                                        const uint32_t (&a)[4], uint64_t b) { \
-    asm volatile(                                                                          \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                           \
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                       \
-        : KVMEM_WG_D64                                                                     \
+#define KVMEM_WGMMA_DEFINE(T, TY)                                                                  \
+  template <>                                                                                      \
+  __device__ __forceinline__ void WgmmaSsN128<T>(float(&d)[64], uint64_t a, uint64_t b,            \
+                                                 int scale_d) {                                    \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                   \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "    \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, "                    \
+        "1, 1, 0, 0;\n}\n"                                                                         \
+        : KVMEM_WG_D64                                                                             \
+        : "l"(a), "l"(b), "r"(scale_d));                                                           \
+  }                                                                                                \
+  template <>                                                                                      \
+  __device__ __forceinline__ void WgmmaRsTransB<T, 128>(float(&d)[64], const uint32_t(&a)[4],      \
+                                                        uint64_t b) {                              \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                   \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "    \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, "   \
+        "1, 1, 1;\n}\n"                                                                            \
+        : KVMEM_WG_D64                                                                             \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                             \
-  }                                                                                        \
-  template <>                                                                              \
-  __device__ __forceinline__ void WgmmaRsTransB<T, 64>(float (&d)[32], const uint32_t (&a)[4], \
-                                                       uint64_t b) {                       \
-    asm volatile(                                                                          \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                       \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                            \
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                       \
-        : KVMEM_WG_D32                                                                     \
+  }                                                                                                \
+  template <>                                                                                      \
+  __device__ __forceinline__ void WgmmaRsTransB<T, 64>(float(&d)[32], const uint32_t(&a)[4],       \
+                                                       uint64_t b) {                               \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                    \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, " \
+        "%36, p, 1, 1, 1;\n}\n"                                                                    \
+        : KVMEM_WG_D32                                                                             \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                             \
   }
 
@@ -134,6 +153,8 @@ KVMEM_WGMMA_DEFINE(__half, "f16")
 #undef KVMEM_WG_D64
 #undef KVMEM_WG_D32
 #undef KVMEM_WG_D8
+#undef KVMEM_WG_R32
+#undef KVMEM_WG_R64
 
 }  // namespace kvmem::internal
 

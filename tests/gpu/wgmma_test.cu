@@ -51,8 +51,8 @@ __device__ void StoreAcc(const float (&d)[kN / 2], float* out) {
 __global__ void QkKernel(const __nv_bfloat16* q, const __nv_bfloat16* k, float* s) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem[];
-  uint8_t* q_tile = smem;               // 64 x 128: 16 KiB
-  uint8_t* k_tile = smem + 64 * 256;    // 128 x 128: 32 KiB
+  uint8_t* q_tile = smem;             // 64 x 128: 16 KiB
+  uint8_t* k_tile = smem + 64 * 256;  // 128 x 128: 32 KiB
   StageTile<64, 128>(q, q_tile);
   StageTile<128, 128>(k, k_tile);
   FenceProxyAsyncShared();
@@ -160,7 +160,8 @@ TEST(WgmmaTest, QkBothOperandsKMajorFromSharedMemory) {
   std::vector<double> want(64 * 128, 0.0);
   for (int i = 0; i < 64; ++i) {
     for (int j = 0; j < 128; ++j) {
-      for (int t = 0; t < 128; ++t) want[i * 128 + j] += ToDouble(q[i * 128 + t]) * ToDouble(k[j * 128 + t]);
+      for (int t = 0; t < 128; ++t)
+        want[i * 128 + j] += ToDouble(q[i * 128 + t]) * ToDouble(k[j * 128 + t]);
     }
   }
   EXPECT_LE(WorstError(s, want), 1e-4);
@@ -185,7 +186,8 @@ void RunPv() {
   std::vector<double> want(64 * kN, 0.0);
   for (int i = 0; i < 64; ++i) {
     for (int j = 0; j < kN; ++j) {
-      for (int t = 0; t < 128; ++t) want[i * kN + j] += ToDouble(p[i * 128 + t]) * ToDouble(v[t * kN + j]);
+      for (int t = 0; t < 128; ++t)
+        want[i * kN + j] += ToDouble(p[i * 128 + t]) * ToDouble(v[t * kN + j]);
     }
   }
   EXPECT_LE(WorstError(o, want), 1e-4) << "N = " << kN;
