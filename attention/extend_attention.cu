@@ -248,6 +248,11 @@ absl::StatusOr<std::unique_ptr<ExtendWorkspace>> ExtendWorkspace::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("page_tokens = ", options.page_tokens, ": must be >= 1"));
   }
+  if (options.kernel != ExtendKernel::kAuto && options.kernel != ExtendKernel::kMmaSync &&
+      options.kernel != ExtendKernel::kWgmma) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown ExtendKernel ", static_cast<int>(options.kernel)));
+  }
   bool wgmma = false;
   if (options.kernel != ExtendKernel::kMmaSync) {
     KVMEM_ASSIGN_OR_RETURN(wgmma, internal::WgmmaAvailable(s.head_dim));

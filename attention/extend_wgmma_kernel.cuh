@@ -39,7 +39,7 @@ struct WgmmaExtendConfig<64> {
 template <>
 struct WgmmaExtendConfig<128> {
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;  // 160 KiB with Q: one CTA per SM
+  static constexpr int kStages = 2;  // 162 KiB with Q and offsets: one CTA per SM
 };
 
 template <typename T, int kHeadDim>
@@ -71,6 +71,10 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   constexpr int kOAcc = kHeadDim / 2;
   constexpr int kNBlocks = kBlockN / 8;
   constexpr int kDBlocks = kHeadDim / 8;
+  static_assert(kBlockN == 128, "S = Q K^T is one m64n128 product per k-step");
+  static_assert(kThreads % kBlockN == 0, "every token of a tile has a resolving thread");
+  static_assert(kBlockN * kCpr % kThreads == 0, "whole copy rounds per tile");
+  static_assert(64 * kCpr % 128 == 0, "whole store rounds per warpgroup in the epilogue");
   const float kNegInf = -__int_as_float(0x7f800000);
 
   const int h = blockIdx.x % p.num_kv_heads;
@@ -87,11 +91,13 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   const int kv_lo = window < 0 ? 0 : max(0, qpos_min - window);
   const int n_tiles = (kv_hi - kv_lo + kBlockN - 1) / kBlockN;
 
-  extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t q_base = SmemAddr(smem);
+  // Its own name: an extern shared array is one symbol across kernels, and this one needs
+  // 1024-byte alignment (the swizzle atoms' base offset 0).
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  const uint32_t q_base = SmemAddr(wg_smem);
   const uint32_t k_base = q_base + Smem::kKOffset;
   const uint32_t v_base = q_base + Smem::kVOffset;
-  int64_t* off_smem = reinterpret_cast<int64_t*>(smem + Smem::kOffOffset);  // [kStages][kBlockN]
+  int64_t* off_smem = reinterpret_cast<int64_t*>(wg_smem + Smem::kOffOffset);  // [kStages][kBlockN]
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;           // warpgroup: rows [64 wg, 64 wg + 64)
@@ -269,11 +275,11 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
     WgmmaFenceOperands(o);
     WgmmaFenceOperands(pa);
   }
-  CpAsyncWait<0>();  // only empty groups remain; drained before the CTA's smem is reused
+  CpAsyncWait<0>();  // only empty groups remain; drained before the CTA's shared memory is reused
 
   // Epilogue: normalise, stage through this warpgroup's own Q rows (its wgmma reads of
   // them are complete), then 16-byte stores of the valid rows.
-  T* q_smem = reinterpret_cast<T*>(smem);
+  T* q_smem = reinterpret_cast<T*>(wg_smem);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float sum = l[i];

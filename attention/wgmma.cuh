@@ -1,8 +1,9 @@
 // Hopper warpgroup MMA (wgmma.mma_async, sm_90a) for the extend kernel: shared-memory
 // matrix descriptors for the 128-byte-swizzled tiles it stages, and the three products
 // it issues. Internal; fragment and descriptor layouts are those of the PTX ISA
-// ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). Every function here must
-// be called by all 128 threads of a warpgroup together.
+// ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). The wgmma wrappers (fence,
+// commit, wait and the products) must be called by all 128 threads of a warpgroup
+// together; the offset, descriptor and proxy-fence helpers are per thread.
 //
 // Tile layout (both operands of every product): a [rows][64]-element slab per 64 columns,
 // 128 bytes per row, 16-byte chunk c of row r stored at chunk c ^ (r % 8): the canonical
@@ -78,15 +79,6 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// The accumulator operand lists of the asm templates: {%0, ..., %63} and {%0, ..., %31}.
-#define KVMEM_WG_R64                                                                 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define KVMEM_WG_R32                                                       \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define KVMEM_WG_D8(i)                                                                        \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -153,8 +145,6 @@ KVMEM_WGMMA_DEFINE(__half, "f16")
 #undef KVMEM_WG_D64
 #undef KVMEM_WG_D32
 #undef KVMEM_WG_D8
-#undef KVMEM_WG_R32
-#undef KVMEM_WG_R64
 
 }  // namespace kvmem::internal
 

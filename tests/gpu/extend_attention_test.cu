@@ -483,10 +483,15 @@ TEST(ExtendAttentionTest, GraphReplayWithNewLengthsAndTables) {
   }
 }
 
-// On an H100 / H200 the default (sm_90a) build runs head_dim 64 and 128 on the wgmma
+// On an H100 / H200 an sm_90a build (the default) runs head_dim 64 and 128 on the wgmma
 // kernel; head_dim 256 has only the portable one, and asking for wgmma there fails.
 TEST(ExtendAttentionTest, KernelSelection) {
   SKIP_WITHOUT_GPU();
+#if defined(KVMEM_HAS_SM90A)
+  constexpr bool kBuilt = true;
+#else
+  constexpr bool kBuilt = false;
+#endif
   int major = 0;
   int minor = 0;
   CUDA_ASSERT(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
@@ -497,15 +502,23 @@ TEST(ExtendAttentionTest, KernelSelection) {
     ExtendOptions o = OptionsFor(c, 2, 100, 100, false);
     auto ws = ExtendWorkspace::Create(o);
     ASSERT_TRUE(ws.ok()) << ws.status();
-    EXPECT_EQ((*ws)->uses_wgmma(), major == 9 && minor == 0 && d != 256) << "head_dim " << d;
+    const bool hopper = kBuilt && major == 9 && minor == 0 && d != 256;
+    EXPECT_EQ((*ws)->uses_wgmma(), hopper) << "head_dim " << d;
     o.kernel = ExtendKernel::kMmaSync;
     ws = ExtendWorkspace::Create(o);
     ASSERT_TRUE(ws.ok()) << ws.status();
     EXPECT_FALSE((*ws)->uses_wgmma());
     o.kernel = ExtendKernel::kWgmma;
-    if (major != 9 || minor != 0 || d == 256) {
+    if (hopper) {
+      EXPECT_TRUE(ExtendWorkspace::Create(o).ok());
+    } else {
       EXPECT_EQ(ExtendWorkspace::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
     }
+  }
+  {
+    ExtendOptions o = OptionsFor(c, 2, 100, 100, false);
+    o.kernel = static_cast<ExtendKernel>(7);
+    EXPECT_EQ(ExtendWorkspace::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
 

@@ -50,9 +50,9 @@ __device__ void StoreAcc(const float (&d)[kN / 2], float* out) {
 // s[64][128] = q[64][128] k[128][128]^T.
 __global__ void QkKernel(const __nv_bfloat16* q, const __nv_bfloat16* k, float* s) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) uint8_t smem[];
-  uint8_t* q_tile = smem;             // 64 x 128: 16 KiB
-  uint8_t* k_tile = smem + 64 * 256;  // 128 x 128: 32 KiB
+  extern __shared__ __align__(1024) uint8_t wgmma_test_smem[];
+  uint8_t* q_tile = wgmma_test_smem;             // 64 x 128: 16 KiB
+  uint8_t* k_tile = wgmma_test_smem + 64 * 256;  // 128 x 128: 32 KiB
   StageTile<64, 128>(q, q_tile);
   StageTile<128, 128>(k, k_tile);
   FenceProxyAsyncShared();
@@ -78,8 +78,8 @@ __global__ void QkKernel(const __nv_bfloat16* q, const __nv_bfloat16* k, float* 
 template <int kN>
 __global__ void PvKernel(const __nv_bfloat16* p, const __nv_bfloat16* v, float* o) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) uint8_t smem[];
-  StageTile<128, kN>(v, smem);
+  extern __shared__ __align__(1024) uint8_t wgmma_test_smem[];
+  StageTile<128, kN>(v, wgmma_test_smem);
   FenceProxyAsyncShared();
   __syncthreads();
   const int warp = threadIdx.x >> 5;
@@ -97,7 +97,8 @@ __global__ void PvKernel(const __nv_bfloat16* p, const __nv_bfloat16* v, float* 
   for (int kk = 0; kk < 8; ++kk) {
     const uint32_t a[4] = {pack(r0, 16 * kk + c0), pack(r0 + 8, 16 * kk + c0),
                            pack(r0, 16 * kk + 8 + c0), pack(r0 + 8, 16 * kk + 8 + c0)};
-    WgmmaRsTransB<__nv_bfloat16, kN>(d, a, MnMajorDesc(SmemAddr(smem) + kk * 16 * 128, 128 * 128));
+    WgmmaRsTransB<__nv_bfloat16, kN>(
+        d, a, MnMajorDesc(SmemAddr(wgmma_test_smem) + kk * 16 * 128, 128 * 128));
   }
   WgmmaCommit();
   WgmmaWait<0>();
@@ -116,7 +117,14 @@ bool OnSm90() {
   return major == 9 && minor == 0;
 }
 
-#define SKIP_WITHOUT_SM90() \
+#if defined(KVMEM_HAS_SM90A)
+constexpr bool kBuiltForSm90a = true;
+#else
+constexpr bool kBuiltForSm90a = false;
+#endif
+
+#define SKIP_WITHOUT_SM90()                                                                      \
+  if (!kBuiltForSm90a) GTEST_SKIP() << "built without sm_90a code (KVMEM_CUDA_ARCHS): no wgmma"; \
   if (!OnSm90()) GTEST_SKIP() << "needs an sm_90 GPU (H100 / H200): wgmma is Hopper-only"
 
 std::vector<__nv_bfloat16> Random(size_t n, uint64_t seed) {
