@@ -111,14 +111,9 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   constexpr int kOffStride = kThreads / kBlockN;
   const bool resolves = tid % kOffStride == 0;
   const int off_token = tid / kOffStride;
-  // Element offset of this thread's token of tile `tile` (resolving threads), 0 past the
-  // end. Index load and arithmetic together: splitting them (SplitOffset's Fetch a tile
-  // ahead, Finish at the use) measured 5-15 % slower here (docs/prefill.md).
-  using Offsets = SplitOffset<Kv>;
-  auto token_offset = [&](int tile) -> int64_t {
-    const int pos = kv_lo + tile * kBlockN + off_token;
-    return (resolves && pos < kv_hi) ? Offsets::Finish(p.kv, Offsets::Fetch(p.kv, wk.b, pos), pos)
-                                     : 0;
+  // Element offset of this thread's token of tile `tile` (resolving threads), 0 past end.
+  auto token_offset = [&](int tile) {
+    return ResolvedTokenOffset(p.kv, wk.b, kv_lo + tile * kBlockN + off_token, kv_hi, resolves);
   };
   auto load_tile = [&](int tile, int stage) {
     const int tile_start = kv_lo + tile * kBlockN;
@@ -149,11 +144,7 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       const int row = i / kCpr;
       const int c = i % kCpr;
       const bool valid = row < valid_rows;
-      const int t = row / group;
-      const int64_t src =
-          (static_cast<int64_t>(wk.q_row + t) * num_q_heads + h * group + (row - t * group)) *
-              kHeadDim +
-          c * 8;
+      const int64_t src = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);
       CpAsync16(q_base + Sw128Offset<kBlockM>(row, c), valid ? q + src : q, valid ? 16 : 0);
     }
   }
@@ -304,11 +295,7 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
     const int row = wg * 64 + idx / kCpr;
     const int c = idx % kCpr;
     if (row < valid_rows) {
-      const int t = row / group;
-      const int64_t dst =
-          (static_cast<int64_t>(wk.q_row + t) * num_q_heads + h * group + (row - t * group)) *
-              kHeadDim +
-          c * 8;
+      const int64_t dst = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);
       *reinterpret_cast<uint4*>(out + dst) = *reinterpret_cast<const uint4*>(
           reinterpret_cast<const uint8_t*>(q_smem) + Sw128Offset<kBlockM>(row, c));
     }
