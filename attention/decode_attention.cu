@@ -42,6 +42,12 @@ absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype,
       KVMEM_RETURN_IF_ERROR(CudaStatus(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes),
           "cudaFuncSetAttribute"));
+      // The plan counts on ctas_per_sm CTAs per SM from the start of every launch: ask for
+      // the whole carveout as shared memory, not whatever the driver last configured.
+      KVMEM_RETURN_IF_ERROR(
+          CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared),
+                     "cudaFuncSetAttribute"));
       KVMEM_RETURN_IF_ERROR(
           CudaStatus(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                          &info.ctas_per_sm, kernel, DecodeConfig<kDim>::kWarps * 32, Smem::kBytes),

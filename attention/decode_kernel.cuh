@@ -7,10 +7,10 @@
 // Per CTA: all `group` query heads of the KV head are the 16 rows of an m16n8k16 MMA
 // (rows >= group are zero), so K and V are read once. Tiles of kTile tokens stream
 // through a kStages-deep cp.async pipeline; each tile's token offsets are resolved once
-// (one per token, the index load issued a tile ahead) and staged in shared memory, then
-// every thread issues 16-byte copies. Warp w owns tokens [16w, 16w + 16) of each tile
-// and keeps its own online-softmax state; warps are merged at the end. Why this shape:
-// docs/decode.md.
+// per token and staged in shared memory, the page-table entries arriving with an earlier
+// tile's copies (tile_offsets.cuh); then every thread issues 16-byte copies. Warp w owns tokens
+// [16w, 16w + 16) of each tile and keeps its own online-softmax state; warps are merged at the end.
+// Why this shape: docs/decode.md.
 #ifndef KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 #define KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 
@@ -20,6 +20,7 @@
 
 #include "attention/decode_plan.h"
 #include "attention/device_utils.cuh"
+#include "attention/tile_offsets.cuh"
 
 namespace kvmem::internal {
 
@@ -67,7 +68,7 @@ struct DecodeSmem {
   static constexpr int kKBytes = Cfg::kStages * kStageBytes;
   static constexpr int kQOffset = 2 * kKBytes;  // after K and V stages
   static constexpr int kOffOffset = kQOffset + 16 * kHeadDim * static_cast<int>(sizeof(T));
-  static constexpr int kBytes = kOffOffset + Cfg::kStages * kTile * 8;
+  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(kTile, Cfg::kStages);
   // Epilogue, over the K/V stages: per-warp O [kWarps][16][kHeadDim] f32, m and l.
   static constexpr int kEpilogueBytes = Cfg::kWarps * 16 * (kHeadDim + 2) * 4;
   static_assert(kEpilogueBytes <= 2 * kKBytes, "epilogue must fit over the stages");
@@ -111,10 +112,9 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   const int num_q_heads = p.num_kv_heads * group;
 
   extern __shared__ __align__(128) uint8_t smem[];
-  T* k_smem = reinterpret_cast<T*>(smem);                                   // [kStages][kTile][D]
-  T* v_smem = reinterpret_cast<T*>(smem + Smem::kKBytes);                   // [kStages][kTile][D]
-  T* q_smem = reinterpret_cast<T*>(smem + Smem::kQOffset);                  // [16][D]
-  int64_t* off_smem = reinterpret_cast<int64_t*>(smem + Smem::kOffOffset);  // [kStages][kTile]
+  T* k_smem = reinterpret_cast<T*>(smem);                   // [kStages][kTile][D]
+  T* v_smem = reinterpret_cast<T*>(smem + Smem::kKBytes);   // [kStages][kTile][D]
+  T* q_smem = reinterpret_cast<T*>(smem + Smem::kQOffset);  // [16][D]
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -124,13 +124,13 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   const T* k_head = static_cast<const T*>(p.kv.k) + h * kHeadDim;
   const T* v_head = static_cast<const T*>(p.kv.v) + h * kHeadDim;
 
-  // This thread's token of tile `tile` (threads < kTile; clamped into the range, so the
-  // index load needs no branch: rows past `end` are never copied).
-  auto token_pos = [&](int tile) { return min(start + tile * kTile + tid, max(end - 1, 0)); };
-  using Offsets = SplitOffset<Kv>;
-  auto load_tile = [&](int tile, int stage) {
+  // Threads < kTile resolve one token of each tile.
+  TileOffsets<Kv, kTile, kStages> offsets(p.kv, b, start, end, smem + Smem::kOffOffset, tid,
+                                          tid < kTile, tid);
+  auto load_tile = [&](int tile) {
     const int tile_start = start + tile * kTile;
-    const int64_t* offs = off_smem + stage * kTile;
+    const int stage = tile % kStages;
+    const int64_t* offs = offsets.Tile(tile);
     const uint32_t k_dst = SmemAddr(k_smem + stage * kTile * kHeadDim);
     const uint32_t v_dst = SmemAddr(v_smem + stage * kTile * kHeadDim);
     static_assert(kTile * kCpr % kThreads == 0);
@@ -147,14 +147,10 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
     }
   };
 
-  // Prologue: offsets of the first kStages - 1 tiles, Q (rows >= group zero), tiles.
-  if (tid < kTile && end > start) {
+  // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
+  // Q (rows >= group zero), tiles with the index entries kStages further on.
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      const int pos = token_pos(s);
-      off_smem[s * kTile + tid] = Offsets::Finish(p.kv, Offsets::Fetch(p.kv, b, pos), pos);
-    }
-  }
+  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s);
   {
     const T* q =
         static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * num_q_heads + h * group) * kHeadDim;
@@ -170,13 +166,11 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load_tile(s, s);
+    if (s < n_tiles) load_tile(s);
+    offsets.FetchIndex(s + kStages);
     CpAsyncCommit();
   }
-  // Index entry of this thread's token of the next tile to resolve (loaded a tile early).
-  const bool resolves = tid < kTile && end > start;
-  int next_pos = token_pos(kStages - 1);
-  int32_t next_index = resolves ? Offsets::Fetch(p.kv, b, next_pos) : 0;
+  offsets.FetchIndex(2 * kStages - 1);  // joins the first iteration's group
 
   // Online softmax state of rows g = lane / 4 (i = 0) and g + 8 (i = 1); l is this
   // thread's partial sum over its columns (quad-reduced at the end).
@@ -199,16 +193,12 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   const uint32_t q_base = SmemAddr(q_smem);
 
   for (int j = 0; j < n_tiles; ++j) {
-    CpAsyncWait<kStages - 2>();
-    if (resolves) {
-      off_smem[((j + kStages - 1) % kStages) * kTile + tid] =
-          Offsets::Finish(p.kv, next_index, next_pos);
-    }
-    __syncthreads();  // tile j visible; tile j - 1 consumed by every warp
-    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1, (j + kStages - 1) % kStages);
+    CpAsyncWait<kStages - 2>();  // tile j and the index entries of tile j + kStages
+    __syncthreads();             // tile j visible; tile j - 1 consumed by every warp
+    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1);
     CpAsyncCommit();
-    next_pos = token_pos(j + kStages);
-    if (resolves) next_index = Offsets::Fetch(p.kv, b, next_pos);  // used next iteration
+    offsets.Resolve(j + kStages);
+    offsets.FetchIndex(j + 2 * kStages);  // joins the next iteration's group
 
     const int stage = j % kStages;
     const uint32_t k_base = SmemAddr(k_smem + stage * kTile * kHeadDim);

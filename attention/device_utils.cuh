@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "attention/fast_divmod.h"
 #include "kvmem/kv_accessor.h"
 
 namespace kvmem::internal {
@@ -58,6 +59,10 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
+}
+// 4-byte global -> shared copy through L1 (.ca: neighbouring tokens share a page-table line).
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
@@ -109,32 +114,56 @@ __device__ __forceinline__ float FastExp2(float x) {
   return y;
 }
 
-// A token's element offset, in two steps: Fetch() loads the index entry (page id or row
-// id), Finish() does the arithmetic. The decode kernel issues a tile's Fetch a whole tile
-// before its Finish, so the load hides behind the tile's MMAs; the extend kernels call
-// them back to back (splitting measured 5-15 % slower there, docs/prefill.md). The same
-// math as Kv::Offset (the tests compare against the reference, which uses Offset), in
-// 32-bit where positions allow it: plans bound positions by max_context < 2^30, so no
-// 64-bit division.
+// A token's element offset, in steps, for the kernels' tile loops (tile_offsets.cuh).
+// ForRequest() sets up what every token of request b shares. Fetch() loads a token's index
+// entry (page id or row id); Finish() turns an entry and a position into the offset. For
+// per-token entries (not kPerRequest), Entry() is which entry of the request a position
+// uses and EntryAddress() where it lives. The same math as Kv::Offset (the tests compare
+// against the reference, which uses Offset), in 32-bit where positions allow it: plans
+// bound positions by max_context < 2^30.
 template <typename Kv>
 struct SplitOffset;
 
 template <>
 struct SplitOffset<PagedKv> {
-  __device__ __forceinline__ static int32_t Fetch(const PagedKv& kv, int b, int pos) {
-    return kv.page_table[b * kv.page_table_stride + pos / kv.page_tokens];
+  static constexpr bool kPerRequest = false;
+  struct Request {
+    const int32_t* table;  // request b's row of the page table
+    FastDivmod pages;      // by page_tokens: no division instruction per token
+  };
+  __device__ __forceinline__ static Request ForRequest(const PagedKv& kv, int b) {
+    return {kv.page_table + b * kv.page_table_stride, FastDivmod(kv.page_tokens)};
   }
-  __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, int32_t page, int pos) {
-    return kv.PageOffset(page) + static_cast<int64_t>(pos % kv.page_tokens) * kv.token_stride;
+  __device__ __forceinline__ static int Entry(const Request& r, int pos) {
+    return r.pages.Div(pos);
+  }
+  __device__ __forceinline__ static const int32_t* EntryAddress(const Request& r, int entry) {
+    return r.table + entry;
+  }
+  __device__ __forceinline__ static int32_t Fetch(const PagedKv&, const Request& r, int pos) {
+    return *EntryAddress(r, Entry(r, pos));
+  }
+  __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, const Request& r,
+                                                   int32_t page, int pos) {
+    int32_t entry;
+    int32_t in_page;
+    r.pages.DivMod(pos, &entry, &in_page);
+    return kv.PageOffset(page) + static_cast<int64_t>(in_page) * kv.token_stride;
   }
 };
 
 template <>
 struct SplitOffset<VirtualKv> {
-  __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, int b, int) {
-    return kv.row_ids[b];
+  static constexpr bool kPerRequest = true;
+  struct Request {
+    int b;
+  };
+  __device__ __forceinline__ static Request ForRequest(const VirtualKv&, int b) { return {b}; }
+  __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, const Request& r, int) {
+    return kv.row_ids[r.b];
   }
-  __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, int32_t row, int pos) {
+  __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, const Request&, int32_t row,
+                                                   int pos) {
     return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride;
   }
 };

@@ -6,8 +6,8 @@
 // r / group, query head r % group of the KV head, so the `group` heads that share a KV
 // head read each K/V tile once, and a short extend (a few new tokens) still fills the
 // tensor-core rows. Per KV tile of kBlockN tokens (FlashAttention-2 style):
-//   * the tile's token offsets are resolved once (one Offset() per token, a tile ahead,
-//     so page-table reads hide behind the MMAs) and staged in shared memory;
+//   * the tile's token offsets are resolved once per token and staged in shared memory,
+//     the page-table entries arriving with an earlier tile's copies (tile_offsets.cuh);
 //   * K and V stream through a kStages-deep cp.async pipeline into swizzled smem;
 //   * warp w owns rows [w * 16 * kMAtoms, ...): S = Q K^T and O += P V on mma.sync
 //     m16n8k16 (fp32 accumulators), online softmax in registers (exp2 domain);
@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "attention/device_utils.cuh"
+#include "attention/tile_offsets.cuh"
 #include "kvmem/kv_accessor.h"
 
 namespace kvmem::internal {
@@ -93,7 +94,7 @@ struct ExtendSmem {
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Cfg::kStages * kStageBytes;
   static constexpr int kOffOffset = kVOffset + Cfg::kStages * kStageBytes;
-  static constexpr int kBytes = kOffOffset + Cfg::kStages * Cfg::kBlockN * 8;
+  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
 };
 
 // Element index of 16-byte chunk c of row `row` in a [rows][kHeadDim] smem tile,
@@ -111,16 +112,6 @@ __device__ __forceinline__ int64_t PackedRowElement(const ExtendWork& wk, int ro
   return (static_cast<int64_t>(wk.q_row + t) * num_q_heads + h * group + (row - t * group)) *
              head_dim +
          c * 8;
-}
-
-// Element offset of token pos of request b for a resolving thread, 0 past kv_hi or for
-// the others. Index load and arithmetic together: splitting them (SplitOffset's Fetch a
-// tile ahead, Finish at the use) measured 5-15 % slower here (docs/prefill.md).
-template <typename Kv>
-__device__ __forceinline__ int64_t ResolvedTokenOffset(const Kv& kv, int b, int pos, int kv_hi,
-                                                       bool resolves) {
-  using Offsets = SplitOffset<Kv>;
-  return (resolves && pos < kv_hi) ? Offsets::Finish(kv, Offsets::Fetch(kv, b, pos), pos) : 0;
 }
 
 template <typename Kv, typename T, int kHeadDim>
@@ -159,10 +150,9 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   const int n_tiles = (kv_hi - kv_lo + kBlockN - 1) / kBlockN;
 
   extern __shared__ __align__(128) uint8_t smem[];
-  T* q_smem = reinterpret_cast<T*>(smem);                                   // [kBlockM][D]
-  T* k_smem = reinterpret_cast<T*>(smem + Smem::kKOffset);                  // [kStages][kBlockN][D]
-  T* v_smem = reinterpret_cast<T*>(smem + Smem::kVOffset);                  // [kStages][kBlockN][D]
-  int64_t* off_smem = reinterpret_cast<int64_t*>(smem + Smem::kOffOffset);  // [kStages][kBlockN]
+  T* q_smem = reinterpret_cast<T*>(smem);                   // [kBlockM][D]
+  T* k_smem = reinterpret_cast<T*>(smem + Smem::kKOffset);  // [kStages][kBlockN][D]
+  T* v_smem = reinterpret_cast<T*>(smem + Smem::kVOffset);  // [kStages][kBlockN][D]
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -173,18 +163,14 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   const T* v_head = static_cast<const T*>(p.kv.v) + h * kHeadDim;
 
   // Token `tid / kOffStride` of each tile is resolved by the threads with
-  // tid % kOffStride == 0: spread over all warps, so no warp alone carries the page-table
-  // reads before the next barrier.
+  // tid % kOffStride == 0: spread over all warps.
   constexpr int kOffStride = kThreads / kBlockN;
-  const bool resolves = tid % kOffStride == 0;
-  const int off_token = tid / kOffStride;
-  // Element offset of this thread's token of tile `tile` (resolving threads), 0 past end.
-  auto token_offset = [&](int tile) {
-    return ResolvedTokenOffset(p.kv, wk.b, kv_lo + tile * kBlockN + off_token, kv_hi, resolves);
-  };
-  auto load_tile = [&](int tile, int stage) {
+  TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, smem + Smem::kOffOffset,
+                                            tid / kOffStride, tid % kOffStride == 0, tid);
+  auto load_tile = [&](int tile) {
     const int tile_start = kv_lo + tile * kBlockN;
-    const int64_t* offs = off_smem + stage * kBlockN;
+    const int stage = tile % kStages;
+    const int64_t* offs = offsets.Tile(tile);
     const uint32_t k_dst = SmemAddr(k_smem + stage * kBlockN * kHeadDim);
     const uint32_t v_dst = SmemAddr(v_smem + stage * kBlockN * kHeadDim);
 #pragma unroll
@@ -201,11 +187,10 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
     }
   };
 
-  // Prologue: offsets of the first kStages - 1 tiles, Q (rows past the work zero), tiles.
-  if (resolves) {
+  // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
+  // Q (rows past the work zero), tiles with the index entries kStages further on.
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) off_smem[s * kBlockN + off_token] = token_offset(s);
-  }
+  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s);
   {
     const T* q = static_cast<const T*>(p.q);
     const uint32_t q_dst = SmemAddr(q_smem);
@@ -221,10 +206,11 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load_tile(s, s);
+    if (s < n_tiles) load_tile(s);
+    offsets.FetchIndex(s + kStages);
     CpAsyncCommit();
   }
-  int64_t next_off = token_offset(kStages - 1);
+  offsets.FetchIndex(2 * kStages - 1);  // joins the first iteration's group
 
   // Positions of this thread's rows (lane / 4 and + 8 of each m16 block); rows past the
   // work take the last token's position (finite, never stored).
@@ -263,12 +249,12 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   const uint32_t q_base = SmemAddr(q_smem);
 
   for (int j = 0; j < n_tiles; ++j) {
-    CpAsyncWait<kStages - 2>();
-    if (resolves) off_smem[((j + kStages - 1) % kStages) * kBlockN + off_token] = next_off;
-    __syncthreads();  // tile j visible; tile j - 1 consumed by every warp
-    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1, (j + kStages - 1) % kStages);
+    CpAsyncWait<kStages - 2>();  // tile j and the index entries of tile j + kStages
+    __syncthreads();             // tile j visible; tile j - 1 consumed by every warp
+    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1);
     CpAsyncCommit();
-    next_off = token_offset(j + kStages);  // used next iteration: latency hidden
+    offsets.Resolve(j + kStages);
+    offsets.FetchIndex(j + 2 * kStages);  // joins the next iteration's group
 
     const int stage = j % kStages;
     const uint32_t k_base = SmemAddr(k_smem + stage * kBlockN * kHeadDim);

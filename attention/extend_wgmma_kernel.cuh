@@ -5,8 +5,8 @@
 // One CTA of two warpgroups per (work item, KV head): 128 packed rows (token r / group,
 // query head r % group), warpgroup g owning rows [64g, 64g + 64). Per KV tile of kBlockN
 // tokens:
-//   * the tile's token offsets are resolved once per token, a tile ahead, and staged in
-//     shared memory; all 256 threads then copy K and V with 16-byte cp.async into
+//   * the tile's token offsets are resolved once per token and staged in shared memory
+//     (tile_offsets.cuh); all 256 threads then copy K and V with 16-byte cp.async into
 //     128-byte-swizzled tiles (wgmma.cuh), kStages deep;
 //   * S = Q K^T: wgmma m64n128k16 with Q and K read from shared memory by descriptor;
 //   * online softmax on the S accumulators in registers (exp2 domain), mask only on
@@ -25,6 +25,7 @@
 
 #include "attention/device_utils.cuh"
 #include "attention/extend_kernel.cuh"
+#include "attention/tile_offsets.cuh"
 #include "attention/wgmma.cuh"
 
 namespace kvmem::internal {
@@ -52,7 +53,7 @@ struct WgmmaExtendSmem {
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Cfg::kStages * kStageBytes;
   static constexpr int kOffOffset = kVOffset + Cfg::kStages * kStageBytes;
-  static constexpr int kBytes = kOffOffset + Cfg::kStages * Cfg::kBlockN * 8;
+  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
   static_assert(kQBytes % 1024 == 0 && kStageBytes % 1024 == 0, "swizzle atoms 1024-aligned");
   static_assert(kBlockM == ExtendSmem<T, kHeadDim>::kBlockM, "both kernels run one plan");
 };
@@ -97,7 +98,6 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   const uint32_t q_base = SmemAddr(wg_smem);
   const uint32_t k_base = q_base + Smem::kKOffset;
   const uint32_t v_base = q_base + Smem::kVOffset;
-  int64_t* off_smem = reinterpret_cast<int64_t*>(wg_smem + Smem::kOffOffset);  // [kStages][kBlockN]
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;           // warpgroup: rows [64 wg, 64 wg + 64)
@@ -109,15 +109,12 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   // Token tid / kOffStride of each tile is resolved by the threads with
   // tid % kOffStride == 0 (spread over every warp).
   constexpr int kOffStride = kThreads / kBlockN;
-  const bool resolves = tid % kOffStride == 0;
-  const int off_token = tid / kOffStride;
-  // Element offset of this thread's token of tile `tile` (resolving threads), 0 past end.
-  auto token_offset = [&](int tile) {
-    return ResolvedTokenOffset(p.kv, wk.b, kv_lo + tile * kBlockN + off_token, kv_hi, resolves);
-  };
-  auto load_tile = [&](int tile, int stage) {
+  TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, wg_smem + Smem::kOffOffset,
+                                            tid / kOffStride, tid % kOffStride == 0, tid);
+  auto load_tile = [&](int tile) {
     const int tile_start = kv_lo + tile * kBlockN;
-    const int64_t* offs = off_smem + stage * kBlockN;
+    const int stage = tile % kStages;
+    const int64_t* offs = offsets.Tile(tile);
     const uint32_t k_dst = k_base + stage * Smem::kStageBytes;
     const uint32_t v_dst = v_base + stage * Smem::kStageBytes;
 #pragma unroll
@@ -133,11 +130,10 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
     }
   };
-  // Prologue: offsets of the first kStages - 1 tiles, Q (rows past the work zero), tiles.
-  if (resolves) {
+  // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
+  // Q (rows past the work zero), tiles with the index entries kStages further on.
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) off_smem[s * kBlockN + off_token] = token_offset(s);
-  }
+  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s);
   {
     const T* q = static_cast<const T*>(p.q);
     for (int i = tid; i < kBlockM * kCpr; i += kThreads) {
@@ -151,10 +147,11 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load_tile(s, s);
+    if (s < n_tiles) load_tile(s);
+    offsets.FetchIndex(s + kStages);
     CpAsyncCommit();
   }
-  int64_t next_off = token_offset(kStages - 1);
+  offsets.FetchIndex(2 * kStages - 1);  // joins the first iteration's group
 
   // This thread's rows of the accumulators: lane / 4 and + 8 of its warp's 16. Rows past
   // the work take the last token's position (finite, never stored).
@@ -176,13 +173,11 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   const uint32_t q_wg = q_base + wg * 64 * 128;
 
   for (int j = 0; j < n_tiles; ++j) {
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsyncShared();  // this thread's landed copies, to wgmma's async-proxy reads
-    if (resolves) off_smem[((j + kStages - 1) % kStages) * kBlockN + off_token] = next_off;
-    __syncthreads();  // tile j visible; tile j - 1 consumed by both warpgroups
-    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1, (j + kStages - 1) % kStages);
+    CpAsyncWait<kStages - 2>();  // tile j and the index entries of tile j + kStages
+    FenceProxyAsyncShared();     // this thread's landed copies, to wgmma's async-proxy reads
+    __syncthreads();             // all visible; tile j - 1 consumed by both warpgroups
+    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1);
     CpAsyncCommit();
-    next_off = token_offset(j + kStages);
     const int stage = j % kStages;
     const uint32_t k_tile = k_base + stage * Smem::kStageBytes;
     const uint32_t v_tile = v_base + stage * Smem::kStageBytes;
@@ -198,6 +193,10 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       WgmmaSsN128<T>(s, KMajorDesc(q_wg + q_off), KMajorDesc(k_tile + k_off), ks > 0);
     }
     WgmmaCommit();
+    // While S runs: the offsets of tile j + kStages, and the index entries of the tile
+    // kStages further (they join the next iteration's group).
+    offsets.Resolve(j + kStages);
+    offsets.FetchIndex(j + 2 * kStages);
     WgmmaWait<0>();
     WgmmaFenceOperands(s);
     // Causal / window mask, only where the tile straddles a boundary of some row.

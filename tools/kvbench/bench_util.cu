@@ -28,7 +28,19 @@ __global__ void FillRandomBf16(uint16_t* p, int64_t n, uint32_t seed) {
   }
 }
 
+__global__ void Spin(int64_t ns) {
+  uint64_t t0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  for (;;) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (static_cast<int64_t>(t - t0) >= ns) break;
+  }
+}
+
 }  // namespace
+
+void LaunchSpacer(int us) { Spin<<<1, 32>>>(int64_t{us} * 1000); }
 
 bool FillRandom(void* p, int64_t bytes, uint32_t seed, const char* who) {
   FillRandomBf16<<<1024, 256>>>(static_cast<uint16_t*>(p), bytes / 2, seed);

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 // Evaluates a CUDA runtime call; on an error prints "<who>: <call>: <error>" to stderr
@@ -51,14 +52,16 @@ class DeviceBuffer {
 // of the index and `seed`; on a launch error reports it as `who` and returns false.
 bool FillRandom(void* p, int64_t bytes, uint32_t seed, const char* who);
 
-// Median of `reps` event-timed runs of fn(rep) after `warmup` untimed ones, fn(0) to
-// fn(warmup - 1) (milliseconds).
-template <typename Fn>
-double MedianMs(int warmup, int reps, Fn&& fn) {
+// Event-timed runs of fn(rep) after `warmup` untimed ones, fn(0) to fn(warmup - 1), in
+// milliseconds, sorted. before(rep), when given, runs ahead of each timed rep outside its
+// events (a diagnostic: a spacer kernel between timed launches).
+template <typename Fn, typename Before>
+std::vector<double> SortedMs(int warmup, int reps, Fn&& fn, Before&& before) {
   for (int r = 0; r < warmup; ++r) fn(r);
   std::vector<cudaEvent_t> ev(2 * reps);
   for (auto& e : ev) cudaEventCreate(&e);
   for (int r = 0; r < reps; ++r) {
+    before(warmup + r);
     cudaEventRecord(ev[2 * r]);
     fn(warmup + r);
     cudaEventRecord(ev[2 * r + 1]);
@@ -71,9 +74,19 @@ double MedianMs(int warmup, int reps, Fn&& fn) {
     ms[r] = t;
   }
   for (auto& e : ev) cudaEventDestroy(e);
-  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
-  return ms[reps / 2];
+  std::sort(ms.begin(), ms.end());
+  return ms;
 }
+
+// Median of `reps` event-timed runs of fn(rep) after `warmup` untimed ones (milliseconds).
+template <typename Fn>
+double MedianMs(int warmup, int reps, Fn&& fn) {
+  return SortedMs(warmup, reps, std::forward<Fn>(fn), [](int) {})[reps / 2];
+}
+
+// Keeps the device busy for about `us` microseconds (one CTA spinning on the global
+// timer): a gap between timed launches that no launch of the timed kernel fills.
+void LaunchSpacer(int us);
 
 // The current device's properties; false (reported as `who`) where there is no device.
 bool CurrentDeviceProperties(cudaDeviceProp* prop, const char* who);

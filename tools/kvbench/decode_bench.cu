@@ -43,8 +43,11 @@ struct Settings {
   bool d2 = true;
   int64_t ceiling_bytes = int64_t{8} << 30;
   bool seq_pages = false;  // paged: pages in order instead of shuffled (diagnostic)
+  int spacer_us = 0;       // > 0: a spinning kernel of this length before each timed launch
+  bool spread = false;     // print the 10th and 90th percentile beside the median
   std::string filter;      // run only shapes whose layout name contains this
   int batch = 0;           // > 0: run only shapes of this batch size (e.g. for ncu)
+  int d1_page = 16;        // page_tokens of the paged D1 shapes
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -228,15 +231,21 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling) {
   BENCH_CUDA(cudaDeviceSynchronize());
 
   absl::Status launched;
-  const double us = MedianMicros(s.warmup, s.reps, [&](int r) {
-    const int i = r % sets;
-    const uint16_t* qi = q.get<uint16_t>() + i * q_elems;
-    uint16_t* oi = out.get<uint16_t>() + i * q_elems;
-    const absl::Status st = sh.kind == Kind::kPaged
-                                ? DecodeAttention(**ws, paged[i], qi, oi, nullptr)
-                                : DecodeAttention(**ws, virt[i], qi, oi, nullptr);
-    if (!st.ok()) launched.Update(st);
-  });
+  const std::vector<double> sorted = kvbench::SortedMs(
+      s.warmup, s.reps,
+      [&](int r) {
+        const int i = r % sets;
+        const uint16_t* qi = q.get<uint16_t>() + i * q_elems;
+        uint16_t* oi = out.get<uint16_t>() + i * q_elems;
+        const absl::Status st = sh.kind == Kind::kPaged
+                                    ? DecodeAttention(**ws, paged[i], qi, oi, nullptr)
+                                    : DecodeAttention(**ws, virt[i], qi, oi, nullptr);
+        if (!st.ok()) launched.Update(st);
+      },
+      [&](int) {
+        if (s.spacer_us > 0) kvbench::LaunchSpacer(s.spacer_us);
+      });
+  const double us = sorted[s.reps / 2] * 1e3;
   BENCH_CUDA(cudaDeviceSynchronize());
   if (!launched.ok()) {
     std::fprintf(stderr, "decode bench: %s\n", launched.ToString().c_str());
@@ -247,6 +256,11 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling) {
               KindName(sh.kind, sh.page_tokens),
               sh.kind == Kind::kPaged && s.seq_pages ? " (in order)" : "", sh.batch, sh.ctx,
               (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  if (s.spread) {
+    std::printf("      p10 %.1f us, p90 %.1f us, min %.1f us, max %.1f us%s\n",
+                sorted[s.reps / 10] * 1e3, sorted[s.reps * 9 / 10] * 1e3, sorted.front() * 1e3,
+                sorted.back() * 1e3, s.spacer_us > 0 ? " (spacer between launches)" : "");
+  }
   std::fflush(stdout);
   return true;
 }
@@ -270,10 +284,16 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.reps = std::max(1, std::atoi(v));
     } else if (const char* v = kvbench::FlagValue(a, "--batch=")) {
       s.batch = std::atoi(v);
+    } else if (const char* v = kvbench::FlagValue(a, "--spacer-us=")) {
+      s.spacer_us = std::max(0, std::atoi(v));
+    } else if (const char* v = kvbench::FlagValue(a, "--page=")) {
+      s.d1_page = std::max(1, std::atoi(v));
+    } else if (a == "--spread") {
+      s.spread = true;
     } else {
       std::fprintf(stderr,
                    "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
-                   "[--batch=B] [--seq-pages]\n");
+                   "[--batch=B] [--page=N] [--seq-pages] [--spread] [--spacer-us=N]\n");
       return 2;
     }
   }
@@ -292,7 +312,7 @@ int DecodeBench(const std::vector<std::string>& args) {
     for (Kind k : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
       for (auto [b, ctx] : std::vector<std::pair<int, int>>{
                {1, 4096}, {16, 4096}, {64, 4096}, {128, 4096}, {8, 32768}, {1, 131072}}) {
-        shapes.push_back({"D1", b, ctx, k, 16});
+        shapes.push_back({"D1", b, ctx, k, s.d1_page});
       }
     }
   }
