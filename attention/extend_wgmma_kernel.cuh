@@ -40,7 +40,7 @@ struct WgmmaExtendConfig<64> {
 template <>
 struct WgmmaExtendConfig<128> {
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;  // 162 KiB with Q and offsets: one CTA per SM
+  static constexpr int kStages = 2;  // 164 KiB with Q and the offset ring: one CTA per SM
 };
 
 template <typename T, int kHeadDim>
