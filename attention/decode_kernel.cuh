@@ -74,13 +74,6 @@ struct DecodeSmem {
   static_assert(kEpilogueBytes <= 2 * kKBytes, "epilogue must fit over the stages");
 };
 
-// Element index of 16-byte chunk c of row `row` in a [rows][kHeadDim] tile. XOR-swizzled
-// so that ldmatrix's 8 rows at one column hit 8 different bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int Swizzle(int row, int c) {
-  return row * kHeadDim + ((c ^ (row & 7)) << 3);
-}
-
 // Four outputs at out + i (i a multiple of 4), rounded to the storage type: one 8-byte store.
 template <typename T>
 __device__ __forceinline__ void StoreOut(void* out, int64_t i, float4 v) {
@@ -128,23 +121,12 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   TileOffsets<Kv, kTile, kStages> offsets(p.kv, b, start, end, smem + Smem::kOffOffset, tid,
                                           tid < kTile, tid);
   auto load_tile = [&](int tile) {
-    const int tile_start = start + tile * kTile;
     const int stage = tile % kStages;
-    const int64_t* offs = offsets.Tile(tile);
-    const uint32_t k_dst = SmemAddr(k_smem + stage * kTile * kHeadDim);
-    const uint32_t v_dst = SmemAddr(v_smem + stage * kTile * kHeadDim);
-    static_assert(kTile * kCpr % kThreads == 0);
-#pragma unroll
-    for (int it = 0; it < kTile * kCpr / kThreads; ++it) {
-      const int i = tid + it * kThreads;
-      const int row = i / kCpr;
-      const int c = i % kCpr;
-      const bool valid = tile_start + row < end;
-      const int64_t src = offs[row] + c * 8;
-      const uint32_t dst = static_cast<uint32_t>(Swizzle<kHeadDim>(row, c) * sizeof(T));
-      CpAsync16(k_dst + dst, valid ? k_head + src : k_head, valid ? 16 : 0);
-      CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
-    }
+    offsets.template CopyTile<kHeadDim, kThreads>(
+        tile, k_head, v_head, SmemAddr(k_smem + stage * kTile * kHeadDim),
+        SmemAddr(v_smem + stage * kTile * kHeadDim), tid, [](int row, int c) {
+          return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));
+        });
   };
 
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
@@ -159,7 +141,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
       const int row = i / kCpr;
       const int c = i % kCpr;
       const bool valid = row < group;
-      CpAsync16(q_dst + Swizzle<kHeadDim>(row, c) * sizeof(T),
+      CpAsync16(q_dst + XorSwizzle<kHeadDim>(row, c) * sizeof(T),
                 valid ? q + row * kHeadDim + c * 8 : q, valid ? 16 : 0);
     }
   }
@@ -209,8 +191,8 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       uint32_t qa[4], kb[4];
-      LdMatrixX4(qa, q_base + Swizzle<kHeadDim>(q_row, 2 * ks + q_chunk) * sizeof(T));
-      LdMatrixX4(kb, k_base + Swizzle<kHeadDim>(k_row, 2 * ks + k_chunk) * sizeof(T));
+      LdMatrixX4(qa, q_base + XorSwizzle<kHeadDim>(q_row, 2 * ks + q_chunk) * sizeof(T));
+      LdMatrixX4(kb, k_base + XorSwizzle<kHeadDim>(k_row, 2 * ks + k_chunk) * sizeof(T));
       Mma16816<T>(s[0], qa, kb[0], kb[1]);
       Mma16816<T>(s[1], qa, kb[2], kb[3]);
     }
@@ -254,7 +236,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
 #pragma unroll
     for (int dc = 0; dc < kHeadDim / 16; ++dc) {
       uint32_t vb[4];
-      LdMatrixX4Trans(vb, v_base + Swizzle<kHeadDim>(v_row, 2 * dc + v_chunk) * sizeof(T));
+      LdMatrixX4Trans(vb, v_base + XorSwizzle<kHeadDim>(v_row, 2 * dc + v_chunk) * sizeof(T));
       Mma16816<T>(o[2 * dc], pa, vb[0], vb[1]);
       Mma16816<T>(o[2 * dc + 1], pa, vb[2], vb[3]);
     }

@@ -107,6 +107,14 @@ __device__ __forceinline__ void Mma16816<__half>(float (&d)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Element index of 16-byte chunk c of row `row` in a [rows][kHeadDim] shared-memory tile,
+// XOR-swizzled so that ldmatrix's 8 rows at one chunk hit 8 different bank groups (the
+// decode and portable extend kernels).
+template <int kHeadDim>
+__device__ __forceinline__ int XorSwizzle(int row, int c) {
+  return row * kHeadDim + ((c ^ (row & 7)) << 3);
+}
+
 // exp2 on the SFU (the softmax runs in the exp2 domain, the scale folded in by log2(e)).
 __device__ __forceinline__ float FastExp2(float x) {
   float y;

@@ -97,13 +97,6 @@ struct ExtendSmem {
   static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
 };
 
-// Element index of 16-byte chunk c of row `row` in a [rows][kHeadDim] smem tile,
-// XOR-swizzled so ldmatrix's 8 rows at one chunk hit 8 different bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int ExtendSwizzle(int row, int c) {
-  return row * kHeadDim + ((c ^ (row & 7)) << 3);
-}
-
 // Element index in q / out of packed row `row` of work item wk at KV head h (token
 // row / group, query head h * group + row % group), chunk c of 8 elements.
 __device__ __forceinline__ int64_t PackedRowElement(const ExtendWork& wk, int row, int c, int group,
@@ -168,23 +161,12 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, smem + Smem::kOffOffset,
                                             tid / kOffStride, tid % kOffStride == 0, tid);
   auto load_tile = [&](int tile) {
-    const int tile_start = kv_lo + tile * kBlockN;
     const int stage = tile % kStages;
-    const int64_t* offs = offsets.Tile(tile);
-    const uint32_t k_dst = SmemAddr(k_smem + stage * kBlockN * kHeadDim);
-    const uint32_t v_dst = SmemAddr(v_smem + stage * kBlockN * kHeadDim);
-#pragma unroll
-    for (int it = 0; it < kBlockN * kCpr / kThreads; ++it) {
-      const int i = tid + it * kThreads;
-      const int row = i / kCpr;
-      const int c = i % kCpr;
-      const bool valid = tile_start + row < kv_hi;
-      const int64_t src = offs[row] + c * 8;
-      const uint32_t dst = static_cast<uint32_t>(ExtendSwizzle<kHeadDim>(row, c) * sizeof(T));
-      // Rows past the end are zero-filled (no read): finite, and masked out below.
-      CpAsync16(k_dst + dst, valid ? k_head + src : k_head, valid ? 16 : 0);
-      CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
-    }
+    offsets.template CopyTile<kHeadDim, kThreads>(
+        tile, k_head, v_head, SmemAddr(k_smem + stage * kBlockN * kHeadDim),
+        SmemAddr(v_smem + stage * kBlockN * kHeadDim), tid, [](int row, int c) {
+          return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));
+        });
   };
 
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
@@ -199,7 +181,7 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
       const int c = i % kCpr;
       const bool valid = row < valid_rows;
       const int64_t src = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);
-      CpAsync16(q_dst + ExtendSwizzle<kHeadDim>(row, c) * sizeof(T), valid ? q + src : q,
+      CpAsync16(q_dst + XorSwizzle<kHeadDim>(row, c) * sizeof(T), valid ? q + src : q,
                 valid ? 16 : 0);
     }
   }
@@ -275,13 +257,13 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
 #pragma unroll
       for (int ma = 0; ma < kMAtoms; ++ma) {
         LdMatrixX4(qa[ma],
-                   q_base + ExtendSwizzle<kHeadDim>(q_row + ma * 16, 2 * ks + q_chunk) * sizeof(T));
+                   q_base + XorSwizzle<kHeadDim>(q_row + ma * 16, 2 * ks + q_chunk) * sizeof(T));
       }
 #pragma unroll
       for (int nk = 0; nk < kBlockN / 16; ++nk) {
         uint32_t kb[4];
         LdMatrixX4(kb,
-                   k_base + ExtendSwizzle<kHeadDim>(nk * 16 + k_row, 2 * ks + k_chunk) * sizeof(T));
+                   k_base + XorSwizzle<kHeadDim>(nk * 16 + k_row, 2 * ks + k_chunk) * sizeof(T));
 #pragma unroll
         for (int ma = 0; ma < kMAtoms; ++ma) {
           Mma16816<T>(s[ma][2 * nk], qa[ma], kb[0], kb[1]);
@@ -368,7 +350,7 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
       for (int dc = 0; dc < kHeadDim / 16; ++dc) {
         uint32_t vb[4];
         LdMatrixX4Trans(
-            vb, v_base + ExtendSwizzle<kHeadDim>(kk * 16 + v_row, 2 * dc + v_chunk) * sizeof(T));
+            vb, v_base + XorSwizzle<kHeadDim>(kk * 16 + v_row, 2 * dc + v_chunk) * sizeof(T));
 #pragma unroll
         for (int ma = 0; ma < kMAtoms; ++ma) {
           Mma16816<T>(o[ma][2 * dc], pa[ma], vb[0], vb[1]);
@@ -392,7 +374,7 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
       const int row = warp_row0 + ma * 16 + g + 8 * i;
 #pragma unroll
       for (int n = 0; n < kDTiles; ++n) {
-        *reinterpret_cast<uint32_t*>(q_smem + ExtendSwizzle<kHeadDim>(row, n) + quad_col) =
+        *reinterpret_cast<uint32_t*>(q_smem + XorSwizzle<kHeadDim>(row, n) + quad_col) =
             DTypeTraits<T>::Pack(o[ma][n][2 * i] * inv, o[ma][n][2 * i + 1] * inv);
       }
     }
@@ -407,7 +389,7 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
     if (row < valid_rows) {
       const int64_t dst = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);
       *reinterpret_cast<uint4*>(out + dst) =
-          *reinterpret_cast<const uint4*>(q_smem + ExtendSwizzle<kHeadDim>(row, c));
+          *reinterpret_cast<const uint4*>(q_smem + XorSwizzle<kHeadDim>(row, c));
     }
   }
 }

@@ -112,23 +112,11 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, wg_smem + Smem::kOffOffset,
                                             tid / kOffStride, tid % kOffStride == 0, tid);
   auto load_tile = [&](int tile) {
-    const int tile_start = kv_lo + tile * kBlockN;
     const int stage = tile % kStages;
-    const int64_t* offs = offsets.Tile(tile);
-    const uint32_t k_dst = k_base + stage * Smem::kStageBytes;
-    const uint32_t v_dst = v_base + stage * Smem::kStageBytes;
-#pragma unroll
-    for (int it = 0; it < kBlockN * kCpr / kThreads; ++it) {
-      const int i = tid + it * kThreads;
-      const int row = i / kCpr;
-      const int c = i % kCpr;
-      const bool valid = tile_start + row < kv_hi;
-      const int64_t src = offs[row] + c * 8;
-      const uint32_t dst = Sw128Offset<kBlockN>(row, c);
-      // Rows past the end are zero-filled (no read): finite, and masked out below.
-      CpAsync16(k_dst + dst, valid ? k_head + src : k_head, valid ? 16 : 0);
-      CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
-    }
+    offsets.template CopyTile<kHeadDim, kThreads>(
+        tile, k_head, v_head, k_base + stage * Smem::kStageBytes,
+        v_base + stage * Smem::kStageBytes, tid,
+        [](int row, int c) { return Sw128Offset<kBlockN>(row, c); });
   };
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
   // Q (rows past the work zero), tiles with the index entries kStages further on.

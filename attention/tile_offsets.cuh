@@ -116,6 +116,31 @@ class TileOffsets {
     }
   }
 
+  // Issues this thread's share of tile t's K and V copies (16 bytes each, kThreads
+  // threads) into the stage at k_dst / v_dst, rows past hi zero-filled without a read (a
+  // finite value the kernels mask out). dst_byte(row, chunk) is where 16-byte chunk
+  // `chunk` of a row goes in the stage's swizzled layout. After the barrier that follows
+  // tile t's Resolve / ResolveNow.
+  template <int kHeadDim, int kThreads, typename T, typename DstByte>
+  __device__ __forceinline__ void CopyTile(int t, const T* k_head, const T* v_head, uint32_t k_dst,
+                                           uint32_t v_dst, int tid, DstByte dst_byte) const {
+    constexpr int kCpr = kHeadDim / 8;  // 16-byte chunks per row
+    static_assert(kTile * kCpr % kThreads == 0, "whole copy rounds per tile");
+    const int64_t* offs = Tile(t);
+    const int start = Start(t);
+#pragma unroll
+    for (int it = 0; it < kTile * kCpr / kThreads; ++it) {
+      const int i = tid + it * kThreads;
+      const int row = i / kCpr;
+      const int c = i % kCpr;
+      const bool valid = start + row < hi_;
+      const int64_t src = offs[row] + c * 8;
+      const uint32_t dst = dst_byte(row, c);
+      CpAsync16(k_dst + dst, valid ? k_head + src : k_head, valid ? 16 : 0);
+      CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
+    }
+  }
+
   // Element offsets of tile t's tokens (0 past hi), after the barrier that follows its
   // Resolve / ResolveNow.
   __device__ __forceinline__ const int64_t* Tile(int t) const {
