@@ -126,9 +126,10 @@ __device__ __forceinline__ float FastExp2(float x) {
 // ForRequest() sets up what every token of request b shares. Fetch() loads a token's index
 // entry (page id or row id); Finish() turns an entry and a position into the offset. For
 // per-token entries (not kPerRequest), Entry() is which entry of the request a position
-// uses and EntryAddress() where it lives. The same math as Kv::Offset (the tests compare
-// against the reference, which uses Offset), in 32-bit where positions allow it: plans
-// bound positions by max_context < 2^30.
+// uses and EntryAddress() where it lives. InEntry() is a position's index within its
+// entry (in-page position, or the position itself for a row). The same math as Kv::Offset (the
+// tests compare against the reference, which uses Offset), in 32-bit where positions allow it:
+// plans bound positions by max_context < 2^30.
 template <typename Kv>
 struct SplitOffset;
 
@@ -151,6 +152,14 @@ struct SplitOffset<PagedKv> {
   __device__ __forceinline__ static int32_t Fetch(const PagedKv&, const Request& r, int pos) {
     return *EntryAddress(r, Entry(r, pos));
   }
+  // A token's coordinate inside its entry: the in-page position (the TMA box's token
+  // coordinate; kv_tensor_map.h).
+  __device__ __forceinline__ static int InEntry(const Request& r, int pos) {
+    int32_t entry;
+    int32_t in_page;
+    r.pages.DivMod(pos, &entry, &in_page);
+    return in_page;
+  }
   __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, const Request& r,
                                                    int32_t page, int pos) {
     int32_t entry;
@@ -170,6 +179,7 @@ struct SplitOffset<VirtualKv> {
   __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, const Request& r, int) {
     return kv.row_ids[r.b];
   }
+  __device__ __forceinline__ static int InEntry(const Request&, int pos) { return pos; }
   __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, const Request&, int32_t row,
                                                    int pos) {
     return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride;

@@ -23,6 +23,7 @@
 #include "attention/device_utils.cuh"
 #include "attention/extend_kernel.cuh"
 #include "attention/extend_wgmma_kernel.cuh"
+#include "attention/kv_tensor_map.h"
 #include "attention/launch_util.cuh"
 #include "kvmem/extend_attention.h"
 #include "src/status_macros.h"
@@ -129,6 +130,16 @@ absl::Status PrepareExtendKernel(Layout layout, DType dtype, int head_dim, bool 
                                     : AllowSmem(&ExtendKernel<VirtualKv, T, kDim>, kBytes);
   };
   return DispatchExtend(dtype, head_dim, prepare);
+}
+
+// Tokens per TMA box of the wgmma kernel's full tiles: a whole tile for the virtual
+// layout; for the paged one the largest power of two dividing both the page size and the
+// tile (so a box never crosses a page), 0 (every tile by cp.async) below 8 rows, where a
+// box is smaller than a swizzle atom.
+int TmaRows(const VirtualKv&) { return WgmmaExtendConfig<128>::kBlockN; }
+int TmaRows(const PagedKv& kv) {
+  const int rows = std::min(kv.page_tokens & -kv.page_tokens, WgmmaExtendConfig<128>::kBlockN);
+  return rows >= 8 ? rows : 0;
 }
 
 // Whether the wgmma kernel can run here: an sm_90a build, an sm_90 device, head_dim
@@ -475,8 +486,16 @@ absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void
     if constexpr (kDim != 256) {
       if (w.wgmma) {
         using WSmem = internal::WgmmaExtendSmem<T, kDim>;
+        internal::WgmmaExtendParams<Kv> wp{};
+        wp.p = params;
+        wp.tma_rows = internal::TmaRows(kv);
+        if (wp.tma_rows > 0) {
+          KVMEM_ASSIGN_OR_RETURN(wp.maps,
+                                 internal::EncodeKvTensorMaps(kv, w.options.shape.kv_dtype, kDim,
+                                                              w.num_kv_heads, wp.tma_rows));
+        }
         internal::ExtendWgmmaKernel<Kv, T, kDim>
-            <<<grid, WSmem::kThreads, WSmem::kBytes, stream>>>(params);
+            <<<grid, WSmem::kThreads, WSmem::kBytes, stream>>>(wp);
         return internal::CudaStatus(cudaGetLastError(), "ExtendWgmmaKernel launch");
       }
     }

@@ -1,31 +1,45 @@
 // The Hopper (sm_90a) extend / prefill kernel for head_dim 64 and 128 (internal to
 // attention/extend_attention.cu): the work list, row packing and masking of
-// extend_kernel.cuh, with the products on warpgroup MMA (wgmma) instead of mma.sync.
+// extend_kernel.cuh, with the products on warpgroup MMA (wgmma) and the K/V stages
+// filled by a producer warpgroup.
 //
-// One CTA of two warpgroups per (work item, KV head): 128 packed rows (token r / group,
-// query head r % group), warpgroup g owning rows [64g, 64g + 64). Per KV tile of kBlockN
-// tokens:
-//   * the tile's token offsets are resolved once per token and staged in shared memory
-//     (tile_offsets.cuh); all 256 threads then copy K and V with 16-byte cp.async into
-//     128-byte-swizzled tiles (wgmma.cuh), kStages deep;
-//   * S = Q K^T: wgmma m64n128k16 with Q and K read from shared memory by descriptor;
-//   * online softmax on the S accumulators in registers (exp2 domain), mask only on
-//     tiles that straddle the causal or window edge;
-//   * O += P V: P converted in registers to the A fragment (the accumulator layout of S
-//     is the m16n8k16 A layout per warp), V read from shared memory as an MN-major B.
+// One CTA of three warpgroups per (work item, KV head), 128 packed rows (token r / group,
+// query head r % group):
+//   * warpgroup 0, the producer, keeps 40 registers per thread (setmaxnreg) and fills a
+//     kStages-deep ring of K and V stages. A tile of kBlockN tokens that lies wholly in
+//     the request's range arrives by bulk tensor copies (TMA, kv_tensor_map.h): one box
+//     per slab for the virtual layout, one per tma_rows tokens of a page for the paged
+//     one, each landing already 128-byte swizzled. The last, partial tile (rows past the
+//     end zero-filled: a box would read past the request, into unmapped virtual memory
+//     or another request's page, and stale V rows could hold NaNs that 0 * V keeps), and
+//     every tile of pages whose size has no multiple-of-8 power-of-two divisor, go by
+//     16-byte cp.async, one token row per producer thread. Every producer thread arrives
+//     on the stage's "full" mbarrier (tma.cuh): by its own TMA transaction bytes, or once
+//     its cp.async copies have landed.
+//   * warpgroups 1 and 2, the consumers, own rows [0, 64) and [64, 128) with 232
+//     registers per thread. Per tile: wait for K, S = Q K^T (wgmma m64n128k16, Q and K
+//     read by descriptor), release K; online softmax on the S accumulators in registers
+//     (exp2 domain, mask only on tiles that straddle the causal or window edge); wait for
+//     V, O += P V (P converted in registers to the A fragment), release V. Each consumer
+//     waits only on the stage it needs, so the two drift apart and one's softmax runs
+//     under the other's tensor-core work.
+// The key range starts at a multiple of kBlockN (a window's first tile is masked), so a
+// full tile's boxes start page-aligned.
 // Why not the mma.sync kernel: on Hopper mma.sync reaches about half of the tensor
-// cores' rate, and its operand traffic through ldmatrix limits it before that; wgmma
-// reads the tiles from shared memory once per warpgroup (docs/prefill.md).
+// cores' rate, and its operand traffic through ldmatrix limits it before that
+// (docs/prefill.md).
 #ifndef KVMEM_ATTENTION_EXTEND_WGMMA_KERNEL_CUH_
 #define KVMEM_ATTENTION_EXTEND_WGMMA_KERNEL_CUH_
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "attention/device_utils.cuh"
 #include "attention/extend_kernel.cuh"
-#include "attention/tile_offsets.cuh"
+#include "attention/kv_tensor_map.h"
+#include "attention/tma.cuh"
 #include "attention/wgmma.cuh"
 
 namespace kvmem::internal {
@@ -40,43 +54,186 @@ struct WgmmaExtendConfig<64> {
 template <>
 struct WgmmaExtendConfig<128> {
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;  // 164 KiB with Q and the offset ring: one CTA per SM
+  static constexpr int kStages = 2;  // 160 KiB with Q: one CTA per SM
 };
 
 template <typename T, int kHeadDim>
 struct WgmmaExtendSmem {
   using Cfg = WgmmaExtendConfig<kHeadDim>;
-  static constexpr int kThreads = 256;  // two warpgroups
-  static constexpr int kBlockM = 128;   // = ExtendSmem<T, kHeadDim>::kBlockM: one plan
+  static constexpr int kThreads = 384;      // producer + two consumer warpgroups
+  static constexpr int kProducerRegs = 40;  // setmaxnreg: 128 x 40 + 256 x 232 <= 64 K
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kBlockM = 128;  // = ExtendSmem<T, kHeadDim>::kBlockM: one plan
   static constexpr int kQBytes = kBlockM * kHeadDim * static_cast<int>(sizeof(T));
   static constexpr int kStageBytes = Cfg::kBlockN * kHeadDim * static_cast<int>(sizeof(T));
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Cfg::kStages * kStageBytes;
+  // The producer's token offsets of a cp.async tile, then the mbarriers: Q full, and per
+  // stage K full, V full, K empty, V empty.
   static constexpr int kOffOffset = kVOffset + Cfg::kStages * kStageBytes;
-  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
+  static constexpr int kBarOffset = kOffOffset + Cfg::kBlockN * 8;
+  static constexpr int kBars = 1 + 4 * Cfg::kStages;
+  static constexpr int kBytes = kBarOffset + kBars * 8;
   static_assert(kQBytes % 1024 == 0 && kStageBytes % 1024 == 0, "swizzle atoms 1024-aligned");
   static_assert(kBlockM == ExtendSmem<T, kHeadDim>::kBlockM, "both kernels run one plan");
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "register file");
+};
+
+// The kernel's parameters: the common ones, and the K and V tensor maps (__grid_constant__:
+// a TMA copy names a map by its parameter-space address).
+template <typename Kv>
+struct WgmmaExtendParams {
+  ExtendParams<Kv> p;
+  KvTensorMaps maps;
+  int tma_rows;  // tokens per box of a full tile (8..128, divides kBlockN); 0: no TMA
+};
+
+// The producer warpgroup's view of one CTA's key range: where each tile's K and V go and
+// how they are copied (see the kernel's comment). Thread `ptid` of the 128.
+template <typename Kv, typename T, int kHeadDim>
+class ExtendProducer {
+ public:
+  using Smem = WgmmaExtendSmem<T, kHeadDim>;
+  static constexpr int kBlockN = Smem::Cfg::kBlockN;
+  static constexpr int kStages = Smem::Cfg::kStages;
+  static constexpr int kCpr = kHeadDim / 8;
+  static constexpr int kSlabs = kHeadDim / 64;
+
+  __device__ __forceinline__ ExtendProducer(const WgmmaExtendParams<Kv>& wp, int b, int h, int lo,
+                                            int hi, uint8_t* smem, int ptid)
+      : wp_(wp),
+        request_(Offsets::ForRequest(wp.p.kv, b)),
+        h_(h),
+        lo_(lo),
+        hi_(hi),
+        base_(SmemAddr(smem)),
+        offs_(reinterpret_cast<int64_t*>(smem + Smem::kOffOffset)),
+        ptid_(ptid) {}
+
+  // Whether tile t goes by TMA (the consumers ask too: a cp.async tile needs a proxy fence).
+  __device__ __forceinline__ static bool UsesTma(int tma_rows, int lo, int hi, int t) {
+    return tma_rows > 0 && lo + (t + 1) * kBlockN <= hi;
+  }
+
+  // Fills stage t % kStages with tile t: K, then V, each once its stage is released.
+  __device__ __forceinline__ void Load(int t) {
+    const int stage = t % kStages;
+    const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;  // a fresh ring is free
+    const uint32_t k_dst = base_ + Smem::kKOffset + stage * Smem::kStageBytes;
+    const uint32_t v_dst = base_ + Smem::kVOffset + stage * Smem::kStageBytes;
+    const uint32_t k_full = Bar(1 + stage);
+    const uint32_t v_full = Bar(1 + kStages + stage);
+    const int start = lo_ + t * kBlockN;
+    if (UsesTma(wp_.tma_rows, lo_, hi_, t)) {
+      // Box ptid covers tokens [start + ptid * rows, + rows): one page (rows divides the
+      // page size and the start is a multiple of it) or the row.
+      const int rows = wp_.tma_rows;
+      const bool issues = ptid_ < kBlockN / rows;
+      int c2 = 0;
+      int c3 = 0;
+      if (issues) {
+        const int pos = start + ptid_ * rows;
+        c3 = Offsets::Fetch(wp_.p.kv, request_, pos);
+        c2 = Offsets::InEntry(request_, pos);
+      }
+      const uint32_t box_bytes = rows * 128;  // rows x 64 elements: one slab's share
+      const uint32_t box_dst = ptid_ * rows * 128;
+      MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
+      if (issues) {
+        MbarArriveExpectTx(k_full, kSlabs * box_bytes);
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          TmaLoad4d(k_dst + s * kBlockN * 128 + box_dst, &wp_.maps.k, k_full, s * 64, h_, c2, c3);
+        }
+      } else {
+        MbarArrive(k_full);
+      }
+      MbarWait(Bar(1 + 3 * kStages + stage), empty_parity);
+      if (issues) {
+        MbarArriveExpectTx(v_full, kSlabs * box_bytes);
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          TmaLoad4d(v_dst + s * kBlockN * 128 + box_dst, &wp_.maps.v, v_full, s * 64, h_, c2, c3);
+        }
+      } else {
+        MbarArrive(v_full);
+      }
+      return;
+    }
+    // cp.async: each thread resolves its token's offset; after a barrier of the producer
+    // warpgroup, consecutive threads copy consecutive 16-byte chunks of a row (coalesced).
+    const int pos = start + ptid_;
+    ProducerSync();  // the previous cp.async tile's offsets are no longer read
+    offs_[ptid_] = pos < hi_ ? Offsets::Finish(wp_.p.kv, request_,
+                                               Offsets::Fetch(wp_.p.kv, request_, pos), pos)
+                             : -1;
+    ProducerSync();
+    const T* k_head = static_cast<const T*>(wp_.p.kv.k) + h_ * kHeadDim;
+    const T* v_head = static_cast<const T*>(wp_.p.kv.v) + h_ * kHeadDim;
+    MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
+    Copy(k_head, k_dst);
+    CpAsyncMbarArrive(k_full);
+    MbarWait(Bar(1 + 3 * kStages + stage), empty_parity);
+    Copy(v_head, v_dst);
+    CpAsyncMbarArrive(v_full);
+  }
+
+  // Address of mbarrier i (0: Q full; then K full, V full, K empty, V empty per stage).
+  __device__ __forceinline__ uint32_t Bar(int i) const { return base_ + Smem::kBarOffset + 8 * i; }
+
+ private:
+  using Offsets = SplitOffset<Kv>;
+
+  // The 128 producer threads only (named barrier 3; the consumers use 1 and 2).
+  __device__ __forceinline__ static void ProducerSync() {
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
+  }
+
+  // This thread's 16-byte copies of a tile whose offsets are in offs_ (-1: past the
+  // range, zero-filled without a read).
+  __device__ __forceinline__ void Copy(const T* head, uint32_t dst) const {
+#pragma unroll 4
+    for (int it = 0; it < kBlockN * kCpr / 128; ++it) {
+      const int i = ptid_ + it * 128;
+      const int row = i / kCpr;
+      const int c = i % kCpr;
+      const int64_t off = offs_[row];
+      CpAsync16(dst + Sw128Offset<kBlockN>(row, c), off >= 0 ? head + off + c * 8 : head,
+                off >= 0 ? 16 : 0);
+    }
+  }
+
+  const WgmmaExtendParams<Kv>& wp_;
+  const typename Offsets::Request request_;
+  const int h_;
+  const int lo_;
+  const int hi_;
+  const uint32_t base_;
+  int64_t* const offs_;
+  const int ptid_;
 };
 
 template <typename Kv, typename T, int kHeadDim>
-__global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<Kv> p) {
+__global__ void __launch_bounds__(384, 1)
+    ExtendWgmmaKernel(const __grid_constant__ WgmmaExtendParams<Kv> wp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = WgmmaExtendConfig<kHeadDim>;
   using Smem = WgmmaExtendSmem<T, kHeadDim>;
+  using Producer = ExtendProducer<Kv, T, kHeadDim>;
   constexpr int kBlockN = Cfg::kBlockN;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kThreads = Smem::kThreads;
   constexpr int kBlockM = Smem::kBlockM;
   constexpr int kCpr = kHeadDim / 8;
   constexpr int kSAcc = kBlockN / 2;
   constexpr int kOAcc = kHeadDim / 2;
   constexpr int kNBlocks = kBlockN / 8;
   constexpr int kDBlocks = kHeadDim / 8;
-  static_assert(kBlockN == 128, "S = Q K^T is one m64n128 product per k-step");
-  static_assert(kThreads % kBlockN == 0, "every token of a tile has a resolving thread");
-  static_assert(kBlockN * kCpr % kThreads == 0, "whole copy rounds per tile");
+  static_assert(kBlockN == 128,
+                "S = Q K^T is one m64n128 product per k-step; one row per producer thread");
+  static_assert(kBlockM * kCpr % 128 == 0, "whole Q copy rounds per producer thread");
   static_assert(64 * kCpr % 128 == 0, "whole store rounds per warpgroup in the epilogue");
   const float kNegInf = -__int_as_float(0x7f800000);
+  const ExtendParams<Kv>& p = wp.p;
 
   const int h = blockIdx.x % p.num_kv_heads;
   const int wi = blockIdx.x / p.num_kv_heads;
@@ -89,7 +246,7 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   const int qpos_min = wk.pos0;
   const int qpos_max = wk.pos0 + wk.ntok - 1;
   const int kv_hi = qpos_max + 1;
-  const int kv_lo = window < 0 ? 0 : max(0, qpos_min - window);
+  const int kv_lo = window < 0 ? 0 : max(0, qpos_min - window) / kBlockN * kBlockN;
   const int n_tiles = (kv_hi - kv_lo + kBlockN - 1) / kBlockN;
 
   // Its own name: an extern shared array is one symbol across kernels, and this one needs
@@ -100,52 +257,50 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   const uint32_t v_base = q_base + Smem::kVOffset;
 
   const int tid = threadIdx.x;
-  const int wg = tid >> 7;           // warpgroup: rows [64 wg, 64 wg + 64)
-  const int wwarp = (tid >> 5) & 3;  // warp in the warpgroup: its 16 rows
-  const int lane = tid & 31;
+  const int wg = tid >> 7;  // 0: producer; 1, 2: consumers of rows [64 (wg - 1), + 64)
+  Producer producer(wp, wk.b, h, kv_lo, kv_hi, wg_smem, tid & 127);
+  if (tid == 0) {
+    MbarInit(producer.Bar(0), 128);
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(producer.Bar(1 + s), 128);                // K full: every producer thread
+      MbarInit(producer.Bar(1 + kStages + s), 128);      // V full
+      MbarInit(producer.Bar(1 + 2 * kStages + s), 256);  // K empty: every consumer thread
+      MbarInit(producer.Bar(1 + 3 * kStages + s), 256);  // V empty
+    }
+  }
+  __syncthreads();
 
-  const T* k_head = static_cast<const T*>(p.kv.k) + h * kHeadDim;
-  const T* v_head = static_cast<const T*>(p.kv.v) + h * kHeadDim;
-  // Token tid / kOffStride of each tile is resolved by the threads with
-  // tid % kOffStride == 0 (spread over every warp).
-  constexpr int kOffStride = kThreads / kBlockN;
-  TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, wg_smem + Smem::kOffOffset,
-                                            tid / kOffStride, tid % kOffStride == 0, tid);
-  auto load_tile = [&](int tile) {
-    const int stage = tile % kStages;
-    offsets.template CopyTile<kHeadDim, kThreads>(
-        tile, k_head, v_head, k_base + stage * Smem::kStageBytes,
-        v_base + stage * Smem::kStageBytes, tid,
-        [](int row, int c) { return Sw128Offset<kBlockN>(row, c); });
-  };
-  // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
-  // Q (rows past the work zero), tiles with the index entries kStages further on.
-#pragma unroll
-  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s);
-  {
+  if (wg == 0) {
+    WarpgroupRegsDec<Smem::kProducerRegs>();
+    if (wp.tma_rows > 0 && tid == 0) {
+      TmaPrefetchMap(&wp.maps.k);
+      TmaPrefetchMap(&wp.maps.v);
+    }
+    // Q (rows past the work zero), then the tiles.
     const T* q = static_cast<const T*>(p.q);
-    for (int i = tid; i < kBlockM * kCpr; i += kThreads) {
+#pragma unroll
+    for (int it = 0; it < kBlockM * kCpr / 128; ++it) {
+      const int i = tid + it * 128;
       const int row = i / kCpr;
       const int c = i % kCpr;
       const bool valid = row < valid_rows;
       const int64_t src = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);
       CpAsync16(q_base + Sw128Offset<kBlockM>(row, c), valid ? q + src : q, valid ? 16 : 0);
     }
+    CpAsyncMbarArrive(producer.Bar(0));
+    for (int t = 0; t < n_tiles; ++t) producer.Load(t);
+    return;
   }
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load_tile(s);
-    offsets.FetchIndex(s + kStages);
-    CpAsyncCommit();
-  }
-  offsets.FetchIndex(2 * kStages - 1);  // joins the first iteration's group
+  WarpgroupRegsInc<Smem::kConsumerRegs>();
+  const int cwg = wg - 1;            // consumer: rows [64 cwg, 64 cwg + 64)
+  const int wwarp = (tid >> 5) & 3;  // warp in the warpgroup: its 16 rows
+  const int lane = tid & 31;
 
   // This thread's rows of the accumulators: lane / 4 and + 8 of its warp's 16. Rows past
   // the work take the last token's position (finite, never stored).
   const int g = lane >> 2;
   const int quad_col = 2 * (lane & 3);
-  const int row0 = wg * 64 + wwarp * 16 + g;
+  const int row0 = cwg * 64 + wwarp * 16 + g;
   int qpos[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) qpos[i] = wk.pos0 + min((row0 + 8 * i) / group, wk.ntok - 1);
@@ -157,16 +312,20 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
   float s[kSAcc];  // overwritten by the first k-step of every tile (scale_d 0)
 #pragma unroll
   for (int i = 0; i < kSAcc; ++i) s[i] = 0.f;
-  // Q of this warpgroup: rows [64 wg, 64 wg + 64) of the swizzled Q tile.
-  const uint32_t q_wg = q_base + wg * 64 * 128;
+  // Q of this warpgroup: rows [64 cwg, 64 cwg + 64) of the swizzled Q tile; copied by
+  // cp.async, so a proxy fence before wgmma reads it.
+  const uint32_t q_wg = q_base + cwg * 64 * 128;
+  MbarWait(producer.Bar(0), 0);
+  FenceProxyAsyncShared();
 
   for (int j = 0; j < n_tiles; ++j) {
-    CpAsyncWait<kStages - 2>();  // tile j and the index entries of tile j + kStages
-    FenceProxyAsyncShared();     // this thread's landed copies, to wgmma's async-proxy reads
-    __syncthreads();             // all visible; tile j - 1 consumed by both warpgroups
-    if (j + kStages - 1 < n_tiles) load_tile(j + kStages - 1);
-    CpAsyncCommit();
     const int stage = j % kStages;
+    const uint32_t full_parity = (j / kStages) & 1;
+    // A tile written by cp.async (generic proxy) needs a proxy fence before wgmma's
+    // async-proxy reads; the mbarrier wait made the writes visible to this thread.
+    const bool by_cp_async = !Producer::UsesTma(wp.tma_rows, kv_lo, kv_hi, j);
+    MbarWait(producer.Bar(1 + stage), full_parity);
+    if (by_cp_async) FenceProxyAsyncShared();
     const uint32_t k_tile = k_base + stage * Smem::kStageBytes;
     const uint32_t v_tile = v_base + stage * Smem::kStageBytes;
     const int tile_start = kv_lo + j * kBlockN;
@@ -181,12 +340,9 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       WgmmaSsN128<T>(s, KMajorDesc(q_wg + q_off), KMajorDesc(k_tile + k_off), ks > 0);
     }
     WgmmaCommit();
-    // While S runs: the offsets of tile j + kStages, and the index entries of the tile
-    // kStages further (they join the next iteration's group).
-    offsets.Resolve(j + kStages);
-    offsets.FetchIndex(j + 2 * kStages);
     WgmmaWait<0>();
     WgmmaFenceOperands(s);
+    MbarArrive(producer.Bar(1 + 2 * kStages + stage));  // K stage free
     // Causal / window mask, only where the tile straddles a boundary of some row.
     const bool need_mask =
         tile_start + kBlockN - 1 > qpos_min || (window >= 0 && tile_start < qpos_max - window);
@@ -242,6 +398,8 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       pa[kk][2] = DTypeTraits<T>::Pack(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = DTypeTraits<T>::Pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
+    MbarWait(producer.Bar(1 + kStages + stage), full_parity);
+    if (by_cp_async) FenceProxyAsyncShared();
     WgmmaFenceOperands(o);
     WgmmaFence();
 #pragma unroll
@@ -249,11 +407,11 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
       WgmmaRsTransB<T, kHeadDim>(o, pa[kk], MnMajorDesc(v_tile + kk * 16 * 128, kBlockN * 128));
     }
     WgmmaCommit();
-    WgmmaWait<0>();  // before the next barrier lets this stage be overwritten
+    WgmmaWait<0>();
     WgmmaFenceOperands(o);
     WgmmaFenceOperands(pa);
+    MbarArrive(producer.Bar(1 + 3 * kStages + stage));  // V stage free
   }
-  CpAsyncWait<0>();  // only empty groups remain; drained before the CTA's shared memory is reused
 
   // Epilogue: normalise, stage through this warpgroup's own Q rows (its wgmma reads of
   // them are complete), then 16-byte stores of the valid rows.
@@ -272,14 +430,14 @@ __global__ void __launch_bounds__(256, 1) ExtendWgmmaKernel(const ExtendParams<K
           DTypeTraits<T>::Pack(o[nb * 4 + 2 * i] * inv, o[nb * 4 + 2 * i + 1] * inv);
     }
   }
-  // Only this warpgroup's 128 threads meet here (named barrier 1 + wg).
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+  // Only this warpgroup's 128 threads meet here (named barrier 1 + cwg).
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
   T* out = static_cast<T*>(p.out);
   const int wtid = tid & 127;
 #pragma unroll
   for (int it = 0; it < 64 * kCpr / 128; ++it) {
     const int idx = wtid + it * 128;
-    const int row = wg * 64 + idx / kCpr;
+    const int row = cwg * 64 + idx / kCpr;
     const int c = idx % kCpr;
     if (row < valid_rows) {
       const int64_t dst = PackedRowElement(wk, row, c, group, num_q_heads, h, kHeadDim);

@@ -1,5 +1,5 @@
 // GPU tests of ExtendAttention (kvmem/extend_attention.h) against the CPU reference
-// (ReferenceExtend): paged pages of 1, 3, 16, 64 and 256 tokens, virtual all-layer and
+// (ReferenceExtend): paged pages of 1, 3, 8, 16, 48, 64 and 256 tokens, virtual all-layer and
 // per-layer arrangements, head_dim 64/128/256, bf16 and fp16, GQA groups 1..64, prefixes
 // 0, 1, page boundaries and long, new-token counts 1 to 8192, mixed batches (with
 // requests of no new tokens), sliding windows, and one CUDA graph replayed over changed
@@ -301,9 +301,11 @@ std::vector<Req> BoundaryReqs(int page) {
   return reqs;
 }
 
+// On the Hopper kernel, pages 1 and 3 go by cp.async only; 8, 16, 64 and 256 by TMA
+// boxes of 8, 16, 64 and 128 tokens; 48 by boxes of 16 in pages that straddle tiles.
 TEST(ExtendAttentionTest, PagedPageSizes) {
   SKIP_WITHOUT_GPU();
-  for (int page : {1, 3, 16, 64, 256}) {
+  for (int page : {1, 3, 8, 16, 48, 64, 256}) {
     Case c;
     c.kind = Kind::kPaged;
     c.page_tokens = page;
