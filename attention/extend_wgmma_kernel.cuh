@@ -17,12 +17,13 @@
 //     on the stage's "full" mbarrier (tma.cuh): by its own TMA transaction bytes, or once
 //     its cp.async copies have landed.
 //   * warpgroups 1 and 2, the consumers, own rows [0, 64) and [64, 128) with 232
-//     registers per thread. Per tile: wait for K, S = Q K^T (wgmma m64n128k16, Q and K
-//     read by descriptor), release K; online softmax on the S accumulators in registers
-//     (exp2 domain, mask only on tiles that straddle the causal or window edge); wait for
-//     V, O += P V (P converted in registers to the A fragment), release V. Each consumer
-//     waits only on the stage it needs, so the two drift apart and one's softmax runs
-//     under the other's tensor-core work.
+//     registers per thread. Per tile j: S_j = Q K_j^T (wgmma m64n128k16, Q and K read by
+//     descriptor) is issued together with O += P_{j-1} V_{j-1} (P converted in registers
+//     to the A fragment); the online softmax of S_j (exp2 domain, mask only on tiles that
+//     straddle the causal or window edge) runs while that P V product is on the tensor
+//     cores, then O is rescaled. Each stage is released as soon as its product landed.
+//     The two consumers take turns issuing products (FA3's pingpong), so one's softmax
+//     also runs under the other's tensor-core work.
 // The key range starts at a multiple of kBlockN (a window's first tile is masked), so a
 // full tile's boxes start page-aligned.
 // Why not the mma.sync kernel: on Hopper mma.sync reaches about half of the tensor
@@ -68,10 +69,10 @@ struct WgmmaExtendSmem {
   static constexpr int kStageBytes = Cfg::kBlockN * kHeadDim * static_cast<int>(sizeof(T));
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Cfg::kStages * kStageBytes;
-  // The producer's token offsets of a cp.async tile, then the mbarriers: Q full, and per
-  // stage K full, V full, K empty, V empty.
+  // The producer's token offsets of two cp.async tiles (this one's and the next's), then
+  // the mbarriers: Q full, and per stage K full, V full, K empty, V empty.
   static constexpr int kOffOffset = kVOffset + Cfg::kStages * kStageBytes;
-  static constexpr int kBarOffset = kOffOffset + Cfg::kBlockN * 8;
+  static constexpr int kBarOffset = kOffOffset + 2 * Cfg::kBlockN * 8;  // two tiles' offsets
   static constexpr int kBars = 1 + 4 * Cfg::kStages;
   static constexpr int kBytes = kBarOffset + kBars * 8;
   static_assert(kQBytes % 1024 == 0 && kStageBytes % 1024 == 0, "swizzle atoms 1024-aligned");
@@ -108,7 +109,8 @@ class ExtendProducer {
         hi_(hi),
         base_(SmemAddr(smem)),
         offs_(reinterpret_cast<int64_t*>(smem + Smem::kOffOffset)),
-        ptid_(ptid) {}
+        ptid_(ptid),
+        box_((ptid & 31) * 4 + (ptid >> 5)) {}
 
   // Whether tile t goes by TMA (the consumers ask too: a cp.async tile needs a proxy fence).
   __device__ __forceinline__ static bool UsesTma(int tma_rows, int lo, int hi, int t) {
@@ -125,25 +127,20 @@ class ExtendProducer {
     const uint32_t v_full = Bar(1 + kStages + stage);
     const int start = lo_ + t * kBlockN;
     if (UsesTma(wp_.tma_rows, lo_, hi_, t)) {
-      // Box ptid covers tokens [start + ptid * rows, + rows): one page (rows divides the
-      // page size and the start is a multiple of it) or the row.
+      // Box `box_` covers tokens [start + box_ * rows, + rows): one page (rows divides the
+      // page size and the start is a multiple of it) or the row. Its coordinates were
+      // fetched while the previous tile's copies were issued, unless that one had none.
       const int rows = wp_.tma_rows;
-      const bool issues = ptid_ < kBlockN / rows;
-      int c2 = 0;
-      int c3 = 0;
-      if (issues) {
-        const int pos = start + ptid_ * rows;
-        c3 = Offsets::Fetch(wp_.p.kv, request_, pos);
-        c2 = Offsets::InEntry(request_, pos);
-      }
+      const bool issues = box_ < kBlockN / rows;
+      if (issues && (t == 0 || !UsesTma(wp_.tma_rows, lo_, hi_, t - 1))) FetchBox(start);
       const uint32_t box_bytes = rows * 128;  // rows x 64 elements: one slab's share
-      const uint32_t box_dst = ptid_ * rows * 128;
+      const uint32_t box_dst = box_ * rows * 128;
       MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
       if (issues) {
         MbarArriveExpectTx(k_full, kSlabs * box_bytes);
 #pragma unroll
         for (int s = 0; s < kSlabs; ++s) {
-          TmaLoad4d(k_dst + s * kBlockN * 128 + box_dst, &wp_.maps.k, k_full, s * 64, h_, c2, c3);
+          TmaLoad4d(k_dst + s * kBlockN * 128 + box_dst, &wp_.maps.k, k_full, s * 64, h_, c2_, c3_);
         }
       } else {
         MbarArrive(k_full);
@@ -153,29 +150,36 @@ class ExtendProducer {
         MbarArriveExpectTx(v_full, kSlabs * box_bytes);
 #pragma unroll
         for (int s = 0; s < kSlabs; ++s) {
-          TmaLoad4d(v_dst + s * kBlockN * 128 + box_dst, &wp_.maps.v, v_full, s * 64, h_, c2, c3);
+          TmaLoad4d(v_dst + s * kBlockN * 128 + box_dst, &wp_.maps.v, v_full, s * 64, h_, c2_, c3_);
         }
       } else {
         MbarArrive(v_full);
       }
+      if (issues && UsesTma(wp_.tma_rows, lo_, hi_, t + 1)) FetchBox(start + kBlockN);
       return;
     }
-    // cp.async: each thread resolves its token's offset; after a barrier of the producer
-    // warpgroup, consecutive threads copy consecutive 16-byte chunks of a row (coalesced).
-    const int pos = start + ptid_;
-    ProducerSync();  // the previous cp.async tile's offsets are no longer read
-    offs_[ptid_] = pos < hi_ ? Offsets::Finish(wp_.p.kv, request_,
-                                               Offsets::Fetch(wp_.p.kv, request_, pos), pos)
-                             : -1;
-    ProducerSync();
+    // cp.async: thread ptid resolves token ptid's offset into the tile's slot of a
+    // two-tile ring; after a barrier of the producer warpgroup, consecutive threads copy
+    // consecutive 16-byte chunks of a row (coalesced). The next tile's offset is loaded
+    // before this tile's copies and stored after them, so the page-table read's latency
+    // overlaps the stage waits instead of preceding the barrier.
+    int64_t* const offs = offs_ + (t & 1) * kBlockN;
+    if (t == 0 || UsesTma(wp_.tma_rows, lo_, hi_, t - 1)) {  // not resolved ahead
+      ProducerSync();
+      offs[ptid_] = Resolve(start + ptid_);
+    }
+    ProducerSync();  // this tile's offsets visible; the other slot's last reader is done
+    const bool next_by_cp_async = start + kBlockN < hi_;  // the tile after a cp.async tile
+    const int64_t next = next_by_cp_async ? Resolve(start + kBlockN + ptid_) : -1;
     const T* k_head = static_cast<const T*>(wp_.p.kv.k) + h_ * kHeadDim;
     const T* v_head = static_cast<const T*>(wp_.p.kv.v) + h_ * kHeadDim;
     MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
-    Copy(k_head, k_dst);
+    Copy(k_head, k_dst, offs);
     CpAsyncMbarArrive(k_full);
     MbarWait(Bar(1 + 3 * kStages + stage), empty_parity);
-    Copy(v_head, v_dst);
+    Copy(v_head, v_dst, offs);
     CpAsyncMbarArrive(v_full);
+    if (next_by_cp_async) offs_[((t + 1) & 1) * kBlockN + ptid_] = next;
   }
 
   // Address of mbarrier i (0: Q full; then K full, V full, K empty, V empty per stage).
@@ -189,15 +193,30 @@ class ExtendProducer {
     asm volatile("bar.sync 3, 128;\n" ::: "memory");
   }
 
-  // This thread's 16-byte copies of a tile whose offsets are in offs_ (-1: past the
-  // range, zero-filled without a read).
-  __device__ __forceinline__ void Copy(const T* head, uint32_t dst) const {
+  // The TMA coordinates of this thread's box of the tile starting at `start`: token
+  // within the page or row, and page or row (a page-table or row-id load).
+  __device__ __forceinline__ void FetchBox(int start) {
+    const int pos = start + box_ * wp_.tma_rows;
+    c3_ = Offsets::Fetch(wp_.p.kv, request_, pos);
+    c2_ = Offsets::InEntry(request_, pos);
+  }
+
+  // Token pos's element offset, -1 past the range.
+  __device__ __forceinline__ int64_t Resolve(int pos) const {
+    return pos < hi_
+               ? Offsets::Finish(wp_.p.kv, request_, Offsets::Fetch(wp_.p.kv, request_, pos), pos)
+               : -1;
+  }
+
+  // This thread's 16-byte copies of a tile whose offsets are offs (-1: past the range,
+  // zero-filled without a read).
+  __device__ __forceinline__ void Copy(const T* head, uint32_t dst, const int64_t* offs) const {
 #pragma unroll 4
     for (int it = 0; it < kBlockN * kCpr / 128; ++it) {
       const int i = ptid_ + it * 128;
       const int row = i / kCpr;
       const int c = i % kCpr;
-      const int64_t off = offs_[row];
+      const int64_t off = offs[row];
       CpAsync16(dst + Sw128Offset<kBlockN>(row, c), off >= 0 ? head + off + c * 8 : head,
                 off >= 0 ? 16 : 0);
     }
@@ -211,6 +230,12 @@ class ExtendProducer {
   const uint32_t base_;
   int64_t* const offs_;
   const int ptid_;
+  // The TMA box this thread issues, if the tile has that many: lanes 0-3 of the four
+  // warps take turns (box i on warp i % 4), so the up to 16 boxes of a tile of 8-token
+  // page pieces are issued by four warps at once, not one after another by one warp.
+  const int box_;
+  int c2_ = 0;  // its coordinates (FetchBox)
+  int c3_ = 0;
 };
 
 template <typename Kv, typename T, int kHeadDim>
@@ -309,28 +334,30 @@ __global__ void __launch_bounds__(384, 1)
   float o[kOAcc];
 #pragma unroll
   for (int i = 0; i < kOAcc; ++i) o[i] = 0.f;
-  float s[kSAcc];  // overwritten by the first k-step of every tile (scale_d 0)
+  float s[kSAcc];  // S of the current tile, then its P (fp32); overwritten (scale_d 0)
 #pragma unroll
   for (int i = 0; i < kSAcc; ++i) s[i] = 0.f;
+  uint32_t pa[kBlockN / 16][4];  // P of the previous tile: the A fragments of its O += P V
   // Q of this warpgroup: rows [64 cwg, 64 cwg + 64) of the swizzled Q tile; copied by
   // cp.async, so a proxy fence before wgmma reads it.
   const uint32_t q_wg = q_base + cwg * 64 * 128;
   MbarWait(producer.Bar(0), 0);
   FenceProxyAsyncShared();
 
-  for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j % kStages;
-    const uint32_t full_parity = (j / kStages) & 1;
-    // A tile written by cp.async (generic proxy) needs a proxy fence before wgmma's
-    // async-proxy reads; the mbarrier wait made the writes visible to this thread.
-    const bool by_cp_async = !Producer::UsesTma(wp.tma_rows, kv_lo, kv_hi, j);
-    MbarWait(producer.Bar(1 + stage), full_parity);
-    if (by_cp_async) FenceProxyAsyncShared();
-    const uint32_t k_tile = k_base + stage * Smem::kStageBytes;
-    const uint32_t v_tile = v_base + stage * Smem::kStageBytes;
-    const int tile_start = kv_lo + j * kBlockN;
-    // S = Q K^T, k-steps of 16 over head_dim: 32 bytes within a 128-byte row, a slab
-    // every 4 steps.
+  // Waits until stage j % kStages of K (kind 0) or V (kind 1) holds tile j. A tile written
+  // by cp.async (generic proxy) needs a proxy fence before wgmma's async-proxy reads; the
+  // mbarrier wait made the writes visible to this thread.
+  auto wait_tile = [&](int kind, int j) {
+    MbarWait(producer.Bar(1 + kind * kStages + j % kStages), (j / kStages) & 1);
+    if (!Producer::UsesTma(wp.tma_rows, kv_lo, kv_hi, j)) FenceProxyAsyncShared();
+  };
+  auto release_tile = [&](int kind, int j) {
+    MbarArrive(producer.Bar(1 + (2 + kind) * kStages + j % kStages));
+  };
+  // S = Q K_j^T, k-steps of 16 over head_dim: 32 bytes within a 128-byte row, a slab
+  // every 4 steps. Issued, not waited for.
+  auto issue_s = [&](int j) {
+    const uint32_t k_tile = k_base + (j % kStages) * Smem::kStageBytes;
     WgmmaFenceOperands(s);
     WgmmaFence();
 #pragma unroll
@@ -340,10 +367,31 @@ __global__ void __launch_bounds__(384, 1)
       WgmmaSsN128<T>(s, KMajorDesc(q_wg + q_off), KMajorDesc(k_tile + k_off), ks > 0);
     }
     WgmmaCommit();
-    WgmmaWait<0>();
-    WgmmaFenceOperands(s);
-    MbarArrive(producer.Bar(1 + 2 * kStages + stage));  // K stage free
-    // Causal / window mask, only where the tile straddles a boundary of some row.
+  };
+  // O += P V_j from pa, k-steps of 16 tokens (2048 bytes of the V tile each). Issued.
+  auto issue_pv = [&](int j) {
+    const uint32_t v_tile = v_base + (j % kStages) * Smem::kStageBytes;
+    WgmmaFenceOperands(o);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      WgmmaRsTransB<T, kHeadDim>(o, pa[kk], MnMajorDesc(v_tile + kk * 16 * 128, kBlockN * 128));
+    }
+    WgmmaCommit();
+  };
+  // Pingpong (FA3): the consumers take turns issuing their products (named barrier 4 + cwg,
+  // both warpgroups' 256 threads: one waits, the other arrives), so one's softmax runs
+  // while the other's products occupy the tensor cores. Consumer 0 goes first; consumer 1
+  // passes no turn after its last (consumer 0 has none left to take).
+  auto wait_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(4 + cwg) : "memory"); };
+  auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - cwg) : "memory"); };
+  if (cwg == 1) pass_turn();
+
+  // Causal / window mask (only where the tile straddles a boundary of some row) and the
+  // online softmax of tile j's S, per row; P overwrites S. O is not touched: its P V
+  // product may still run.
+  auto softmax = [&](int j, float(&alpha)[2]) {
+    const int tile_start = kv_lo + j * kBlockN;
     const bool need_mask =
         tile_start + kBlockN - 1 > qpos_min || (window >= 0 && tile_start < qpos_max - window);
     if (need_mask) {
@@ -358,8 +406,6 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
     }
-    // Online softmax per row; P overwrites S.
-    float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float mx = kNegInf;
@@ -381,6 +427,10 @@ __global__ void __launch_bounds__(384, 1)
       }
       l[i] = l[i] * alpha[i] + sum;
     }
+  };
+  // Once O's product has landed: O rescaled, and P as the next A fragments (S's
+  // accumulator layout is the m16n8k16 A layout per warp).
+  auto rescale_and_pack = [&](const float(&alpha)[2]) {
 #pragma unroll
     for (int nb = 0; nb < kDBlocks; ++nb) {
       o[nb * 4 + 0] *= alpha[0];
@@ -388,9 +438,6 @@ __global__ void __launch_bounds__(384, 1)
       o[nb * 4 + 2] *= alpha[1];
       o[nb * 4 + 3] *= alpha[1];
     }
-    // O += P V, k-steps of 16 tokens (2048 bytes of the V tile each); P in registers as
-    // the A fragments (S's accumulator layout is the m16n8k16 A layout per warp).
-    uint32_t pa[kBlockN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       pa[kk][0] = DTypeTraits<T>::Pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -398,20 +445,45 @@ __global__ void __launch_bounds__(384, 1)
       pa[kk][2] = DTypeTraits<T>::Pack(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = DTypeTraits<T>::Pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
-    MbarWait(producer.Bar(1 + kStages + stage), full_parity);
-    if (by_cp_async) FenceProxyAsyncShared();
-    WgmmaFenceOperands(o);
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      WgmmaRsTransB<T, kHeadDim>(o, pa[kk], MnMajorDesc(v_tile + kk * 16 * 128, kBlockN * 128));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
+  };
+
+  // Tile 0: S alone.
+  float alpha[2];
+  wait_tile(0, 0);
+  wait_turn();
+  issue_s(0);
+  if (cwg == 0 || n_tiles > 1) pass_turn();
+  WgmmaWait<0>();
+  WgmmaFenceOperands(s);
+  release_tile(0, 0);
+  softmax(0, alpha);
+  rescale_and_pack(alpha);
+  // Tiles 1..: S_j is issued together with O += P_{j-1} V_{j-1}, and the softmax of S_j
+  // runs while that P V product is still on the tensor cores; O is rescaled once it landed.
+  for (int j = 1; j < n_tiles; ++j) {
+    wait_tile(0, j);
+    wait_turn();
+    issue_s(j);
+    wait_tile(1, j - 1);
+    issue_pv(j - 1);
+    if (cwg == 0 || j + 1 < n_tiles) pass_turn();
+    WgmmaWait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
+    WgmmaFenceOperands(s);
+    release_tile(0, j);
+    softmax(j, alpha);
+    WgmmaWait<0>();  // O and P_{j-1} free again
     WgmmaFenceOperands(o);
     WgmmaFenceOperands(pa);
-    MbarArrive(producer.Bar(1 + 3 * kStages + stage));  // V stage free
+    release_tile(1, j - 1);
+    rescale_and_pack(alpha);
   }
+  // The last tile's O += P V (outside the turns: nothing follows it).
+  wait_tile(1, n_tiles - 1);
+  issue_pv(n_tiles - 1);
+  WgmmaWait<0>();
+  WgmmaFenceOperands(o);
+  WgmmaFenceOperands(pa);
+  release_tile(1, n_tiles - 1);
 
   // Epilogue: normalise, stage through this warpgroup's own Q rows (its wgmma reads of
   // them are complete), then 16-byte stores of the valid rows.
