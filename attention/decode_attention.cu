@@ -1,7 +1,7 @@
 // Decode attention launcher: validates a launch on the host and starts the kernels of
 // attention/decode_kernel.cuh over the plan a DecodeWorkspace uploaded (the workspace
 // itself is host code, in cuda_decode_workspace.cc). Instantiates one decode kernel per
-// (layout, dtype, head_dim): 2 x 2 x 3.
+// (layout, dtype, head_dim): 2 x 2 x 3. Also sets the kernels' trace target (decode_trace.h).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include "attention/device_utils.cuh"
 #include "attention/launch_util.cuh"
 #include "kvmem/attention.h"
+#include "kvmem/decode_trace.h"
 #include "src/status_macros.h"
 
 namespace kvmem {
@@ -63,6 +64,16 @@ absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype,
 }
 
 }  // namespace internal
+
+absl::Status SetDecodeTrace(DecodeTraceRecord* device_buffer, int capacity) {
+  if (device_buffer != nullptr && capacity <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decode trace capacity ", capacity, " must be positive"));
+  }
+  const internal::DecodeTraceTarget target{device_buffer, device_buffer == nullptr ? 0 : capacity};
+  return internal::CudaStatus(cudaMemcpyToSymbol(internal::g_decode_trace, &target, sizeof(target)),
+                              "cudaMemcpyToSymbol(g_decode_trace)");
+}
 
 namespace {
 

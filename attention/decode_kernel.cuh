@@ -10,7 +10,7 @@
 // per token and staged in shared memory, the page-table entries arriving with an earlier
 // tile's copies (tile_offsets.cuh); then every thread issues 16-byte copies. Warp w owns tokens
 // [16w, 16w + 16) of each tile and keeps its own online-softmax state; warps are merged at the end.
-// Why this shape: docs/decode.md.
+// Why this shape: docs/decode.md. Thread 0 can time its CTA (decode_trace.h).
 #ifndef KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 #define KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 
@@ -21,6 +21,7 @@
 #include "attention/decode_plan.h"
 #include "attention/device_utils.cuh"
 #include "attention/tile_offsets.cuh"
+#include "kvmem/decode_trace.h"
 
 namespace kvmem::internal {
 
@@ -82,6 +83,61 @@ __device__ __forceinline__ void StoreOut(void* out, int64_t i, float4 v) {
   *reinterpret_cast<uint2*>(static_cast<T*>(out) + i) = make_uint2(lo, hi);
 }
 
+// Where SetDecodeTrace (decode_attention.cu) points the CTAs' trace records; records null,
+// as at module load: off. Aligned so both fields come in one memory transaction.
+struct alignas(16) DecodeTraceTarget {
+  DecodeTraceRecord* records;  // [capacity]
+  int capacity;
+};
+
+// Defined here although only decode_attention.cu writes it: without relocatable device
+// code a __device__ variable cannot be declared extern, and that file is this header's only
+// includer.
+__device__ DecodeTraceTarget g_decode_trace;
+
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t SmId() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
+// Writes this CTA's trace record while a trace is set: SM and start time at construction
+// (kernel entry), end time at destruction, so every return path records it. Thread 0 only;
+// when off, one load of g_decode_trace and a branch at entry, a shared-memory flag and a
+// branch at exit. Nothing lives in registers through the kernel (a record pointer, even a
+// flag, made the head_dim 256 paged kernel spill): the end reloads the target, which no
+// launch in flight sees change (decode_trace.h).
+class DecodeTraceScope {
+ public:
+  __device__ __forceinline__ DecodeTraceScope() {
+    if (threadIdx.x != 0) return;
+    const DecodeTraceTarget t = g_decode_trace;
+    const bool traced = t.records != nullptr && blockIdx.x < static_cast<uint32_t>(t.capacity);
+    Traced() = traced;
+    if (traced) t.records[blockIdx.x] = {SmId(), blockIdx.x, GlobalTimerNs(), 0};
+  }
+  __device__ __forceinline__ ~DecodeTraceScope() {
+    if (threadIdx.x != 0 || !Traced()) return;
+    const uint64_t end = GlobalTimerNs();  // before the load: its latency is not the CTA's
+    g_decode_trace.records[blockIdx.x].end_ns = end;
+  }
+  DecodeTraceScope(const DecodeTraceScope&) = delete;
+  DecodeTraceScope& operator=(const DecodeTraceScope&) = delete;
+
+ private:
+  // Thread 0's "this CTA is traced" (only thread 0 reads or writes it).
+  __device__ __forceinline__ static bool& Traced() {
+    __shared__ bool traced;
+    return traced;
+  }
+};
+
 template <typename Kv, typename T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
     DecodeKernel(const DecodeParams<Kv> p) {
@@ -93,6 +149,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   constexpr int kTile = Smem::kTile;
   constexpr int kCpr = kHeadDim / 8;  // 16-byte chunks per row
   const float kNegInf = -__int_as_float(0x7f800000);
+  const DecodeTraceScope trace;  // first: its start is the CTA's entry, its end every return
 
   const int h = blockIdx.x % p.num_kv_heads;
   const int wi = blockIdx.x / p.num_kv_heads;

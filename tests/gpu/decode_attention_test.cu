@@ -25,6 +25,7 @@
 #include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "kvmem/attention.h"
+#include "kvmem/decode_trace.h"
 #include "kvmem/dtype.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
@@ -351,6 +352,49 @@ TEST(DecodeAttentionTest, GraphReplayWithNewLengthsAndTables) {
     CUDA_ASSERT(cudaGraphDestroy(graph));
     CUDA_ASSERT(cudaStreamDestroy(stream));
   }
+}
+
+// SetDecodeTrace: every CTA of a traced launch writes its record (block, SM, start <= end)
+// and the output still matches the reference; once off, launches leave the buffer alone.
+TEST(DecodeAttentionTest, TraceRecordsEveryCtaOfALaunch) {
+  SKIP_WITHOUT_GPU();
+  DecodeTraceRecord dummy;
+  EXPECT_EQ(SetDecodeTrace(&dummy, 0).code(), absl::StatusCode::kInvalidArgument);
+  constexpr int kCapacity = 4096;
+  const size_t bytes = kCapacity * sizeof(DecodeTraceRecord);
+  DeviceBuffer buffer(bytes);
+  ASSERT_NE(buffer.get(), nullptr);
+  auto* records = static_cast<DecodeTraceRecord*>(buffer.get());
+  std::vector<DecodeTraceRecord> host(kCapacity);
+
+  Case c;
+  c.kind = Kind::kPaged;
+  c.page_tokens = 16;
+  c.lens = {4000, 1, 2049, 0, 300};
+  ASSERT_EQ(cudaMemset(buffer.get(), 0, bytes), cudaSuccess);
+  ASSERT_TRUE(SetDecodeTrace(records, kCapacity).ok());
+  const RunInfo info = RunCase(c);
+  ASSERT_TRUE(SetDecodeTrace(nullptr, 0).ok());
+  ASSERT_EQ(cudaMemcpy(host.data(), buffer.get(), bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  const int ctas = info.num_work * c.kv_heads;  // the grid of a launch without fixed_grid
+  ASSERT_GT(ctas, 0);
+  ASSERT_LE(ctas, kCapacity);
+  for (int i = 0; i < kCapacity; ++i) {
+    const DecodeTraceRecord& r = host[i];
+    if (i >= ctas) {
+      EXPECT_EQ(r.start_ns, 0u) << "block " << i << " is past the grid";
+      continue;
+    }
+    EXPECT_EQ(r.block, static_cast<uint32_t>(i));
+    EXPECT_GT(r.start_ns, 0u) << "block " << i;
+    EXPECT_GE(r.end_ns, r.start_ns) << "block " << i;
+    EXPECT_LT(r.smid, 1024u) << "block " << i;
+  }
+
+  ASSERT_EQ(cudaMemset(buffer.get(), 0, bytes), cudaSuccess);
+  RunCase(c);  // trace off
+  ASSERT_EQ(cudaMemcpy(host.data(), buffer.get(), bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int i = 0; i < ctas; ++i) EXPECT_EQ(host[i].start_ns, 0u) << "block " << i;
 }
 
 TEST(DecodeAttentionTest, RejectsBadArguments) {

@@ -1,0 +1,36 @@
+// A profiling hook of the decode kernel (built only with CUDA, like attention.h): while a
+// trace buffer is set, thread 0 of every DecodeKernel CTA records its SM and the global timer at
+// entry and at exit, so a slow launch shows whether some CTAs start late, some run slowly or all
+// run slower (docs/decode.md, B = 16). Off by default; off, thread 0 of a CTA pays one global load
+// and a branch at entry, a shared-memory load and a branch at exit. Plain C++ (no CUDA
+// headers), so host tools read the records; `kvbench decode --trace` does.
+#ifndef KVMEM_DECODE_TRACE_H_
+#define KVMEM_DECODE_TRACE_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kvmem {
+
+// One CTA of one traced launch. Times are %globaltimer: nanoseconds on one clock for all
+// SMs, advancing in steps of the device's own period (tens of ns to 1 us).
+struct DecodeTraceRecord {
+  uint32_t smid;      // %smid: not necessarily dense nor below the SM count
+  uint32_t block;     // blockIdx.x
+  uint64_t start_ns;  // at entry, once thread 0 has loaded the trace target
+  uint64_t end_ns;    // as thread 0 returns; a CTA with no work (capacity grid) returns at once
+};
+static_assert(sizeof(DecodeTraceRecord) == 24);
+
+// Makes the DecodeKernel launches issued after it write block i's record to
+// device_buffer[i] for i < capacity (blocks past it record nothing; slots of blocks that do
+// not run keep what they held); nullptr turns tracing off. A synchronous copy to a
+// __device__ variable, ordered after the work already on the legacy default stream.
+// REQUIRES: device_buffer null or device memory for `capacity` records; no decode launch
+// in flight on a stream that does not synchronise with the legacy default stream.
+absl::Status SetDecodeTrace(DecodeTraceRecord* device_buffer, int capacity);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_DECODE_TRACE_H_
