@@ -117,43 +117,31 @@ class ExtendProducer {
     return tma_rows > 0 && lo + (t + 1) * kBlockN <= hi;
   }
 
-  // Fills stage t % kStages with tile t: K, then V, each once its stage is released.
+  // Fills stage t % kStages with tile t: K, then V (kind 0, 1), each once its stage is
+  // released.
   __device__ __forceinline__ void Load(int t) {
-    const int stage = t % kStages;
-    const uint32_t empty_parity = ((t / kStages) & 1) ^ 1;  // a fresh ring is free
-    const uint32_t k_dst = base_ + Smem::kKOffset + stage * Smem::kStageBytes;
-    const uint32_t v_dst = base_ + Smem::kVOffset + stage * Smem::kStageBytes;
-    const uint32_t k_full = Bar(1 + stage);
-    const uint32_t v_full = Bar(1 + kStages + stage);
     const int start = lo_ + t * kBlockN;
     if (UsesTma(wp_.tma_rows, lo_, hi_, t)) {
       // Box `box_` covers tokens [start + box_ * rows, + rows): one page (rows divides the
       // page size and the start is a multiple of it) or the row. Its coordinates were
       // fetched while the previous tile's copies were issued, unless that one had none.
-      const int rows = wp_.tma_rows;
-      const bool issues = box_ < kBlockN / rows;
+      const bool issues = box_ < kBlockN / wp_.tma_rows;
       if (issues && (t == 0 || !UsesTma(wp_.tma_rows, lo_, hi_, t - 1))) FetchBox(start);
-      const uint32_t box_bytes = rows * 128;  // rows x 64 elements: one slab's share
-      const uint32_t box_dst = box_ * rows * 128;
-      MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
-      if (issues) {
-        MbarArriveExpectTx(k_full, kSlabs * box_bytes);
+      for (int kind = 0; kind < 2; ++kind) {
+        WaitFree(kind, t);
+        const uint32_t full = Full(kind, t);
+        if (!issues) {
+          MbarArrive(full);
+          continue;
+        }
+        const int rows = wp_.tma_rows;
+        MbarArriveExpectTx(full, kSlabs * rows * 128);  // rows x 64 elements per slab
+        const uint32_t dst = StageAddr(kind, t) + box_ * rows * 128;
+        const CUtensorMap* map = kind == 0 ? &wp_.maps.k : &wp_.maps.v;
 #pragma unroll
         for (int s = 0; s < kSlabs; ++s) {
-          TmaLoad4d(k_dst + s * kBlockN * 128 + box_dst, &wp_.maps.k, k_full, s * 64, h_, c2_, c3_);
+          TmaLoad4d(dst + s * kBlockN * 128, map, full, s * 64, h_, c2_, c3_);
         }
-      } else {
-        MbarArrive(k_full);
-      }
-      MbarWait(Bar(1 + 3 * kStages + stage), empty_parity);
-      if (issues) {
-        MbarArriveExpectTx(v_full, kSlabs * box_bytes);
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-          TmaLoad4d(v_dst + s * kBlockN * 128 + box_dst, &wp_.maps.v, v_full, s * 64, h_, c2_, c3_);
-        }
-      } else {
-        MbarArrive(v_full);
       }
       if (issues && UsesTma(wp_.tma_rows, lo_, hi_, t + 1)) FetchBox(start + kBlockN);
       return;
@@ -171,19 +159,25 @@ class ExtendProducer {
     ProducerSync();  // this tile's offsets visible; the other slot's last reader is done
     const bool next_by_cp_async = start + kBlockN < hi_;  // the tile after a cp.async tile
     const int64_t next = next_by_cp_async ? Resolve(start + kBlockN + ptid_) : -1;
-    const T* k_head = static_cast<const T*>(wp_.p.kv.k) + h_ * kHeadDim;
-    const T* v_head = static_cast<const T*>(wp_.p.kv.v) + h_ * kHeadDim;
-    MbarWait(Bar(1 + 2 * kStages + stage), empty_parity);
-    Copy(k_head, k_dst, offs);
-    CpAsyncMbarArrive(k_full);
-    MbarWait(Bar(1 + 3 * kStages + stage), empty_parity);
-    Copy(v_head, v_dst, offs);
-    CpAsyncMbarArrive(v_full);
+    for (int kind = 0; kind < 2; ++kind) {
+      WaitFree(kind, t);
+      Copy(static_cast<const T*>(kind == 0 ? wp_.p.kv.k : wp_.p.kv.v) + h_ * kHeadDim,
+           StageAddr(kind, t), offs);
+      CpAsyncMbarArrive(Full(kind, t));
+    }
     if (next_by_cp_async) offs_[((t + 1) & 1) * kBlockN + ptid_] = next;
   }
 
   // Address of mbarrier i (0: Q full; then K full, V full, K empty, V empty per stage).
   __device__ __forceinline__ uint32_t Bar(int i) const { return base_ + Smem::kBarOffset + 8 * i; }
+  // The "full" (tile t landed) and "empty" (tile t consumed) mbarriers of K (kind 0) or V
+  // (kind 1) for tile t's stage.
+  __device__ __forceinline__ uint32_t Full(int kind, int t) const {
+    return Bar(1 + kind * kStages + t % kStages);
+  }
+  __device__ __forceinline__ uint32_t Empty(int kind, int t) const {
+    return Bar(1 + (2 + kind) * kStages + t % kStages);
+  }
 
  private:
   using Offsets = SplitOffset<Kv>;
@@ -199,6 +193,16 @@ class ExtendProducer {
     const int pos = start + box_ * wp_.tma_rows;
     c3_ = Offsets::Fetch(wp_.p.kv, request_, pos);
     c2_ = Offsets::InEntry(request_, pos);
+  }
+
+  // Stage t % kStages of K (kind 0) or V (kind 1): its shared-memory address, and a wait
+  // until the consumers released it (a fresh ring is free).
+  __device__ __forceinline__ uint32_t StageAddr(int kind, int t) const {
+    return base_ + (kind == 0 ? Smem::kKOffset : Smem::kVOffset) +
+           (t % kStages) * Smem::kStageBytes;
+  }
+  __device__ __forceinline__ void WaitFree(int kind, int t) const {
+    MbarWait(Empty(kind, t), ((t / kStages) & 1) ^ 1);
   }
 
   // Token pos's element offset, -1 past the range.
@@ -287,10 +291,10 @@ __global__ void __launch_bounds__(384, 1)
   if (tid == 0) {
     MbarInit(producer.Bar(0), 128);
     for (int s = 0; s < kStages; ++s) {
-      MbarInit(producer.Bar(1 + s), 128);                // K full: every producer thread
-      MbarInit(producer.Bar(1 + kStages + s), 128);      // V full
-      MbarInit(producer.Bar(1 + 2 * kStages + s), 256);  // K empty: every consumer thread
-      MbarInit(producer.Bar(1 + 3 * kStages + s), 256);  // V empty
+      for (int kind = 0; kind < 2; ++kind) {
+        MbarInit(producer.Full(kind, s), 128);   // every producer thread
+        MbarInit(producer.Empty(kind, s), 256);  // every consumer thread
+      }
     }
   }
   __syncthreads();
@@ -348,12 +352,10 @@ __global__ void __launch_bounds__(384, 1)
   // by cp.async (generic proxy) needs a proxy fence before wgmma's async-proxy reads; the
   // mbarrier wait made the writes visible to this thread.
   auto wait_tile = [&](int kind, int j) {
-    MbarWait(producer.Bar(1 + kind * kStages + j % kStages), (j / kStages) & 1);
+    MbarWait(producer.Full(kind, j), (j / kStages) & 1);
     if (!Producer::UsesTma(wp.tma_rows, kv_lo, kv_hi, j)) FenceProxyAsyncShared();
   };
-  auto release_tile = [&](int kind, int j) {
-    MbarArrive(producer.Bar(1 + (2 + kind) * kStages + j % kStages));
-  };
+  auto release_tile = [&](int kind, int j) { MbarArrive(producer.Empty(kind, j)); };
   // S = Q K_j^T, k-steps of 16 over head_dim: 32 bytes within a 128-byte row, a slab
   // every 4 steps. Issued, not waited for.
   auto issue_s = [&](int j) {
