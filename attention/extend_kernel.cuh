@@ -97,6 +97,38 @@ struct ExtendSmem {
   static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
 };
 
+// What one CTA of either extend kernel works on: work item blockIdx.x / num_kv_heads at
+// KV head blockIdx.x % num_kv_heads, the positions of its new tokens and its key range
+// [kv_lo, kv_hi) in n_tiles tiles of block_n tokens. kv_lo is rounded down to a multiple
+// of lo_align (1: exact); the keys it adds lie below the window and are masked.
+struct ExtendCta {
+  int h;
+  ExtendWork wk;
+  int valid_rows;  // packed rows with a token: ntok x group
+  int qpos_min;
+  int qpos_max;
+  int kv_lo;
+  int kv_hi;
+  int n_tiles;
+};
+
+// Fills *c; false for a CTA of a capacity grid (fixed_grid) past the planned work.
+template <typename Kv>
+__device__ __forceinline__ bool LoadExtendCta(const ExtendParams<Kv>& p, int block_n, int lo_align,
+                                              ExtendCta* c) {
+  const int wi = blockIdx.x / p.num_kv_heads;
+  if (wi >= p.header->num_work) return false;
+  c->h = blockIdx.x % p.num_kv_heads;
+  c->wk = p.work[wi];
+  c->valid_rows = c->wk.ntok * p.group;
+  c->qpos_min = c->wk.pos0;
+  c->qpos_max = c->wk.pos0 + c->wk.ntok - 1;
+  c->kv_hi = c->qpos_max + 1;
+  c->kv_lo = p.window_left < 0 ? 0 : max(0, c->qpos_min - p.window_left) / lo_align * lo_align;
+  c->n_tiles = (c->kv_hi - c->kv_lo + block_n - 1) / block_n;
+  return true;
+}
+
 // Element index in q / out of packed row `row` of work item wk at KV head h (token
 // row / group, query head h * group + row % group), chunk c of 8 elements.
 __device__ __forceinline__ int64_t PackedRowElement(const ExtendWork& wk, int row, int c, int group,
@@ -128,19 +160,12 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   static_assert(kBlockN * kCpr % kThreads == 0, "whole copy rounds per tile");
   const float kNegInf = -__int_as_float(0x7f800000);
 
-  const int h = blockIdx.x % p.num_kv_heads;
-  const int wi = blockIdx.x / p.num_kv_heads;
-  if (wi >= p.header->num_work) return;  // capacity grid (fixed_grid): no work here
-  const ExtendWork wk = p.work[wi];
+  ExtendCta cta;
+  if (!LoadExtendCta(p, kBlockN, 1, &cta)) return;  // capacity grid (fixed_grid): no work here
+  const auto [h, wk, valid_rows, qpos_min, qpos_max, kv_lo, kv_hi, n_tiles] = cta;
   const int group = p.group;
   const int num_q_heads = p.num_kv_heads * group;
-  const int valid_rows = wk.ntok * group;
   const int window = p.window_left;
-  const int qpos_min = wk.pos0;
-  const int qpos_max = wk.pos0 + wk.ntok - 1;
-  const int kv_hi = qpos_max + 1;
-  const int kv_lo = window < 0 ? 0 : max(0, qpos_min - window);
-  const int n_tiles = (kv_hi - kv_lo + kBlockN - 1) / kBlockN;
 
   extern __shared__ __align__(128) uint8_t smem[];
   T* q_smem = reinterpret_cast<T*>(smem);                   // [kBlockM][D]

@@ -264,19 +264,13 @@ __global__ void __launch_bounds__(384, 1)
   const float kNegInf = -__int_as_float(0x7f800000);
   const ExtendParams<Kv>& p = wp.p;
 
-  const int h = blockIdx.x % p.num_kv_heads;
-  const int wi = blockIdx.x / p.num_kv_heads;
-  if (wi >= p.header->num_work) return;  // capacity grid (fixed_grid): no work here
-  const ExtendWork wk = p.work[wi];
+  // The key range starts at a tile boundary, so TMA boxes start page-aligned.
+  ExtendCta cta;
+  if (!LoadExtendCta(p, kBlockN, kBlockN, &cta)) return;  // capacity grid: no work here
+  const auto [h, wk, valid_rows, qpos_min, qpos_max, kv_lo, kv_hi, n_tiles] = cta;
   const int group = p.group;
   const int num_q_heads = p.num_kv_heads * group;
-  const int valid_rows = wk.ntok * group;
   const int window = p.window_left;
-  const int qpos_min = wk.pos0;
-  const int qpos_max = wk.pos0 + wk.ntok - 1;
-  const int kv_hi = qpos_max + 1;
-  const int kv_lo = window < 0 ? 0 : max(0, qpos_min - window) / kBlockN * kBlockN;
-  const int n_tiles = (kv_hi - kv_lo + kBlockN - 1) / kBlockN;
 
   // Its own name: an extern shared array is one symbol across kernels, and this one needs
   // 1024-byte alignment (the swizzle atoms' base offset 0).
