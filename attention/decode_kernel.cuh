@@ -41,8 +41,12 @@ struct DecodeParams {
   float scale_log2;  // softmax scale * log2(e)
 };
 
-// Per head_dim: warps per CTA (16 tokens each per tile) and pipeline depth, chosen so a
-// stage is 16-32 KiB and two or more CTAs fit an SM (docs/decode.md).
+// Per head_dim: warps per CTA (16 tokens each per tile) and pipeline depth. Head_dim 128,
+// the model shape: one CTA of 8 warps per SM, tiles of 128 tokens (64 KiB of K and V per
+// stage), two tiles in flight while one is read; measured against two CTAs of 4 warps
+// per SM (the same bytes in flight as two streams) it is 2-4 % faster at batch 16, 128
+// and the long contexts and as fast at 64 (docs/decode.md). The others keep 16-32 KiB
+// stages, two or more CTAs per SM.
 template <int kHeadDim>
 struct DecodeConfig;
 template <>
@@ -52,7 +56,7 @@ struct DecodeConfig<64> {
 };
 template <>
 struct DecodeConfig<128> {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = 8;
   static constexpr int kStages = 3;
 };
 template <>
@@ -101,16 +105,22 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
+__device__ __forceinline__ uint64_t SmClock() {
+  uint64_t c;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(c));
+  return c;
+}
+
 __device__ __forceinline__ uint32_t SmId() {
   uint32_t id;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
   return id;
 }
 
-// Writes this CTA's trace record while a trace is set: SM and start time at construction
-// (kernel entry), end time at destruction, so every return path records it. Thread 0 only;
-// when off, one load of g_decode_trace and a branch at entry, a shared-memory flag and a
-// branch at exit. Nothing lives in registers through the kernel (a record pointer, even a
+// Writes this CTA's trace record while a trace is set: SM, start time and cycle count at
+// construction (kernel entry), end time and cycles at destruction, so every return path records it.
+// Thread 0 only; when off, one load of g_decode_trace and a branch at entry, a shared-memory flag
+// and a branch at exit. Nothing lives in registers through the kernel (a record pointer, even a
 // flag, made the head_dim 256 paged kernel spill): the end reloads the target, which no
 // launch in flight sees change (decode_trace.h).
 class DecodeTraceScope {
@@ -120,12 +130,15 @@ class DecodeTraceScope {
     const DecodeTraceTarget t = g_decode_trace;
     const bool traced = t.records != nullptr && blockIdx.x < static_cast<uint32_t>(t.capacity);
     Traced() = traced;
-    if (traced) t.records[blockIdx.x] = {SmId(), blockIdx.x, GlobalTimerNs(), 0};
+    if (traced) t.records[blockIdx.x] = {SmId(), blockIdx.x, GlobalTimerNs(), 0, SmClock(), 0};
   }
   __device__ __forceinline__ ~DecodeTraceScope() {
     if (threadIdx.x != 0 || !Traced()) return;
     const uint64_t end = GlobalTimerNs();  // before the load: its latency is not the CTA's
-    g_decode_trace.records[blockIdx.x].end_ns = end;
+    const uint64_t end_clock = SmClock();
+    DecodeTraceRecord& r = g_decode_trace.records[blockIdx.x];
+    r.end_ns = end;
+    r.end_clock = end_clock;
   }
   DecodeTraceScope(const DecodeTraceScope&) = delete;
   DecodeTraceScope& operator=(const DecodeTraceScope&) = delete;

@@ -1,9 +1,10 @@
 // A profiling hook of the decode kernel (built only with CUDA, like attention.h): while a
-// trace buffer is set, thread 0 of every DecodeKernel CTA records its SM and the global timer at
-// entry and at exit, so a slow launch shows whether some CTAs start late, some run slowly or all
-// run slower (docs/decode.md, B = 16). Off by default; off, thread 0 of a CTA pays one global load
-// and a branch at entry, a shared-memory load and a branch at exit. Plain C++ (no CUDA
-// headers), so host tools read the records; `kvbench decode --trace` does.
+// trace buffer is set, thread 0 of every DecodeKernel CTA records its SM, the global timer and
+// its SM's cycle counter at entry and at exit, so a slow launch shows whether some CTAs start
+// late, some run slowly or all run slower, and at what SM clock (docs/decode.md, B = 16). Off by
+// default; off, thread 0 of a CTA pays one global load and a branch at entry, a shared-memory load
+// and a branch at exit. Plain C++ (no CUDA headers), so host tools read the records; `kvbench
+// decode --trace` does.
 #ifndef KVMEM_DECODE_TRACE_H_
 #define KVMEM_DECODE_TRACE_H_
 
@@ -15,13 +16,17 @@ namespace kvmem {
 
 // One CTA of one traced launch. Times are %globaltimer: nanoseconds on one clock for all
 // SMs, advancing in steps of the device's own period (tens of ns to 1 us).
+// The clock fields are the SM's %clock64 read next to each timer stamp: cycles over
+// nanoseconds between them is the SM clock the CTA ran at.
 struct DecodeTraceRecord {
-  uint32_t smid;      // %smid: not necessarily dense nor below the SM count
-  uint32_t block;     // blockIdx.x
-  uint64_t start_ns;  // at entry, once thread 0 has loaded the trace target
-  uint64_t end_ns;    // as thread 0 returns; a CTA with no work (capacity grid) returns at once
+  uint32_t smid;         // %smid: not necessarily dense nor below the SM count
+  uint32_t block;        // blockIdx.x
+  uint64_t start_ns;     // at entry, once thread 0 has loaded the trace target
+  uint64_t end_ns;       // as thread 0 returns; a CTA with no work (capacity grid) returns at once
+  uint64_t start_clock;  // SM cycles at start_ns
+  uint64_t end_clock;    // SM cycles at end_ns
 };
-static_assert(sizeof(DecodeTraceRecord) == 24);
+static_assert(sizeof(DecodeTraceRecord) == 40);
 
 // Makes the DecodeKernel launches issued after it write block i's record to
 // device_buffer[i] for i < capacity (blocks past it record nothing; slots of blocks that do

@@ -354,8 +354,9 @@ TEST(DecodeAttentionTest, GraphReplayWithNewLengthsAndTables) {
   }
 }
 
-// SetDecodeTrace: every CTA of a traced launch writes its record (block, SM, start <= end)
-// and the output still matches the reference; once off, launches leave the buffer alone.
+// SetDecodeTrace: every CTA of a traced launch writes its record (block, SM, start <= end,
+// cycles at an SM clock) and the output still matches the reference; once off, launches leave the
+// buffer alone.
 TEST(DecodeAttentionTest, TraceRecordsEveryCtaOfALaunch) {
   SKIP_WITHOUT_GPU();
   DecodeTraceRecord dummy;
@@ -389,6 +390,15 @@ TEST(DecodeAttentionTest, TraceRecordsEveryCtaOfALaunch) {
     EXPECT_GT(r.start_ns, 0u) << "block " << i;
     EXPECT_GE(r.end_ns, r.start_ns) << "block " << i;
     EXPECT_LT(r.smid, 1024u) << "block " << i;
+    EXPECT_GT(r.start_clock, 0u) << "block " << i;
+    EXPECT_GT(r.end_clock, r.start_clock) << "block " << i;  // it ran some cycles
+    // Over a few microseconds the cycles per ns are an SM clock (Hopper: 0.3-2 GHz).
+    if (r.end_ns > r.start_ns + 4000) {
+      const double mhz = 1e3 * static_cast<double>(r.end_clock - r.start_clock) /
+                         static_cast<double>(r.end_ns - r.start_ns);
+      EXPECT_GT(mhz, 100.0) << "block " << i;
+      EXPECT_LT(mhz, 5000.0) << "block " << i;
+    }
   }
 
   ASSERT_EQ(cudaMemset(buffer.get(), 0, bytes), cudaSuccess);

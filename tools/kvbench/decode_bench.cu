@@ -226,6 +226,15 @@ void PrintTimes(const std::vector<DecodeTraceRecord>& recs) {
       "        duration (us): min %.1f p10 %.1f p50 %.1f p90 %.1f max %.1f; timer step %llu ns\n",
       dur[0], Pct(dur, 10), Pct(dur, 50), Pct(dur, 90), dur.back(),
       static_cast<unsigned long long>(step));
+  // SM cycles per nanosecond over each CTA's run: a launch slowed by a lower SM clock (a
+  // power or thermal cap) shows here, one slowed by memory does not.
+  const std::vector<double> mhz = SortedBy(recs, [](const DecodeTraceRecord& r) {
+    return r.end_ns > r.start_ns
+               ? 1e3 * static_cast<double>(r.end_clock - r.start_clock) / (r.end_ns - r.start_ns)
+               : 0.0;
+  });
+  std::printf("        SM clock (MHz): min %.0f p50 %.0f max %.0f\n", mhz[0], Pct(mhz, 50),
+              mhz.back());
 }
 
 // Other CTAs on r's SM, and how many of them ran at the same time as r.
@@ -283,12 +292,14 @@ void PrintTracedLaunch(const char* name, const TracedLaunch& t, int ctas, int sm
   PrintSecondWave(t.records);
 }
 
-// Appends the records as CSV rows "launch,block,smid,start_ns,end_ns".
+// Appends the records as CSV rows "launch,block,smid,start_ns,end_ns,start_clock,end_clock".
 void WriteCsvRows(std::FILE* f, const char* launch, const std::vector<DecodeTraceRecord>& recs) {
   for (const DecodeTraceRecord& r : recs) {
-    std::fprintf(f, "%s,%u,%u,%llu,%llu\n", launch, r.block, r.smid,
+    std::fprintf(f, "%s,%u,%u,%llu,%llu,%llu,%llu\n", launch, r.block, r.smid,
                  static_cast<unsigned long long>(r.start_ns),
-                 static_cast<unsigned long long>(r.end_ns));
+                 static_cast<unsigned long long>(r.end_ns),
+                 static_cast<unsigned long long>(r.start_clock),
+                 static_cast<unsigned long long>(r.end_clock));
   }
 }
 
@@ -298,7 +309,7 @@ bool WriteTraceCsv(const std::string& path, const TracedLaunch& fast, const Trac
     std::fprintf(stderr, "decode bench: cannot write %s\n", path.c_str());
     return false;
   }
-  std::fprintf(f, "launch,block,smid,start_ns,end_ns\n");
+  std::fprintf(f, "launch,block,smid,start_ns,end_ns,start_clock,end_clock\n");
   WriteCsvRows(f, "fast", fast.records);
   WriteCsvRows(f, "slow", slow.records);
   return std::fclose(f) == 0;
