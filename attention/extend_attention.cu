@@ -39,6 +39,9 @@ struct ExtendWorkspace::Impl {
   float scale_log2 = 0.f;
   int tokens_per_tile = 0;
   bool wgmma = false;  // launches run ExtendWgmmaKernel
+  // CTAs of the launched kernel the device holds at once, at most options.max_ctas: the
+  // persistent wgmma grid.
+  int resident_ctas = 0;
   int max_work = 0;
   int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1
 
@@ -104,32 +107,42 @@ int BlockRows(int head_dim) {
   return 0;
 }
 
-// Raises the dynamic shared-memory limit of `kernel` to kBytes.
+// Raises the dynamic shared-memory limit of `kernel` (of `threads` per CTA) to `bytes`;
+// sets *ctas_per_sm to how many CTAs of it an SM holds.
 template <typename Kernel>
-absl::Status AllowSmem(Kernel kernel, int bytes) {
+absl::Status AllowSmem(Kernel kernel, int threads, int bytes, int* ctas_per_sm) {
+  KVMEM_RETURN_IF_ERROR(
+      CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                 "cudaFuncSetAttribute"));
   return CudaStatus(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-      "cudaFuncSetAttribute");
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, threads, bytes),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
 }
 
 // Raises the dynamic shared-memory limit of the kernel of (layout, dtype, head_dim,
-// wgmma or not) that launches will use.
-absl::Status PrepareExtendKernel(Layout layout, DType dtype, int head_dim, bool wgmma) {
+// wgmma or not) that launches will use; returns its CTAs per SM.
+absl::StatusOr<int> PrepareExtendKernel(Layout layout, DType dtype, int head_dim, bool wgmma) {
+  int ctas_per_sm = 0;
   auto prepare = [&](auto tag) -> absl::Status {
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
     if constexpr (kDim != 256) {
       if (wgmma) {
-        constexpr int kBytes = WgmmaExtendSmem<T, kDim>::kBytes;
-        return layout == Layout::kPaged ? AllowSmem(&ExtendWgmmaKernel<PagedKv, T, kDim>, kBytes)
-                                        : AllowSmem(&ExtendWgmmaKernel<VirtualKv, T, kDim>, kBytes);
+        using WSmem = WgmmaExtendSmem<T, kDim>;
+        return layout == Layout::kPaged ? AllowSmem(&ExtendWgmmaKernel<PagedKv, T, kDim>,
+                                                    WSmem::kThreads, WSmem::kBytes, &ctas_per_sm)
+                                        : AllowSmem(&ExtendWgmmaKernel<VirtualKv, T, kDim>,
+                                                    WSmem::kThreads, WSmem::kBytes, &ctas_per_sm);
       }
     }
+    constexpr int kThreads = ExtendConfig<kDim>::kWarps * 32;
     constexpr int kBytes = ExtendSmem<T, kDim>::kBytes;
-    return layout == Layout::kPaged ? AllowSmem(&ExtendKernel<PagedKv, T, kDim>, kBytes)
-                                    : AllowSmem(&ExtendKernel<VirtualKv, T, kDim>, kBytes);
+    return layout == Layout::kPaged
+               ? AllowSmem(&ExtendKernel<PagedKv, T, kDim>, kThreads, kBytes, &ctas_per_sm)
+               : AllowSmem(&ExtendKernel<VirtualKv, T, kDim>, kThreads, kBytes, &ctas_per_sm);
   };
-  return DispatchExtend(dtype, head_dim, prepare);
+  KVMEM_RETURN_IF_ERROR(DispatchExtend(dtype, head_dim, prepare));
+  return ctas_per_sm;
 }
 
 // Tokens per TMA box of the wgmma kernel's full tiles: a whole tile for the virtual
@@ -255,6 +268,10 @@ absl::StatusOr<std::unique_ptr<ExtendWorkspace>> ExtendWorkspace::Create(
         absl::StrCat("max_batch ", options.max_batch, ", max_new_tokens ", options.max_new_tokens,
                      ", max_context ", options.max_context, ": must be >= 1 (and < 2^30)"));
   }
+  if (options.max_ctas < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_ctas = ", options.max_ctas, ": must be >= 0 (0: one per SM)"));
+  }
   if (options.layout == Layout::kPaged && options.page_tokens < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("page_tokens = ", options.page_tokens, ": must be >= 1"));
@@ -274,12 +291,20 @@ absl::StatusOr<std::unique_ptr<ExtendWorkspace>> ExtendWorkspace::Create(
           s.head_dim, ")"));
     }
   }
+  KVMEM_ASSIGN_OR_RETURN(const int ctas_per_sm, internal::PrepareExtendKernel(
+                                                    options.layout, s.kv_dtype, s.head_dim, wgmma));
+  int device = 0;
+  int sms = 0;
+  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
   KVMEM_RETURN_IF_ERROR(
-      internal::PrepareExtendKernel(options.layout, s.kv_dtype, s.head_dim, wgmma));
+      internal::CudaStatus(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                           "cudaDeviceGetAttribute"));
 
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->wgmma = wgmma;
+  impl->resident_ctas = std::max(1, ctas_per_sm) * sms;
+  if (options.max_ctas > 0) impl->resident_ctas = std::min(impl->resident_ctas, options.max_ctas);
   impl->num_q_heads = s.num_q_heads;
   impl->num_kv_heads = s.num_kv_heads;
   impl->group = group;
@@ -482,9 +507,13 @@ absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
     using Smem = internal::ExtendSmem<T, kDim>;
-    const dim3 grid(static_cast<unsigned>(int64_t{work_items} * w.num_kv_heads));
+    const int64_t pairs = int64_t{work_items} * w.num_kv_heads;
+    const dim3 grid(static_cast<unsigned>(pairs));
     if constexpr (kDim != 256) {
       if (w.wgmma) {
+        // Persistent: one wave of CTAs, each running pairs until the plan's are done.
+        const dim3 persistent_grid(
+            static_cast<unsigned>(std::min<int64_t>(pairs, w.resident_ctas)));
         using WSmem = internal::WgmmaExtendSmem<T, kDim>;
         internal::WgmmaExtendParams<Kv> wp{};
         wp.p = params;
@@ -495,7 +524,7 @@ absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void
                                                               w.num_kv_heads, wp.tma_rows));
         }
         internal::ExtendWgmmaKernel<Kv, T, kDim>
-            <<<grid, WSmem::kThreads, WSmem::kBytes, stream>>>(wp);
+            <<<persistent_grid, WSmem::kThreads, WSmem::kBytes, stream>>>(wp);
         return internal::CudaStatus(cudaGetLastError(), "ExtendWgmmaKernel launch");
       }
     }

@@ -97,10 +97,11 @@ struct ExtendSmem {
   static constexpr int kBytes = kOffOffset + TileOffsetsBytes(Cfg::kBlockN, Cfg::kStages);
 };
 
-// What one CTA of either extend kernel works on: work item blockIdx.x / num_kv_heads at
-// KV head blockIdx.x % num_kv_heads, the positions of its new tokens and its key range
-// [kv_lo, kv_hi) in n_tiles tiles of block_n tokens. kv_lo is rounded down to a multiple
-// of lo_align (1: exact); the keys it adds lie below the window and are masked.
+// One (work item, KV head) pair of either extend kernel: pair `index` is work item
+// index / num_kv_heads at KV head index % num_kv_heads (the mma.sync kernel's CTA runs pair
+// blockIdx.x, a persistent wgmma CTA several), the positions of its new tokens and its key
+// range [kv_lo, kv_hi) in n_tiles tiles of block_n tokens. kv_lo is rounded down to a
+// multiple of lo_align (1: exact); the keys it adds lie below the window and are masked.
 struct ExtendCta {
   int h;
   ExtendWork wk;
@@ -112,13 +113,13 @@ struct ExtendCta {
   int n_tiles;
 };
 
-// Fills *c; false for a CTA of a capacity grid (fixed_grid) past the planned work.
+// Fills *c; false for a pair past the planned work (a capacity grid, fixed_grid).
 template <typename Kv>
-__device__ __forceinline__ bool LoadExtendCta(const ExtendParams<Kv>& p, int block_n, int lo_align,
-                                              ExtendCta* c) {
-  const int wi = blockIdx.x / p.num_kv_heads;
+__device__ __forceinline__ bool LoadExtendCta(const ExtendParams<Kv>& p, int index, int block_n,
+                                              int lo_align, ExtendCta* c) {
+  const int wi = index / p.num_kv_heads;
   if (wi >= p.header->num_work) return false;
-  c->h = blockIdx.x % p.num_kv_heads;
+  c->h = index % p.num_kv_heads;
   c->wk = p.work[wi];
   c->valid_rows = c->wk.ntok * p.group;
   c->qpos_min = c->wk.pos0;
@@ -160,8 +161,8 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   static_assert(kBlockN * kCpr % kThreads == 0, "whole copy rounds per tile");
   const float kNegInf = -__int_as_float(0x7f800000);
 
-  ExtendCta cta;
-  if (!LoadExtendCta(p, kBlockN, 1, &cta)) return;  // capacity grid (fixed_grid): no work here
+  ExtendCta cta;  // none past the planned work: a capacity grid (fixed_grid)
+  if (!LoadExtendCta(p, static_cast<int>(blockIdx.x), kBlockN, 1, &cta)) return;
   const auto [h, wk, valid_rows, qpos_min, qpos_max, kv_lo, kv_hi, n_tiles] = cta;
   const int group = p.group;
   const int num_q_heads = p.num_kv_heads * group;

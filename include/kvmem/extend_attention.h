@@ -54,6 +54,11 @@ struct ExtendOptions {
   // CTAs past the planned work exit at once.
   bool fixed_grid = false;
   ExtendKernel kernel = ExtendKernel::kAuto;
+  // The Hopper kernel's CTAs are persistent (one per SM, each running query tiles until
+  // the step's are done). max_ctas > 0 caps how many a launch runs, to leave SMs to work
+  // on other streams (a decode step beside a prefill chunk); 0: as many as the device
+  // holds. The mma.sync kernel launches one CTA per query tile and ignores it.
+  int max_ctas = 0;
 };
 
 // Device state of an extend step: the work list (which CTA takes which query tile of

@@ -59,13 +59,15 @@ struct Case {
   float scale = 0.f;
   float q_std = 1.f;
   ExtendKernel kernel = ExtendKernel::kAuto;
+  int max_ctas = 0;
   std::vector<Req> reqs;
 
   std::string Name() const {
     return absl::StrCat(kernel == ExtendKernel::kMmaSync ? "[mma.sync] " : "", KindName(kind),
                         kind == Kind::kPaged ? absl::StrCat(" page ", page_tokens) : std::string(),
                         " ", std::string(DTypeName(dtype)), " D", head_dim, " H", kv_heads, " G",
-                        group, " window ", window, " batch ", reqs.size());
+                        group, " window ", window, " batch ", reqs.size(),
+                        max_ctas > 0 ? absl::StrCat(" max_ctas ", max_ctas) : std::string());
   }
   AttentionShape Shape() const {
     AttentionShape s;
@@ -120,6 +122,7 @@ ExtendOptions OptionsFor(const Case& c, int max_batch, int64_t max_new, int64_t 
   o.page_tokens = c.page_tokens;
   o.fixed_grid = fixed_grid;
   o.kernel = c.kernel;
+  o.max_ctas = c.max_ctas;
   return o;
 }
 
@@ -389,6 +392,31 @@ TEST(ExtendAttentionTest, RequestsWithoutNewTokens) {
   }
 }
 
+// The Hopper kernel's persistent CTAs: capped at 1, 2 or 5, each CTA runs many query
+// tiles of different requests in turn, so the K/V ring's phases (2 stages at head_dim
+// 128, 3 at 64), the two Q buffers and the consumers' turns carry over from tile to tile,
+// through cp.async-only ranges (page 3), TMA ones (page 16, virtual) and windows. On
+// other devices the cap is ignored and the same cases run on the mma.sync kernel.
+TEST(ExtendAttentionTest, PersistentCtasRunManyTiles) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<std::pair<Kind, int>> layouts = {
+      {Kind::kPaged, 3}, {Kind::kPaged, 16}, {Kind::kVirtualAllLayers, 16}};
+  for (int max_ctas : {1, 2, 5}) {
+    for (int d : {64, 128}) {
+      for (auto [kind, page] : layouts) {
+        Case c;
+        c.kind = kind;
+        c.page_tokens = page;
+        c.head_dim = d;
+        c.max_ctas = max_ctas;
+        c.window = max_ctas == 2 ? 100 : -1;
+        c.reqs = {{0, 1}, {5, 300}, {700, 130}, {0, 64}, {31, 1}, {129, 77}};
+        RunCase(c);
+      }
+    }
+  }
+}
+
 TEST(ExtendAttentionTest, LongPrefillAndExtend) {
   SKIP_WITHOUT_GPU();
   if (SmallRun()) GTEST_SKIP() << "KVMEM_TEST_SMALL: long cases skipped";
@@ -540,6 +568,9 @@ TEST(ExtendAttentionTest, RejectsBadArguments) {
   EXPECT_EQ(ExtendWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
   bad = o;
   bad.max_new_tokens = 0;
+  EXPECT_EQ(ExtendWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.max_ctas = -1;
   EXPECT_EQ(ExtendWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
 
   auto ws = ExtendWorkspace::Create(o);
