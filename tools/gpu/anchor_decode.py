@@ -7,7 +7,9 @@ enable_gqa, so the bytes read are those of kvmem's kernels). Backends: cuDNN and
 Median of CUDA-event-timed runs after a warm-up, rotating over enough input copies
 (>= 200 MB) that L2 never holds them. Bytes = 2 x B x ctx x 8 x 128 x 2.
 
-usage: python3 tools/gpu/anchor_decode.py [--reps N]
+usage: python3 tools/gpu/anchor_decode.py [--reps N] [--repeat N]
+(--repeat, default 2: rounds over the shapes in one process, like kvbench decode; quote
+the last round: a process's first shapes can run slower in every launch, on either side)
 """
 import argparse
 import math
@@ -39,40 +41,43 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"anchor device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}")
-    for backend, name in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]:
-        for b, ctx in D1:
-            nbytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * 2
-            sets = min(32, max(2, math.ceil(ROTATE_BYTES / nbytes)))
-            qs = [torch.randn(b, Q_HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
-            ks = [torch.randn(b, KV_HEADS, ctx, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
-            vs = [torch.randn(b, KV_HEADS, ctx, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
+    runs = [(backend, name, b, ctx) for _ in range(max(1, args.repeat))
+            for backend, name in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]
+            for b, ctx in D1]
+    for backend, name, b, ctx in runs:
+        nbytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * 2
+        sets = min(32, max(2, math.ceil(ROTATE_BYTES / nbytes)))
+        qs = [torch.randn(b, Q_HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
+        ks = [torch.randn(b, KV_HEADS, ctx, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
+        vs = [torch.randn(b, KV_HEADS, ctx, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(sets)]
 
-            def step(i):
-                F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
+        def step(i):
+            F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
 
-            try:
-                with sdpa_kernel(backend):
-                    out = F.scaled_dot_product_attention(qs[0], ks[0], vs[0], enable_gqa=True)[:4]
-                    us = median_us(step, sets, args.warmup, args.reps)
-                # Checked once against fp32 attention on the first 4 requests.
-                g = Q_HEADS // KV_HEADS
-                q32 = qs[0][:4].float()
-                k32 = ks[0][:4].float().repeat_interleave(g, 1)
-                v32 = vs[0][:4].float().repeat_interleave(g, 1)
-                ref = torch.softmax(q32 @ k32.transpose(-1, -2) / math.sqrt(HEAD_DIM), -1) @ v32
-                rel = ((out.float() - ref).norm() / ref.norm()).item()
-                del q32, k32, v32, ref
-                print(f"ANCHOR {name:6s} B={b:<4d} ctx={ctx:<6d} {us:9.1f} us  {nbytes / us * 1e-3:7.0f} GB/s"
-                      f"  (rel err {rel:.1e})", flush=True)
-            except Exception as e:  # an unsupported shape or backend is reported, not fatal
-                print(f"ANCHOR {name:6s} B={b:<4d} ctx={ctx:<6d} unsupported: {str(e).splitlines()[0][:100]}",
-                      flush=True)
-            del qs, ks, vs
-            torch.cuda.empty_cache()
+        try:
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(qs[0], ks[0], vs[0], enable_gqa=True)[:4]
+                us = median_us(step, sets, args.warmup, args.reps)
+            # Checked once against fp32 attention on the first 4 requests.
+            g = Q_HEADS // KV_HEADS
+            q32 = qs[0][:4].float()
+            k32 = ks[0][:4].float().repeat_interleave(g, 1)
+            v32 = vs[0][:4].float().repeat_interleave(g, 1)
+            ref = torch.softmax(q32 @ k32.transpose(-1, -2) / math.sqrt(HEAD_DIM), -1) @ v32
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            del q32, k32, v32, ref
+            print(f"ANCHOR {name:6s} B={b:<4d} ctx={ctx:<6d} {us:9.1f} us  {nbytes / us * 1e-3:7.0f} GB/s"
+                  f"  (rel err {rel:.1e})", flush=True)
+        except Exception as e:  # an unsupported shape or backend is reported, not fatal
+            print(f"ANCHOR {name:6s} B={b:<4d} ctx={ctx:<6d} unsupported: {str(e).splitlines()[0][:100]}",
+                  flush=True)
+        del qs, ks, vs
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

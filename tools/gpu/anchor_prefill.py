@@ -11,10 +11,14 @@ i of the 512 sees the 4096 prefix and new tokens 0..i), as kvmem's extend does.
 GQA: K/V are [B, 8, L, D] with enable_gqa=True where the backend takes it; otherwise
 they are repeated to 32 heads first (the same FLOPs; only the K/V bytes grow).
 
-usage: python3 tools/gpu/anchor_prefill.py [--reps N]
+usage: python3 tools/gpu/anchor_prefill.py [--reps N] [--settle-ms N]
+(--settle-ms, default 500: idle before each figure, as kvbench prefill does: the board's
+power cap lowers the clock within tenths of a second at these rates, so without a pause a
+figure depends on what ran before it)
 """
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +53,7 @@ def median_ms(fn, reps, warmup=3):
     return statistics.median(times)
 
 
-def run(batch, prefix, new, backend, reps):
+def run(batch, prefix, new, backend, reps, settle_ms):
     ctx = prefix + new
     dev = "cuda"
     q = torch.randn(batch, Q_HEADS, new, HEAD_DIM, device=dev, dtype=torch.bfloat16)
@@ -77,6 +81,7 @@ def run(batch, prefix, new, backend, reps):
         except Exception as e:  # backend refuses this combination: try the next
             last = e
             continue
+        time.sleep(settle_ms / 1000)
         return median_ms(fn, reps), how
     raise RuntimeError(str(last).splitlines()[0] if last else "no attempt")
 
@@ -84,6 +89,7 @@ def run(batch, prefix, new, backend, reps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--settle-ms", type=int, default=500)
     args = ap.parse_args()
     print(f"anchor_prefill: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"q_heads {Q_HEADS}, kv_heads {KV_HEADS}, head_dim {HEAD_DIM}, bf16; "
@@ -91,7 +97,7 @@ def main():
     for tag, batch, prefix, new in SHAPES:
         for name, backend in BACKENDS:
             try:
-                ms, how = run(batch, prefix, new, backend, args.reps)
+                ms, how = run(batch, prefix, new, backend, args.reps, args.settle_ms)
                 tf = flops(batch, prefix, new) / (ms * 1e-3) * 1e-12
                 print(f"{tag:8s} B={batch} prefix={prefix:<5d} new={new:<5d} sdpa-{name:6s} "
                       f"({how:6s}) {ms:9.3f} ms {tf:7.1f} TFLOP/s", flush=True)

@@ -7,6 +7,13 @@
 // Bytes = 2 (K, V) x B x ctx x kv_heads x head_dim x 2. tools/gpu/anchor_decode.py runs
 // torch SDPA on the same shapes for the anchors; docs/decode.md has the figures.
 //
+// Two rounds over the shapes by default (--repeat=N), the figures to quote being the last
+// round's: on the H100 the shape measured first after the bandwidth ceiling (and sometimes
+// the second) ran 15-17 % slower in every launch, whatever its layout (paged B=16: 111.6 us
+// in round 1, 95.6-96.0 in rounds 2 and 3 of one process; virtual-layer alone in a process:
+// 109.1), while the SM clock stayed at 1830 MHz (--trace). tools/gpu/anchor_decode.py
+// runs its shapes twice the same way; its second shape once read 164.8 us in a single round.
+//
 // --trace (a diagnostic) then times every CTA of 50 more launches per shape with the
 // kernel's trace (include/kvmem/decode_trace.h) and summarises the fastest and the slowest:
 // whether a slow launch has late-starting CTAs, slow ones, or uniformly slower ones.
@@ -57,6 +64,7 @@ struct Settings {
   int d1_page = 16;        // page_tokens of the paged D1 shapes
   bool trace = false;      // after the timing, per-CTA times of more launches (diagnostic)
   std::string trace_csv;   // non-empty: the traced fastest and slowest launches' records
+  int repeat = 2;          // rounds over the selected shapes, in one process (see the top)
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -567,6 +575,8 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.spacer_us = std::max(0, std::atoi(v));
     } else if (const char* v = kvbench::FlagValue(a, "--page=")) {
       s.d1_page = std::max(1, std::atoi(v));
+    } else if (const char* v = kvbench::FlagValue(a, "--repeat=")) {
+      s.repeat = std::max(1, std::atoi(v));
     } else if (a == "--spread") {
       s.spread = true;
     } else if (a == "--trace") {
@@ -578,7 +588,9 @@ int DecodeBench(const std::vector<std::string>& args) {
       std::fprintf(stderr,
                    "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
                    "[--batch=B] [--page=N] [--seq-pages] [--spread] [--spacer-us=N] [--trace] "
-                   "[--trace-csv=PATH]\n"
+                   "[--trace-csv=PATH] [--repeat=N]\n"
+                   "  --repeat=N: N rounds over the selected shapes in one process (a shape's "
+                   "figure can depend on what ran before it)\n"
                    "  --trace: per-CTA start/end of %d more launches per shape, fastest and "
                    "slowest summarised\n"
                    "  --trace-csv=PATH: also their records as CSV (implies --trace; one shape)\n",
@@ -625,8 +637,11 @@ int DecodeBench(const std::vector<std::string>& args) {
   if (!MeasureCeiling(s, prop.multiProcessorCount, &ceiling)) return 1;
   std::printf("read-bandwidth ceiling: %.0f GB/s\n", ceiling);
   std::printf("set median of %d reps; %% = of the ceiling\n", s.reps);
-  for (const Shape& sh : selected) {
-    if (!RunShape(s, sh, ceiling, prop.multiProcessorCount)) return 1;
+  for (int round = 1; round <= s.repeat; ++round) {
+    if (s.repeat > 1) std::printf("round %d of %d\n", round, s.repeat);
+    for (const Shape& sh : selected) {
+      if (!RunShape(s, sh, ceiling, prop.multiProcessorCount)) return 1;
+    }
   }
   return 0;
 }

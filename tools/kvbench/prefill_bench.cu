@@ -16,9 +16,15 @@
 // --kernel=both times the portable mma.sync kernel too (ExtendKernel::kMmaSync), beside
 // the one kAuto picks (wgmma on an H100). --seq-pages puts the paged pool's pages in
 // order (a diagnostic: the default shuffles them, a fragmented pool).
+// --settle-ms=N (default 500): the GPU idles N ms before each figure's timed launches. At
+// these rates an H100 runs into its power cap within tenths of a second and lowers its
+// clock (nvidia-smi: "SW power cap", 1.4-2.0 GHz), so without a pause a figure depends on
+// what ran before it (the extend shape measured right after b4 came out 18 % lower than
+// alone). tools/gpu/anchor_prefill.py pauses the same way before each of its figures.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -26,6 +32,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvmem/extend_attention.h"
@@ -55,6 +62,7 @@ struct Settings {
   std::string shapes = "p4k,p16k,b4,extend";
   std::string kernel = "auto";  // auto | mma | both
   bool seq_pages = false;       // paged: pages in order instead of shuffled (diagnostic)
+  int settle_ms = 500;          // idle before each figure's timing (the file's comment)
 };
 
 struct Shape {
@@ -153,6 +161,7 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, Exten
     return false;
   }
   PREFILL_CUDA(cudaDeviceSynchronize());
+  std::this_thread::sleep_for(std::chrono::milliseconds(s.settle_ms));
 
   absl::Status launched = absl::OkStatus();
   auto run = [&] {
@@ -198,11 +207,13 @@ int Main(const std::vector<std::string>& args) {
       s.kernel = v;
     } else if (a == "--seq-pages") {
       s.seq_pages = true;
+    } else if (const char* v = value("--settle-ms=")) {
+      s.settle_ms = std::max(0, std::atoi(v));
     } else {
       std::fprintf(stderr,
                    "usage: kvbench prefill [--reps=N] [--warmup=N] [--page=N]\n"
                    "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n"
-                   "  [--kernel=auto|mma|both] [--seq-pages]\n");
+                   "  [--kernel=auto|mma|both] [--seq-pages] [--settle-ms=N]\n");
       return 2;
     }
   }
