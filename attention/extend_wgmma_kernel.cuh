@@ -213,7 +213,8 @@ class ExtendProducer {
     if (next_by_cp_async) offs_[((t + 1) & 1) * kBlockN + ptid_] = next;
   }
 
-  // Stage `stage` of K (kind 0) or V (kind 1).
+  // Stage `stage` of K (kind 0) or V (kind 1), for the producer's copies and the
+  // consumers' products alike.
   __device__ __forceinline__ static uint32_t StageAddr(uint32_t smem_base, int kind, int stage) {
     return smem_base + (kind == 0 ? Smem::kKOffset : Smem::kVOffset) + stage * Smem::kStageBytes;
   }
@@ -370,8 +371,6 @@ __global__ void __launch_bounds__(384, 1)
   const int wwarp = (tid >> 5) & 3;  // warp in the warpgroup: its 16 rows
   const int lane = tid & 31;
   const int wtid = tid & 127;
-  const uint32_t k_base = smem_base + Smem::kKOffset;
-  const uint32_t v_base = smem_base + Smem::kVOffset;
 
   // This thread's rows of the accumulators: lane / 4 and + 8 of its warp's 16.
   const int g = lane >> 2;
@@ -430,7 +429,7 @@ __global__ void __launch_bounds__(384, 1)
     // S = Q K_j^T, k-steps of 16 over head_dim: 32 bytes within a 128-byte row, a slab
     // every 4 steps. Issued, not waited for.
     auto issue_s = [&](int j) {
-      const uint32_t k_tile = k_base + ((tile_base + j) % kStages) * Smem::kStageBytes;
+      const uint32_t k_tile = Producer::StageAddr(smem_base, 0, (tile_base + j) % kStages);
       WgmmaFenceOperands(s);
       WgmmaFence();
 #pragma unroll
@@ -443,7 +442,7 @@ __global__ void __launch_bounds__(384, 1)
     };
     // O += P V_j from pa, k-steps of 16 tokens (2048 bytes of the V tile each). Issued.
     auto issue_pv = [&](int j) {
-      const uint32_t v_tile = v_base + ((tile_base + j) % kStages) * Smem::kStageBytes;
+      const uint32_t v_tile = Producer::StageAddr(smem_base, 1, (tile_base + j) % kStages);
       WgmmaFenceOperands(o);
       WgmmaFence();
 #pragma unroll
