@@ -22,13 +22,13 @@
 //     on the stage's "full" mbarrier (tma.cuh): by its own TMA transaction bytes, or once
 //     its cp.async copies have landed.
 //   * warpgroups 1 and 2, the consumers, own rows [0, 64) and [64, 128) with 232
-//     registers per thread. Per tile j: S_j = Q K_j^T (wgmma m64n128k16, Q and K read by
-//     descriptor) is issued together with O += P_{j-1} V_{j-1} (P converted in registers
-//     to the A fragment); the online softmax of S_j (exp2 domain, mask only on tiles that
-//     straddle the causal or window edge) runs while that P V product is on the tensor
-//     cores, then O is rescaled. Each stage is released as soon as its product landed.
-//     The two consumers take turns issuing products (FA3's pingpong), so one's softmax
-//     also runs under the other's tensor-core work.
+//     registers per thread. Per tile j: S_j = Q K_j^T (wgmma m64n128k16, Q from registers
+//     loaded once per pair, K read by descriptor) is issued together with O += P_{j-1} V_{j-1} (P
+//     converted in registers to the A fragment); the online softmax of S_j (exp2 domain, mask only
+//     on tiles that straddle the causal or window edge) runs while that P V product is on the
+//     tensor cores, then O is rescaled. Each stage is released as soon as its product landed. The
+//     two consumers take turns issuing products (FA3's pingpong), so one's softmax also runs under
+//     the other's tensor-core work.
 // The key range starts at a multiple of kBlockN (a window's first tile is masked), so a
 // full tile's boxes start page-aligned.
 // Why not the mma.sync kernel: on Hopper mma.sync reaches about half of the tensor
@@ -412,11 +412,16 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int r = 0; r < kSAcc; ++r) s[r] = 0.f;
     uint32_t pa[kBlockN / 16][4];  // P of the previous tile: the A fragments of its O += P V
-    // Q of this warpgroup: rows [64 cwg, 64 cwg + 64) of the swizzled Q tile; copied by
-    // cp.async, so a proxy fence before wgmma reads it.
-    const uint32_t q_wg = q_buffer(i) + cwg * 64 * 128;
+    // Q of this warpgroup (rows [64 cwg, 64 cwg + 64) of the swizzled Q tile) as the A
+    // operand of S = Q K^T, in registers: read from shared memory once per pair instead of
+    // by every S product. Copied by cp.async and read by ldmatrix: no proxy fence.
     MbarWait(bars.QFull(i), Barriers::Parity(i, 2));
-    FenceProxyAsyncShared();
+    uint32_t qa[kHeadDim / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const int row = cwg * 64 + wwarp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      LdMatrixX4(qa[ks], q_buffer(i) + Sw128Offset<kBlockM>(row, 2 * ks + (lane >> 4)));
+    }
 
     // Waits until the stage of tile j holds K (kind 0) or V (kind 1). A tile written by
     // cp.async (generic proxy) needs a proxy fence before wgmma's async-proxy reads; the
@@ -435,8 +440,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks) {
         const uint32_t k_off = (ks >> 2) * kBlockN * 128 + (ks & 3) * 32;
-        const uint32_t q_off = (ks >> 2) * kBlockM * 128 + (ks & 3) * 32;
-        WgmmaSsN128<T>(s, KMajorDesc(q_wg + q_off), KMajorDesc(k_tile + k_off), ks > 0);
+        WgmmaRsN128<T>(s, qa[ks], KMajorDesc(k_tile + k_off), ks > 0);
       }
       WgmmaCommit();
     };

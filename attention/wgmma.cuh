@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA (wgmma.mma_async, sm_90a) for the extend kernel: shared-memory
-// matrix descriptors for the 128-byte-swizzled tiles it stages, and the three products
-// it issues. Internal; fragment and descriptor layouts are those of the PTX ISA
+// matrix descriptors for the 128-byte-swizzled tiles it stages, and the products it
+// issues. Internal; fragment and descriptor layouts are those of the PTX ISA
 // ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). The wgmma wrappers (fence,
 // commit, wait and the products) must be called by all 128 threads of a warpgroup
 // together; the offset, descriptor and proxy-fence helpers are per thread.
@@ -95,6 +95,10 @@ __device__ __forceinline__ void WgmmaSsN128(float (&d)[64], uint64_t a, uint64_t
 template <typename T, int kN>
 __device__ __forceinline__ void WgmmaRsTransB(float (&d)[kN / 2], const uint32_t (&a)[4],
                                               uint64_t b);
+// D (+)= A B with A from registers (the m16n8k16 A layout per warp) and a K-major B.
+template <typename T>
+__device__ __forceinline__ void WgmmaRsN128(float (&d)[64], const uint32_t (&a)[4], uint64_t b,
+                                            int scale_d);
 
 #define KVMEM_WGMMA_DEFINE(T, TY)                                                                  \
   template <>                                                                                      \
@@ -124,6 +128,20 @@ __device__ __forceinline__ void WgmmaRsTransB(float (&d)[kN / 2], const uint32_t
         "1, 1, 1;\n}\n"                                                                            \
         : KVMEM_WG_D64                                                                             \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                             \
+  }                                                                                                \
+  template <>                                                                                      \
+  __device__ __forceinline__ void WgmmaRsN128<T>(float(&d)[64], const uint32_t(&a)[4], uint64_t b, \
+                                                 int scale_d) {                                    \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                   \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "    \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, "   \
+        "1, 1, 0;\n}\n"                                                                            \
+        : KVMEM_WG_D64                                                                             \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                       \
   }                                                                                                \
   template <>                                                                                      \
   __device__ __forceinline__ void WgmmaRsTransB<T, 64>(float(&d)[32], const uint32_t(&a)[4],       \

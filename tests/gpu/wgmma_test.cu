@@ -1,7 +1,8 @@
 // GPU tests of the warpgroup-MMA helpers (attention/wgmma.cuh) on their own, so that a
 // wrong descriptor or fragment layout shows up here by name rather than as a wrong
 // attention output: S = Q K^T with both operands K-major from 128-byte-swizzled shared
-// memory (two 64-column slabs), and O = P V with P from registers and V MN-major
+// memory (two 64-column slabs), the same with Q loaded by ldmatrix into A fragments (the
+// extend kernel's form), and O = P V with P from registers and V MN-major
 // (N = 128 over two slabs, and N = 64), against fp64 host products of the same bf16
 // inputs. Skips, saying so, without an sm_90 GPU.
 #include <cuda_bf16.h>
@@ -47,7 +48,9 @@ __device__ void StoreAcc(const float (&d)[kN / 2], float* out) {
   }
 }
 
-// s[64][128] = q[64][128] k[128][128]^T.
+// s[64][128] = q[64][128] k[128][128]^T; Q read by descriptor from shared memory, or
+// (kQInRegisters) loaded by ldmatrix into A fragments first, as the extend kernel does.
+template <bool kQInRegisters>
 __global__ void QkKernel(const __nv_bfloat16* q, const __nv_bfloat16* k, float* s) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t wgmma_test_smem[];
@@ -61,11 +64,20 @@ __global__ void QkKernel(const __nv_bfloat16* q, const __nv_bfloat16* k, float* 
   for (float& x : d) x = 0.f;
   WgmmaFenceOperands(d);
   WgmmaFence();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
   for (int ks = 0; ks < 8; ++ks) {
-    const uint32_t q_off = (ks >> 2) * 64 * 128 + (ks & 3) * 32;
     const uint32_t k_off = (ks >> 2) * 128 * 128 + (ks & 3) * 32;
-    WgmmaSsN128<__nv_bfloat16>(d, KMajorDesc(SmemAddr(q_tile) + q_off),
-                               KMajorDesc(SmemAddr(k_tile) + k_off), ks > 0);
+    if constexpr (kQInRegisters) {
+      uint32_t a[4];
+      const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      LdMatrixX4(a, SmemAddr(q_tile) + Sw128Offset<64>(row, 2 * ks + (lane >> 4)));
+      WgmmaRsN128<__nv_bfloat16>(d, a, KMajorDesc(SmemAddr(k_tile) + k_off), ks > 0);
+    } else {
+      const uint32_t q_off = (ks >> 2) * 64 * 128 + (ks & 3) * 32;
+      WgmmaSsN128<__nv_bfloat16>(d, KMajorDesc(SmemAddr(q_tile) + q_off),
+                                 KMajorDesc(SmemAddr(k_tile) + k_off), ks > 0);
+    }
   }
   WgmmaCommit();
   WgmmaWait<0>();
@@ -150,18 +162,19 @@ double WorstError(const std::vector<float>& got, const std::vector<double>& want
   return worst / scale;
 }
 
-TEST(WgmmaTest, QkBothOperandsKMajorFromSharedMemory) {
-  SKIP_WITHOUT_SM90();
+template <bool kQInRegisters>
+void RunQk() {
   const auto q = Random(64 * 128, 1);
   const auto k = Random(128 * 128, 2);
   DeviceBuffer q_dev(q.size() * 2), k_dev(k.size() * 2), s_dev(64 * 128 * 4);
   CUDA_ASSERT(cudaMemcpy(q_dev.get(), q.data(), q.size() * 2, cudaMemcpyHostToDevice));
   CUDA_ASSERT(cudaMemcpy(k_dev.get(), k.data(), k.size() * 2, cudaMemcpyHostToDevice));
   const int smem = 48 * 1024;
-  CUDA_ASSERT(cudaFuncSetAttribute(QkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  QkKernel<<<1, 128, smem>>>(static_cast<const __nv_bfloat16*>(q_dev.get()),
-                             static_cast<const __nv_bfloat16*>(k_dev.get()),
-                             static_cast<float*>(s_dev.get()));
+  CUDA_ASSERT(cudaFuncSetAttribute(QkKernel<kQInRegisters>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  QkKernel<kQInRegisters><<<1, 128, smem>>>(static_cast<const __nv_bfloat16*>(q_dev.get()),
+                                            static_cast<const __nv_bfloat16*>(k_dev.get()),
+                                            static_cast<float*>(s_dev.get()));
   CUDA_ASSERT(cudaDeviceSynchronize());
   std::vector<float> s(64 * 128);
   CUDA_ASSERT(cudaMemcpy(s.data(), s_dev.get(), s.size() * 4, cudaMemcpyDeviceToHost));
@@ -172,7 +185,17 @@ TEST(WgmmaTest, QkBothOperandsKMajorFromSharedMemory) {
         want[i * 128 + j] += ToDouble(q[i * 128 + t]) * ToDouble(k[j * 128 + t]);
     }
   }
-  EXPECT_LE(WorstError(s, want), 1e-4);
+  EXPECT_LE(WorstError(s, want), 1e-4) << (kQInRegisters ? "Q from registers" : "Q by descriptor");
+}
+
+TEST(WgmmaTest, QkBothOperandsKMajorFromSharedMemory) {
+  SKIP_WITHOUT_SM90();
+  RunQk<false>();
+}
+
+TEST(WgmmaTest, QkRegistersTimesKMajorSharedMemory) {
+  SKIP_WITHOUT_SM90();
+  RunQk<true>();
 }
 
 template <int kN>
