@@ -95,10 +95,25 @@ __device__ __forceinline__ void WgmmaSsN128(float (&d)[64], uint64_t a, uint64_t
 template <typename T, int kN>
 __device__ __forceinline__ void WgmmaRsTransB(float (&d)[kN / 2], const uint32_t (&a)[4],
                                               uint64_t b);
-// D (+)= A B with A from registers (the m16n8k16 A layout per warp) and a K-major B.
+// d[64] (+)= A[64x16] B[16x128]: A from registers (as above), B from shared memory,
+// K-major (K as B of S = Q K^T). scale_d 0 overwrites d.
 template <typename T>
 __device__ __forceinline__ void WgmmaRsN128(float (&d)[64], const uint32_t (&a)[4], uint64_t b,
                                             int scale_d);
+
+// m64n128k16 with A from registers a[4], B by descriptor b: TRANS_B "0" (K-major) or "1"
+// (MN-major); SCALE_D 0 overwrites d.
+#define KVMEM_WG_RS_N128(TY, TRANS_B, SCALE_D)                                                  \
+  asm volatile(                                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                              \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "   \
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "   \
+      "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, "  \
+      "1, 1, " TRANS_B ";\n}\n"                                                                 \
+      : KVMEM_WG_D64                                                                            \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(SCALE_D))
 
 #define KVMEM_WGMMA_DEFINE(T, TY)                                                                  \
   template <>                                                                                      \
@@ -118,30 +133,12 @@ __device__ __forceinline__ void WgmmaRsN128(float (&d)[64], const uint32_t (&a)[
   template <>                                                                                      \
   __device__ __forceinline__ void WgmmaRsTransB<T, 128>(float(&d)[64], const uint32_t(&a)[4],      \
                                                         uint64_t b) {                              \
-    asm volatile(                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                   \
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "    \
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, "   \
-        "1, 1, 1;\n}\n"                                                                            \
-        : KVMEM_WG_D64                                                                             \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                             \
+    KVMEM_WG_RS_N128(TY, "1", 1);                                                                  \
   }                                                                                                \
   template <>                                                                                      \
   __device__ __forceinline__ void WgmmaRsN128<T>(float(&d)[64], const uint32_t(&a)[4], uint64_t b, \
                                                  int scale_d) {                                    \
-    asm volatile(                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                   \
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
-        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "    \
-        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "    \
-        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, "   \
-        "1, 1, 0;\n}\n"                                                                            \
-        : KVMEM_WG_D64                                                                             \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                       \
+    KVMEM_WG_RS_N128(TY, "0", scale_d);                                                            \
   }                                                                                                \
   template <>                                                                                      \
   __device__ __forceinline__ void WgmmaRsTransB<T, 64>(float(&d)[32], const uint32_t(&a)[4],       \
@@ -160,6 +157,7 @@ KVMEM_WGMMA_DEFINE(__nv_bfloat16, "bf16")
 KVMEM_WGMMA_DEFINE(__half, "f16")
 
 #undef KVMEM_WGMMA_DEFINE
+#undef KVMEM_WG_RS_N128
 #undef KVMEM_WG_D64
 #undef KVMEM_WG_D32
 #undef KVMEM_WG_D8
