@@ -191,12 +191,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   TileOffsets<Kv, kTile, kStages> offsets(p.kv, b, start, end, smem + Smem::kOffOffset, tid,
                                           tid < kTile, tid);
   auto load_tile = [&](int tile) {
-    const int stage = tile % kStages;
-    offsets.template CopyTile<kHeadDim, kThreads>(
-        tile, k_head, v_head, SmemAddr(k_smem + stage * kTile * kHeadDim),
-        SmemAddr(v_smem + stage * kTile * kHeadDim), tid, [](int row, int c) {
-          return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));
-        });
+    offsets.template CopyTileToStage<kHeadDim, kThreads>(tile, k_head, v_head, k_smem, v_smem, tid);
   };
 
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,

@@ -187,12 +187,7 @@ __global__ void __launch_bounds__(ExtendConfig<kHeadDim>::kWarps * 32,
   TileOffsets<Kv, kBlockN, kStages> offsets(p.kv, wk.b, kv_lo, kv_hi, smem + Smem::kOffOffset,
                                             tid / kOffStride, tid % kOffStride == 0, tid);
   auto load_tile = [&](int tile) {
-    const int stage = tile % kStages;
-    offsets.template CopyTile<kHeadDim, kThreads>(
-        tile, k_head, v_head, SmemAddr(k_smem + stage * kBlockN * kHeadDim),
-        SmemAddr(v_smem + stage * kBlockN * kHeadDim), tid, [](int row, int c) {
-          return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));
-        });
+    offsets.template CopyTileToStage<kHeadDim, kThreads>(tile, k_head, v_head, k_smem, v_smem, tid);
   };
 
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,

@@ -141,6 +141,19 @@ class TileOffsets {
     }
   }
 
+  // CopyTile into stage t % kStages of the [kStages][kTile][kHeadDim] K and V rings at
+  // k_smem / v_smem, in the XorSwizzle layout that the cp.async kernels' ldmatrix reads.
+  template <int kHeadDim, int kThreads, typename T>
+  __device__ __forceinline__ void CopyTileToStage(int t, const T* k_head, const T* v_head,
+                                                  const T* k_smem, const T* v_smem, int tid) const {
+    const int stage_elems = (t % kStages) * kTile * kHeadDim;
+    CopyTile<kHeadDim, kThreads>(
+        t, k_head, v_head, SmemAddr(k_smem + stage_elems), SmemAddr(v_smem + stage_elems), tid,
+        [](int row, int c) {
+          return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));
+        });
+  }
+
   // Element offsets of tile t's tokens (0 past hi), after the barrier that follows its
   // Resolve / ResolveNow.
   __device__ __forceinline__ const int64_t* Tile(int t) const {
