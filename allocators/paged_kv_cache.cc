@@ -263,7 +263,7 @@ void PagedKvCache::ReclaimQuarantine(bool scan_all) {
   pool_.Reclaim([this](const Fence& f) { return vmm_->FenceComplete(f); }, scan_all);
 }
 
-absl::StatusOr<std::vector<int32_t>> PagedKvCache::TakePages(int64_t count) {
+absl::StatusOr<std::vector<int32_t>> PagedKvCache::TakePages(int64_t count, int32_t near) {
   std::vector<int32_t> pages;
   if (count <= 0) return pages;
   ReclaimQuarantine(/*scan_all=*/pool_.free_count() < count);
@@ -275,10 +275,13 @@ absl::StatusOr<std::vector<int32_t>> PagedKvCache::TakePages(int64_t count) {
         pool_.quarantined_count(), geo_.num_pages));
   }
   pages.reserve(count);
+  const bool contiguous = config_.page_placement == PagePlacement::kContiguous;
+  const int64_t mapped_pages = UsablePagesFor(mapped_chunks());
   int32_t highest = -1;
   for (int64_t i = 0; i < count; ++i) {
-    pages.push_back(pool_.Allocate());
-    highest = std::max(highest, pages.back());
+    pages.push_back(contiguous ? pool_.AllocateNear(near, mapped_pages) : pool_.Allocate());
+    near = pages.back();
+    highest = std::max(highest, near);
   }
   const int64_t need_chunks =
       CeilDiv((int64_t{highest} + 1) * geo_.pool_page_bytes, geo_.granularity);
@@ -375,7 +378,8 @@ absl::Status PagedKvCache::Grow(int32_t row, int64_t len, int64_t n, std::vector
   const int64_t chunks_before = mapped_chunks();
   std::vector<int32_t> fresh;
   if (count > 0) {
-    absl::StatusOr<std::vector<int32_t>> taken = TakePages(count);
+    absl::StatusOr<std::vector<int32_t>> taken =
+        TakePages(count, r.pages.empty() ? -1 : r.pages.back());
     if (!taken.ok()) {
       return WithContext(taken.status(),
                          absl::StrFormat("row %d growing from %d by %d tokens", row, len, n));

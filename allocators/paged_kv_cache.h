@@ -8,7 +8,9 @@
 // physical handles). An elastic pool maps chunks only when an allocation needs a page
 // beyond what is mapped, and Trim() gives back trailing chunks whose pages are all
 // free; page p is usable only when all its bytes in every pool are mapped (pages may
-// straddle granules). Pages are handed out lowest id first so the tail stays free.
+// straddle granules). Pages are placed by config.page_placement (next to the request's
+// last page by default, PagePool::AllocateNear); either way none beyond the mapped ones
+// while a mapped page is free.
 //
 // Sharing: pages are ref-counted (PagePool). A row writing into its partly filled last
 // page while that page is shared first copies the filled slots to a new page (copy on
@@ -101,9 +103,10 @@ class PagedKvCache final : public KvLayout {
   int64_t PagesFor(int64_t len) const { return (len + pt_ - 1) / pt_; }
   int64_t UsablePagesFor(int64_t chunks) const;
 
-  // Takes `count` pages (lowest first), reclaiming quarantine and mapping chunks as
-  // needed. On error nothing is taken or mapped.
-  absl::StatusOr<std::vector<int32_t>> TakePages(int64_t count);
+  // Takes `count` pages for a request whose last page is `near` (-1: none), placed by
+  // config_.page_placement, reclaiming quarantine and mapping chunks as needed. On error
+  // nothing is taken or mapped.
+  absl::StatusOr<std::vector<int32_t>> TakePages(int64_t count, int32_t near);
   // Undoes TakePages: frees `pages` and unmaps chunks beyond `chunks_before`.
   absl::Status UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before);
   // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool.

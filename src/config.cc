@@ -27,6 +27,10 @@ absl::Status ValidateShape(const KvCacheConfig& c) {
   if (c.device == DeviceKind::kHost && (g < 4096 || (g & (g - 1)) != 0)) {
     return bad("host_granularity", g, "must be a power of two >= 4096");
   }
+  if (c.page_placement != PagePlacement::kContiguous &&
+      c.page_placement != PagePlacement::kLowestFirst) {
+    return bad("page_placement", static_cast<int>(c.page_placement), "unknown page placement");
+  }
   if (c.device != DeviceKind::kHost && c.device != DeviceKind::kCuda) {
     return bad("device", static_cast<int>(c.device), "unknown device kind");
   }
@@ -40,7 +44,7 @@ std::string DescribeConfig(const KvCacheConfig& c) {
       c.layout == Layout::kPaged ? "paged" : "virtual",
       c.layout == Layout::kVirtual
           ? (c.arrangement == Arrangement::kAllLayers ? "/all-layers" : "/per-layer")
-          : "",
+          : (c.page_placement == PagePlacement::kContiguous ? "/contiguous" : "/lowest-first"),
       c.num_layers, c.num_kv_heads, c.head_dim, DTypeName(c.dtype), c.page_tokens, c.max_requests,
       c.max_context, static_cast<double>(c.memory_budget_bytes) / (1 << 30),
       c.device == DeviceKind::kHost ? "host" : absl::StrFormat("cuda:%d", c.device_ordinal));

@@ -22,7 +22,10 @@ namespace {
 }  // namespace
 
 IdBitmap::IdBitmap(int64_t size)
-    : size_(size), bits_((size + 63) / 64, 0), summary_((bits_.size() + 63) / 64, 0) {}
+    : size_(size),
+      bits_((size + 63) / 64, 0),
+      summary_((bits_.size() + 63) / 64, 0),
+      full_(summary_.size(), 0) {}
 
 bool IdBitmap::Insert(int64_t id) {
   uint64_t& word = bits_[id >> 6];
@@ -30,8 +33,14 @@ bool IdBitmap::Insert(int64_t id) {
   if (word & bit) return false;
   word |= bit;
   const int64_t w = id >> 6;
-  summary_[w >> 6] |= uint64_t{1} << (w & 63);
+  const uint64_t sbit = uint64_t{1} << (w & 63);
+  summary_[w >> 6] |= sbit;
   if ((w >> 6) < low_hint_) low_hint_ = w >> 6;
+  // Only whole words count as full: a last word with fewer than 64 ids never does.
+  if (word == ~uint64_t{0}) {
+    full_[w >> 6] |= sbit;
+    if ((w >> 6) < full_hint_) full_hint_ = w >> 6;
+  }
   ++count_;
   return true;
 }
@@ -40,13 +49,24 @@ bool IdBitmap::Erase(int64_t id) {
   uint64_t& word = bits_[id >> 6];
   const uint64_t bit = uint64_t{1} << (id & 63);
   if (!(word & bit)) return false;
+  const int64_t w = id >> 6;
+  const uint64_t sbit = uint64_t{1} << (w & 63);
+  full_[w >> 6] &= ~sbit;
   word &= ~bit;
-  if (word == 0) {
-    const int64_t w = id >> 6;
-    summary_[w >> 6] &= ~(uint64_t{1} << (w & 63));
-  }
+  if (word == 0) summary_[w >> 6] &= ~sbit;
   --count_;
   return true;
+}
+
+int64_t IdBitmap::LowestFullWord(int64_t limit) const {
+  for (int64_t s = full_hint_; s < static_cast<int64_t>(full_.size()); ++s) {
+    if (full_[s] == 0) continue;
+    full_hint_ = s;
+    const int64_t first = (s * 64 + std::countr_zero(full_[s])) * 64;
+    return first + 64 <= limit ? first : -1;
+  }
+  full_hint_ = static_cast<int64_t>(full_.size());
+  return -1;
 }
 
 int64_t IdBitmap::Lowest() const {
@@ -73,15 +93,95 @@ int64_t IdBitmap::HighestAbsent() const {
 PagePool::PagePool(int32_t num_pages)
     : num_pages_(num_pages), free_(num_pages), refcount_(num_pages, 0) {
   for (int32_t p = 0; p < num_pages; ++p) free_.Insert(p);
+  const int64_t groups = (int64_t{num_pages} + 63) / 64;
+  group_free_.assign(groups, 0);
+  by_free_.assign(65, IdBitmap(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    group_free_[g] = static_cast<uint8_t>(std::min<int64_t>(64, num_pages - g * 64));
+    by_free_[group_free_[g]].Insert(g);
+  }
 }
 
-int32_t PagePool::Allocate() {
-  const int64_t page = free_.Lowest();
+void PagePool::MarkFree(int64_t page, bool free) {
+  if (free) {
+    free_.Insert(page);
+  } else {
+    free_.Erase(page);
+  }
+  const int64_t g = page >> 6;
+  by_free_[group_free_[g]].Erase(g);
+  group_free_[g] = static_cast<uint8_t>(group_free_[g] + (free ? 1 : -1));
+  by_free_[group_free_[g]].Insert(g);
+}
+
+int32_t PagePool::Take(int64_t page) {
   if (page < 0) return -1;
-  free_.Erase(page);
+  MarkFree(page, false);
   refcount_[page] = 1;
   ++used_;
   return static_cast<int32_t>(page);
+}
+
+int32_t PagePool::Allocate() { return Take(free_.Lowest()); }
+
+namespace {
+
+// Offset in a 64-page group of the page to start a new run at, given the group's free
+// pages `free_bits` (non-zero): in the longest free run (the lowest of equals), its
+// first page when the run opens the group, else its middle, so that the request owning
+// the page before the run can still grow into the first half.
+int RunStart(uint64_t free_bits) {
+  int best_start = 0, best_len = 0;
+  for (uint64_t x = free_bits; x != 0;) {
+    const int start = std::countr_zero(x);
+    const int len = std::countr_one(x >> start);
+    if (len > best_len) {
+      best_start = start;
+      best_len = len;
+    }
+    x = len + start >= 64 ? 0 : x & (~uint64_t{0} << (start + len));
+  }
+  return best_start == 0 ? 0 : best_start + best_len / 2;
+}
+
+}  // namespace
+
+uint64_t PagePool::FreeBitsBelow(int64_t group, int64_t limit) const {
+  const int64_t first = group * 64;
+  if (first >= limit) return 0;
+  const uint64_t bits = free_.word(group);
+  return limit - first >= 64 ? bits : bits & ((uint64_t{1} << (limit - first)) - 1);
+}
+
+int32_t PagePool::AllocateNear(int32_t near, int64_t limit) {
+  limit = std::min<int64_t>(limit, num_pages_);
+  if (near >= 0 && near + 1 < limit && free_.Contains(near + 1)) return Take(near + 1);
+  // A new run: in near's group while it has room, else in a wholly free group, else in
+  // the group with the most free pages (the lowest of equals).
+  int64_t group = near >= 0 && FreeBitsBelow(near >> 6, limit) != 0 ? near >> 6 : -1;
+  if (group < 0) {
+    const int64_t first = free_.LowestFullWord(limit);
+    if (first >= 0) group = first >> 6;
+  }
+  if (group < 0) {
+    // The lowest of the whole groups below the limit with the most free pages (buckets
+    // by free count), against the group the limit cuts, if any (counted below it).
+    const int64_t whole = limit / 64;
+    int best = 0;
+    for (int n = 64; n > 0 && group < 0; --n) {
+      const int64_t g = by_free_[n].Lowest();
+      if (g >= 0 && g < whole) {
+        group = g;
+        best = n;
+      }
+    }
+    if (whole * 64 < limit) {
+      const int cut = std::popcount(FreeBitsBelow(whole, limit));
+      if (cut > best) group = whole;
+    }
+  }
+  if (group < 0) return Take(free_.Lowest());  // nothing free below the limit
+  return Take(group * 64 + RunStart(FreeBitsBelow(group, limit)));
 }
 
 void PagePool::AddRef(int32_t page) {
@@ -114,7 +214,7 @@ bool PagePool::Unref(int32_t page, const Fence& fence) {
     fences.push_back(fence);
   }
   if (fences.empty()) {
-    free_.Insert(page);
+    MarkFree(page, true);
     return true;
   }
   const bool coalesce = fences.size() == 1 && !quarantine_.empty() &&
@@ -134,7 +234,7 @@ int64_t PagePool::Reclaim(const std::function<bool(const Fence&)>& complete, boo
       ++it;
       continue;
     }
-    for (int32_t page : it->pages) free_.Insert(page);
+    for (int32_t page : it->pages) MarkFree(page, true);
     freed += static_cast<int64_t>(it->pages.size());
     it = quarantine_.erase(it);
   }
@@ -185,6 +285,19 @@ absl::Status PagePool::CheckConsistency() const {
     return absl::InternalError(absl::StrFormat(
         "page pool: counters used %d shared %d quarantined %d free %d; recount %d %d %d %d", used_,
         shared_, quarantined_, free_.count(), used, shared, quarantined, free));
+  }
+  int64_t bucketed = 0;
+  for (const IdBitmap& bucket : by_free_) bucketed += bucket.count();
+  for (int64_t g = 0; g < static_cast<int64_t>(group_free_.size()); ++g) {
+    const int n = std::popcount(free_.word(g));
+    if (group_free_[g] != n || !by_free_[n].Contains(g)) {
+      return absl::InternalError(absl::StrFormat(
+          "page pool: group %d has %d free pages but is counted with %d", g, n, group_free_[g]));
+    }
+  }
+  if (bucketed != static_cast<int64_t>(group_free_.size())) {
+    return absl::InternalError(absl::StrFormat(
+        "page pool: %d groups in the free-count buckets, not %d", bucketed, group_free_.size()));
   }
   if (used + quarantined + free != num_pages_) {
     return absl::InternalError(

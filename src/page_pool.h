@@ -8,8 +8,9 @@
 //   free         refcount 0, in the free set;
 //   used         refcount >= 1 (shared when >= 2);
 //   quarantined  refcount 0, waiting for the fence it was freed under.
-// Allocate() always hands out the LOWEST free id, so used pages pack at the bottom of
-// the pool and an elastic pool can give its free tail back (docs/layouts.md).
+// Allocate() hands out the LOWEST free id, so used pages pack at the bottom of the pool
+// and an elastic pool can give its free tail back (docs/layouts.md). AllocateNear()
+// keeps a request's pages next to each other instead (PagePlacement::kContiguous).
 //
 // Not thread-safe: the owning layout calls it under KvCache's mutex.
 #ifndef KVMEM_SRC_PAGE_POOL_H_
@@ -44,14 +45,21 @@ class IdBitmap {
   int64_t Lowest() const;
   // Highest id in [0, size) that is NOT a member, or -1 when every id is a member.
   int64_t HighestAbsent() const;
+  // Membership bits of ids [64 w, 64 w + 64). REQUIRES: 0 <= w < ceil(size / 64).
+  uint64_t word(int64_t w) const { return bits_[w]; }
+  // First id of the lowest word whose 64 ids are all members and all below `limit`, or
+  // -1. O(size / 4096) at worst, O(1) in the common case (a hint as for Lowest()).
+  int64_t LowestFullWord(int64_t limit) const;
 
  private:
   int64_t size_ = 0;
   int64_t count_ = 0;
   std::vector<uint64_t> bits_;     // bit i of word w: id w * 64 + i is a member
   std::vector<uint64_t> summary_;  // bit i of word s: bits_[s * 64 + i] != 0
-  // Every summary word below this index is zero.
+  std::vector<uint64_t> full_;     // bit i of word s: all 64 ids of bits_[s * 64 + i] members
+  // Every summary_ (full_) word below this index is zero.
   mutable int64_t low_hint_ = 0;
+  mutable int64_t full_hint_ = 0;
 };
 
 class PagePool {
@@ -73,6 +81,22 @@ class PagePool {
 
   // Takes the lowest free page with refcount 1; -1 when none is free.
   int32_t Allocate();
+  // Takes a free page with refcount 1 for a request whose last page is `near` (-1: it
+  // has none), keeping each request's pages in runs of adjacent ids:
+  //   1. near + 1, when free and below `limit`;
+  //   2. else a new run: in near's 64-page group when it has a free page below `limit`,
+  //      else in the lowest wholly free group below `limit`, else in the group with the
+  //      most free pages below `limit`; within the group, in its longest free run (the
+  //      first page of a run that opens the group, else the run's middle, leaving the
+  //      first half to the request that owns the page before the run);
+  //   3. the lowest free page when none is free below `limit`.
+  // Why: a decode kernel reads a request's pages in order; pages adjacent in memory
+  // share the GPU's 2 MiB translation entries (64 pages of 32 KiB at page 16 of the
+  // model shape), where lowest-first interleaves the pages of requests that grow
+  // together. `limit` is the count of mapped pages (an elastic pool): steps 1-2 never
+  // make a pool grow that lowest-first would not. -1 when none is free.
+  // REQUIRES: -1 <= near < num_pages. O(1) (a scan of 64 counts at worst).
+  int32_t AllocateNear(int32_t near, int64_t limit);
   // REQUIRES: page is used.
   void AddRef(int32_t page);
   // Drops one reference. A non-null `fence` is remembered even while other references
@@ -99,8 +123,19 @@ class PagePool {
     std::vector<int32_t> pages;
   };
 
+  // Moves free `page` to used with refcount 1 and returns it; -1 for page -1.
+  int32_t Take(int64_t page);
+  // The free pages of 64-page group `group` that are below `limit`, as bits.
+  uint64_t FreeBitsBelow(int64_t group, int64_t limit) const;
+  // Moves `page` into (free) or out of the free set, keeping the group counts.
+  void MarkFree(int64_t page, bool free);
+
   int32_t num_pages_;
   IdBitmap free_;
+  // Free pages per 64-page group, and the groups by that count (by_free_[n]: the groups
+  // with n free pages), so the group with the most free pages is found in O(64).
+  std::vector<uint8_t> group_free_;
+  std::vector<IdBitmap> by_free_;
   std::vector<int32_t> refcount_;
   std::deque<QuarantineEntry> quarantine_;  // oldest first
   // Fences given for used pages by owners that dropped their reference (sparse).

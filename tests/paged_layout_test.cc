@@ -198,9 +198,21 @@ class PagedSizesTest : public ::testing::TestWithParam<int> {};
 INSTANTIATE_TEST_SUITE_P(PageTokens, PagedSizesTest, ::testing::Values(1, 3, 16, 64),
                          [](const auto& info) { return "pt" + std::to_string(info.param); });
 
+// Four requests grown in interleaved steps under `placement`: contents, stats, where the
+// pages are, and the mapped memory.
+void GrowAndCheckStats(int pt, PagePlacement placement);
+
 TEST_P(PagedSizesTest, GrowWritesDistinctSlotsAndStatsAddUp) {
   const int pt = GetParam();
+  for (PagePlacement placement : {PagePlacement::kLowestFirst, PagePlacement::kContiguous}) {
+    SCOPED_TRACE(placement == PagePlacement::kLowestFirst ? "lowest-first" : "contiguous");
+    GrowAndCheckStats(pt, placement);
+  }
+}
+
+void GrowAndCheckStats(int pt, PagePlacement placement) {
   KvCacheConfig config = SmallConfig(pt, /*budget=*/512 << 10, /*max_context=*/200);
+  config.page_placement = placement;
   std::unique_ptr<KvCache> cache = MakeCache(config);
   ASSERT_NE(cache, nullptr);
   Model model;
@@ -234,17 +246,25 @@ TEST_P(PagedSizesTest, GrowWritesDistinctSlotsAndStatsAddUp) {
   EXPECT_EQ(s.pages_free + s.pages_used + s.pages_quarantined, s.pages_total);
   EXPECT_EQ(s.peak_held_bytes, s.held_bytes);
   EXPECT_EQ(s.peak_live_bytes, s.live_bytes);
-  // Lowest-first allocation: the used pages are exactly [0, pages).
   std::vector<int32_t> all;
   for (const auto& [id, tags] : model) {
     std::vector<int32_t> t = *cache->BlockTable(id);
     all.insert(all.end(), t.begin(), t.end());
   }
   std::sort(all.begin(), all.end());
-  for (int64_t i = 0; i < static_cast<int64_t>(all.size()); ++i) ASSERT_EQ(all[i], i);
-  // Mapped memory covers the used pages and no more than a chunk beyond them.
+  ASSERT_EQ(std::unique(all.begin(), all.end()), all.end()) << "a page owned twice";
   const int64_t pool_page = pt * config.TokenLayerBytes();
   const int64_t chunks = (pages * pool_page + kGran - 1) / kGran;
+  if (placement == PagePlacement::kLowestFirst) {
+    // Lowest-first allocation: the used pages are exactly [0, pages).
+    for (int64_t i = 0; i < static_cast<int64_t>(all.size()); ++i) ASSERT_EQ(all[i], i);
+  } else {
+    // Contiguous placement: anywhere in the mapped pages, never beyond them.
+    ASSERT_FALSE(all.empty());
+    EXPECT_LE((int64_t{all.back()} + 1) * pool_page, chunks * kGran);
+  }
+  // Mapped memory covers the used pages and no more than a chunk beyond them (the same
+  // for either placement: placement never grows the pool).
   EXPECT_EQ(s.mapped_bytes, chunks * 4 * kGran);
   EXPECT_EQ(s.physical_bytes, s.mapped_bytes);
   EXPECT_EQ(s.idle_bytes,

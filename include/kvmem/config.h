@@ -27,6 +27,21 @@ enum class Arrangement : uint8_t { kAllLayers = 0, kPerLayer = 1 };
 
 enum class DeviceKind : uint8_t { kHost = 0, kCuda = 1 };
 
+// Which free page the paged layout gives a request that needs one.
+//  kContiguous:  the page after the request's last one when free, else the start of a
+//                new run in the same 64-page group, a wholly free group or the group
+//                with the most free pages (PagePool::AllocateNear). A request's pages
+//                stay adjacent, so a decode kernel's reads share 2 MiB address-
+//                translation entries: on an H100, a pool mapped whole after serving
+//                churn decodes 0.5-1.7 % faster than with kLowestFirst (docs/decode.md).
+//                An elastic pool still interleaves the requests that grow while it
+//                grows (they share each chunk it maps for them) until churn frees groups.
+//  kLowestFirst: the lowest free page: requests growing together interleave their
+//                pages; the used pages pack tightest at the bottom of the pool.
+// Neither changes how many pages are held, or when an elastic pool grows; Trim() may
+// give back less under kContiguous (the used pages are not packed at the bottom).
+enum class PagePlacement : uint8_t { kContiguous = 0, kLowestFirst = 1 };
+
 struct KvCacheConfig {
   // Model shape.
   int num_layers = 32;
@@ -35,8 +50,9 @@ struct KvCacheConfig {
   DType dtype = DType::kBFloat16;
 
   Layout layout = Layout::kPaged;
-  Arrangement arrangement = Arrangement::kAllLayers;  // kVirtual only
-  int page_tokens = 16;                               // kPaged only; any value >= 1
+  Arrangement arrangement = Arrangement::kAllLayers;          // kVirtual only
+  int page_tokens = 16;                                       // kPaged only; any value >= 1
+  PagePlacement page_placement = PagePlacement::kContiguous;  // kPaged only
 
   // Capacity. Request rows are [0, max_requests); contexts are [0, max_context].
   int max_requests = 256;
