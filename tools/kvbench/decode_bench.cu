@@ -7,6 +7,11 @@
 // Bytes = 2 (K, V) x B x ctx x kv_heads x head_dim x 2. tools/gpu/anchor_decode.py runs
 // torch SDPA on the same shapes for the anchors; docs/decode.md has the figures.
 //
+// The paged shapes read page tables taken from kvmem's own paged cache after serving
+// churn (--pool=grown, grown_pool.h): where a request's pages lie decides how many 2 MiB
+// translation entries its reads need, which moves a decode step by 1-2 %. --pool=shuffled
+// (the worst case), --pool=in-order (the best) and --placement=lowest-first compare.
+//
 // Two rounds over the shapes by default (--repeat=N), the figures to quote being the last
 // round's: on the H100 the shape measured first after the bandwidth ceiling (and sometimes
 // the second) ran 15-17 % slower in every launch, whatever its layout (paged B=16: 111.6 us
@@ -24,6 +29,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -33,11 +39,14 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "kvmem/attention.h"
+#include "kvmem/config.h"
 #include "kvmem/decode_trace.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
 #include "tools/kvbench/bench_util.h"
+#include "tools/kvbench/grown_pool.h"
 #include "tools/kvbench/registry.h"
 
 namespace kvmem {
@@ -50,21 +59,58 @@ using kvbench::DeviceBuffer;
 
 constexpr int64_t kRotateBytes = int64_t{200} << 20;  // 4x L2: inputs never stay cached
 
+// Paged page tables. kGrown / kGrownElastic: from kvmem's paged cache after request
+// churn (grown_pool.h), its pool mapped whole as engines preallocate theirs, or elastic.
+// kShuffled: every page of the batch in a random order (the worst case for address
+// translation). kInOrder: request by request (the best case).
+enum class PoolKind { kGrown, kGrownElastic, kShuffled, kInOrder };
+
+std::string PoolName(PoolKind pool, PagePlacement placement) {
+  const char* how = placement == PagePlacement::kContiguous ? "contiguous" : "lowest-first";
+  switch (pool) {
+    case PoolKind::kGrown:
+      return absl::StrCat("grown, ", how);
+    case PoolKind::kGrownElastic:
+      return absl::StrCat("grown elastic, ", how);
+    case PoolKind::kShuffled:
+      return "shuffled";
+    case PoolKind::kInOrder:
+      return "in order";
+  }
+  return "?";
+}
+
+// *out = the value named `v` among `choices`; false (and a message naming `flag`) when
+// none is.
+template <typename E>
+bool ParseChoice(const char* flag, const std::string& v,
+                 std::initializer_list<std::pair<const char*, E>> choices, E* out) {
+  for (const auto& [name, value] : choices) {
+    if (v == name) {
+      *out = value;
+      return true;
+    }
+  }
+  std::fprintf(stderr, "decode bench: unknown %s=%s\n", flag, v.c_str());
+  return false;
+}
+
 struct Settings {
   int reps = 100;
   int warmup = 10;
   bool d1 = true;
   bool d2 = true;
   int64_t ceiling_bytes = int64_t{8} << 30;
-  bool seq_pages = false;  // paged: pages in order instead of shuffled (diagnostic)
-  int spacer_us = 0;       // > 0: a spinning kernel of this length before each timed launch
-  bool spread = false;     // print the 10th and 90th percentile beside the median
-  std::string filter;      // run only shapes whose layout name contains this
-  int batch = 0;           // > 0: run only shapes of this batch size (e.g. for ncu)
-  int d1_page = 16;        // page_tokens of the paged D1 shapes
-  bool trace = false;      // after the timing, per-CTA times of more launches (diagnostic)
-  std::string trace_csv;   // non-empty: the traced fastest and slowest launches' records
-  int repeat = 2;          // rounds over the selected shapes, in one process (see the top)
+  PoolKind pool = PoolKind::kGrown;                      // paged: which page tables
+  PagePlacement placement = PagePlacement::kContiguous;  // kGrown: the cache's placement
+  int spacer_us = 0;      // > 0: a spinning kernel of this length before each timed launch
+  bool spread = false;    // print the 10th and 90th percentile beside the median
+  std::string filter;     // run only shapes whose layout name contains this
+  int batch = 0;          // > 0: run only shapes of this batch size (e.g. for ncu)
+  int d1_page = 16;       // page_tokens of the paged D1 shapes
+  bool trace = false;     // after the timing, per-CTA times of more launches (diagnostic)
+  std::string trace_csv;  // non-empty: the traced fastest and slowest launches' records
+  int repeat = 2;         // rounds over the selected shapes, in one process (see the top)
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -419,9 +465,36 @@ bool TraceShape(const Settings& s, int ctas, int sms, int first, Launch&& launch
 // or kvmem error.
 bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   const int64_t block = int64_t{kKvHeads} * kHeadDim;                    // elements per token
-  const int64_t set_bytes = 2 * int64_t{sh.batch} * sh.ctx * block * 2;  // K and V
+  const int64_t set_bytes = 2 * int64_t{sh.batch} * sh.ctx * block * 2;  // K and V read
+  // Paged: the page tables, and the pool's size (a grown pool has more pages than the
+  // batch reads, the others exactly the batch's).
+  std::vector<int32_t> table;
+  int64_t table_stride = 0;
+  int64_t pool_pages = 0;
+  if (sh.kind == Kind::kPaged) {
+    table_stride = (sh.ctx + sh.page_tokens - 1) / sh.page_tokens;
+    pool_pages = table_stride * sh.batch;
+    if (s.pool == PoolKind::kGrown || s.pool == PoolKind::kGrownElastic) {
+      absl::StatusOr<kvbench::GrownPool> grown =
+          kvbench::GrowPool(sh.batch, sh.ctx, sh.page_tokens, s.placement,
+                            /*elastic=*/s.pool == PoolKind::kGrownElastic, /*seed=*/1);
+      if (!grown.ok()) {
+        std::fprintf(stderr, "decode bench: %s\n", grown.status().ToString().c_str());
+        return false;
+      }
+      table = std::move(grown->table);
+      pool_pages = grown->num_pages;
+    } else {
+      table.resize(pool_pages);
+      std::iota(table.begin(), table.end(), 0);
+      if (s.pool == PoolKind::kShuffled) std::shuffle(table.begin(), table.end(), std::mt19937(1));
+    }
+  }
+  // Bytes each set (a layer's K and V) occupies.
+  const int64_t set_alloc =
+      sh.kind == Kind::kPaged ? 2 * pool_pages * sh.page_tokens * block * 2 : set_bytes;
   const int sets = static_cast<int>(
-      std::min<int64_t>(32, std::max<int64_t>(2, (kRotateBytes + set_bytes - 1) / set_bytes)));
+      std::min<int64_t>(32, std::max<int64_t>(2, (kRotateBytes + set_alloc - 1) / set_alloc)));
 
   AttentionShape shape;
   shape.num_q_heads = kQHeads;
@@ -440,32 +513,23 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
 
-  // K/V of all sets in one allocation. Paged: a pool per set, pages shuffled (the same
-  // table for every set). Virtual all-layer: set = layer, token stride over all sets.
-  // Virtual per-layer: a [batch][ctx][H][D] tensor pair per set.
+  // K/V of all sets in one allocation. Paged: a pool per set (the same table for every
+  // set). Virtual all-layer: set = layer, token stride over all sets. Virtual per-layer:
+  // a [batch][ctx][H][D] tensor pair per set.
   DeviceBuffer kv;
-  if (!kv.Allocate(sets * set_bytes)) {
+  if (!kv.Allocate(sets * set_alloc)) {
     std::fprintf(stderr, "decode bench: cannot allocate %lld bytes\n",
-                 static_cast<long long>(sets * set_bytes));
+                 static_cast<long long>(sets * set_alloc));
     return false;
   }
-  if (!kvbench::FillRandom(kv.get(), sets * set_bytes, 7, kWho)) return false;
+  if (!kvbench::FillRandom(kv.get(), sets * set_alloc, 7, kWho)) return false;
   uint16_t* base = kv.get<uint16_t>();
-  const int64_t set_elems = set_bytes / 2;
+  const int64_t set_elems = set_alloc / 2;
   std::vector<int32_t> lens(sh.batch, sh.ctx);
   std::vector<PagedKv> paged(sets);
   std::vector<VirtualKv> virt(sets);
-  std::vector<int32_t> table;
-  int64_t table_stride = 0;
   std::vector<int32_t> rows;
   if (sh.kind == Kind::kPaged) {
-    const int64_t pages_per_req = (sh.ctx + sh.page_tokens - 1) / sh.page_tokens;
-    const int64_t pages = pages_per_req * sh.batch;
-    std::vector<int32_t> ids(pages);
-    std::iota(ids.begin(), ids.end(), 0);
-    if (!s.seq_pages) std::shuffle(ids.begin(), ids.end(), std::mt19937(1));
-    // The pool is sized for whole pages; a set's bytes cover ctx tokens, so pages that
-    // run past a set's end only occur when page_tokens does not divide ctx (not here).
     for (int i = 0; i < sets; ++i) {
       PagedKv& p = paged[i];
       p.k = base + i * set_elems;
@@ -475,8 +539,6 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
       p.page_stride = sh.page_tokens * block;
       p = (*ws)->Bind(p);
     }
-    table = std::move(ids);
-    table_stride = pages_per_req;
   } else {
     rows.resize(sh.batch);
     std::iota(rows.begin(), rows.end(), 0);
@@ -530,10 +592,11 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   const double gbps = set_bytes / us * 1e-3;
-  std::printf("%-3s %-14s%s B=%-4d ctx=%-6d splits=%-4d  %9.1f us  %7.0f GB/s  %5.1f %%\n", sh.tag,
-              KindName(sh.kind, sh.page_tokens),
-              sh.kind == Kind::kPaged && s.seq_pages ? " (in order)" : "", sh.batch, sh.ctx,
-              (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  std::printf(
+      "%-3s %-14s%s B=%-4d ctx=%-6d splits=%-4d  %9.1f us  %7.0f GB/s  %5.1f %%\n", sh.tag,
+      KindName(sh.kind, sh.page_tokens),
+      sh.kind == Kind::kPaged ? absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str() : "",
+      sh.batch, sh.ctx, (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
   if (s.spread) {
     std::printf("      p10 %.1f us, p90 %.1f us, min %.1f us, max %.1f us%s\n",
                 sorted[s.reps / 10] * 1e3, sorted[s.reps * 9 / 10] * 1e3, sorted.front() * 1e3,
@@ -563,8 +626,22 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.d2 = false;
     } else if (a == "--d2") {
       s.d1 = false;
-    } else if (a == "--seq-pages") {
-      s.seq_pages = true;
+    } else if (const char* v = kvbench::FlagValue(a, "--pool=")) {
+      if (!ParseChoice("--pool", v,
+                       {{"grown", PoolKind::kGrown},
+                        {"grown-elastic", PoolKind::kGrownElastic},
+                        {"shuffled", PoolKind::kShuffled},
+                        {"in-order", PoolKind::kInOrder}},
+                       &s.pool)) {
+        return 2;
+      }
+    } else if (const char* v = kvbench::FlagValue(a, "--placement=")) {
+      if (!ParseChoice("--placement", v,
+                       {{"contiguous", PagePlacement::kContiguous},
+                        {"lowest-first", PagePlacement::kLowestFirst}},
+                       &s.placement)) {
+        return 2;
+      }
     } else if (const char* v = kvbench::FlagValue(a, "--filter=")) {
       s.filter = v;
     } else if (const char* v = kvbench::FlagValue(a, "--reps=")) {
@@ -587,8 +664,13 @@ int DecodeBench(const std::vector<std::string>& args) {
     } else {
       std::fprintf(stderr,
                    "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
-                   "[--batch=B] [--page=N] [--seq-pages] [--spread] [--spacer-us=N] [--trace] "
-                   "[--trace-csv=PATH] [--repeat=N]\n"
+                   "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
+                   "[--spacer-us=N] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
+                   "  --pool=grown (default) | grown-elastic | shuffled | in-order: the paged "
+                   "page tables: kvmem's cache after request churn (pool mapped whole, or "
+                   "elastic), every page shuffled, or in order\n"
+                   "  --placement=contiguous (default) | lowest-first: the grown cache's "
+                   "PagePlacement\n"
                    "  --repeat=N: N rounds over the selected shapes in one process (a shape's "
                    "figure can depend on what ran before it)\n"
                    "  --trace: per-CTA start/end of %d more launches per shape, fastest and "
@@ -636,7 +718,8 @@ int DecodeBench(const std::vector<std::string>& args) {
   double ceiling = 0.0;
   if (!MeasureCeiling(s, prop.multiProcessorCount, &ceiling)) return 1;
   std::printf("read-bandwidth ceiling: %.0f GB/s\n", ceiling);
-  std::printf("set median of %d reps; %% = of the ceiling\n", s.reps);
+  std::printf("set median of %d reps; %% = of the ceiling; paged page tables: %s\n", s.reps,
+              PoolName(s.pool, s.placement).c_str());
   for (int round = 1; round <= s.repeat; ++round) {
     if (s.repeat > 1) std::printf("round %d of %d\n", round, s.repeat);
     for (const Shape& sh : selected) {
