@@ -166,8 +166,11 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
 
   const int h = blockIdx.x % p.num_kv_heads;
   const int wi = blockIdx.x / p.num_kv_heads;
-  if (wi >= p.header->num_work) return;  // capacity grid (fixed_grid): no work here
+  // Both loads issued before either is used: the work item is always in bounds (the grid
+  // never exceeds the workspace's capacity), and reading it before the plan header's
+  // check takes one global-memory round trip off every CTA's start.
   const DecodeWork wk = p.work[wi];
+  if (wi >= p.header->num_work) return;  // capacity grid (fixed_grid): no work here
   const int b = wk.b;
   const int start = wk.start;
   const int end = wk.end;
