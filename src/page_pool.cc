@@ -22,10 +22,7 @@ namespace {
 }  // namespace
 
 IdBitmap::IdBitmap(int64_t size)
-    : size_(size),
-      bits_((size + 63) / 64, 0),
-      summary_((bits_.size() + 63) / 64, 0),
-      full_(summary_.size(), 0) {}
+    : size_(size), bits_((size + 63) / 64, 0), summary_((bits_.size() + 63) / 64, 0) {}
 
 bool IdBitmap::Insert(int64_t id) {
   uint64_t& word = bits_[id >> 6];
@@ -33,14 +30,8 @@ bool IdBitmap::Insert(int64_t id) {
   if (word & bit) return false;
   word |= bit;
   const int64_t w = id >> 6;
-  const uint64_t sbit = uint64_t{1} << (w & 63);
-  summary_[w >> 6] |= sbit;
+  summary_[w >> 6] |= uint64_t{1} << (w & 63);
   if ((w >> 6) < low_hint_) low_hint_ = w >> 6;
-  // Only whole words count as full: a last word with fewer than 64 ids never does.
-  if (word == ~uint64_t{0}) {
-    full_[w >> 6] |= sbit;
-    if ((w >> 6) < full_hint_) full_hint_ = w >> 6;
-  }
   ++count_;
   return true;
 }
@@ -49,24 +40,13 @@ bool IdBitmap::Erase(int64_t id) {
   uint64_t& word = bits_[id >> 6];
   const uint64_t bit = uint64_t{1} << (id & 63);
   if (!(word & bit)) return false;
-  const int64_t w = id >> 6;
-  const uint64_t sbit = uint64_t{1} << (w & 63);
-  full_[w >> 6] &= ~sbit;
   word &= ~bit;
-  if (word == 0) summary_[w >> 6] &= ~sbit;
+  if (word == 0) {
+    const int64_t w = id >> 6;
+    summary_[w >> 6] &= ~(uint64_t{1} << (w & 63));
+  }
   --count_;
   return true;
-}
-
-int64_t IdBitmap::LowestFullWord(int64_t limit) const {
-  for (int64_t s = full_hint_; s < static_cast<int64_t>(full_.size()); ++s) {
-    if (full_[s] == 0) continue;
-    full_hint_ = s;
-    const int64_t first = (s * 64 + std::countr_zero(full_[s])) * 64;
-    return first + 64 <= limit ? first : -1;
-  }
-  full_hint_ = static_cast<int64_t>(full_.size());
-  return -1;
 }
 
 int64_t IdBitmap::Lowest() const {
@@ -156,13 +136,9 @@ uint64_t PagePool::FreeBitsBelow(int64_t group, int64_t limit) const {
 int32_t PagePool::AllocateNear(int32_t near, int64_t limit) {
   limit = std::min<int64_t>(limit, num_pages_);
   if (near >= 0 && near + 1 < limit && free_.Contains(near + 1)) return Take(near + 1);
-  // A new run: in near's group while it has room, else in a wholly free group, else in
-  // the group with the most free pages (the lowest of equals).
+  // A new run: in near's group while it has room, else in the group with the most free
+  // pages (the lowest of equals; a wholly free one when there is one).
   int64_t group = near >= 0 && FreeBitsBelow(near >> 6, limit) != 0 ? near >> 6 : -1;
-  if (group < 0) {
-    const int64_t first = free_.LowestFullWord(limit);
-    if (first >= 0) group = first >> 6;
-  }
   if (group < 0) {
     // The lowest of the whole groups below the limit with the most free pages (buckets
     // by free count), against the group the limit cuts, if any (counted below it).

@@ -47,19 +47,14 @@ class IdBitmap {
   int64_t HighestAbsent() const;
   // Membership bits of ids [64 w, 64 w + 64). REQUIRES: 0 <= w < ceil(size / 64).
   uint64_t word(int64_t w) const { return bits_[w]; }
-  // First id of the lowest word whose 64 ids are all members and all below `limit`, or
-  // -1. O(size / 4096) at worst, O(1) in the common case (a hint as for Lowest()).
-  int64_t LowestFullWord(int64_t limit) const;
 
  private:
   int64_t size_ = 0;
   int64_t count_ = 0;
   std::vector<uint64_t> bits_;     // bit i of word w: id w * 64 + i is a member
   std::vector<uint64_t> summary_;  // bit i of word s: bits_[s * 64 + i] != 0
-  std::vector<uint64_t> full_;     // bit i of word s: all 64 ids of bits_[s * 64 + i] members
-  // Every summary_ (full_) word below this index is zero.
+  // Every summary word below this index is zero.
   mutable int64_t low_hint_ = 0;
-  mutable int64_t full_hint_ = 0;
 };
 
 class PagePool {
@@ -85,10 +80,11 @@ class PagePool {
   // has none), keeping each request's pages in runs of adjacent ids:
   //   1. near + 1, when free and below `limit`;
   //   2. else a new run: in near's 64-page group when it has a free page below `limit`,
-  //      else in the lowest wholly free group below `limit`, else in the group with the
-  //      most free pages below `limit`; within the group, in its longest free run (the
-  //      first page of a run that opens the group, else the run's middle, leaving the
-  //      first half to the request that owns the page before the run);
+  //      else in the group with the most free pages below `limit` (the lowest of equals:
+  //      the lowest wholly free group when there is one); within the group, in its
+  //      longest free run (the first page of a run that opens the group, else the
+  //      run's middle, leaving the first half to the request that owns the page before
+  //      the run);
   //   3. the lowest free page when none is free below `limit`.
   // Why: a decode kernel reads a request's pages in order; pages adjacent in memory
   // share the GPU's 2 MiB translation entries (64 pages of 32 KiB at page 16 of the
