@@ -16,20 +16,6 @@ namespace {
 
 using kvmem::PagePlacement;
 
-// Share of a request's consecutive pages (i, i + 1) whose ids are adjacent.
-double Adjacency(const GrownPool& pool) {
-  int64_t pairs = 0;
-  int64_t adjacent = 0;
-  const int64_t rows = static_cast<int64_t>(pool.table.size()) / pool.stride;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 1; i < pool.stride; ++i) {
-      ++pairs;
-      adjacent += pool.table[r * pool.stride + i] == pool.table[r * pool.stride + i - 1] + 1;
-    }
-  }
-  return pairs == 0 ? 1.0 : static_cast<double>(adjacent) / static_cast<double>(pairs);
-}
-
 void ExpectValid(const GrownPool& pool, int batch, int64_t ctx, int page_tokens) {
   EXPECT_EQ(pool.stride, (ctx + page_tokens - 1) / page_tokens);
   ASSERT_EQ(static_cast<int64_t>(pool.table.size()), pool.stride * batch);
@@ -75,8 +61,14 @@ TEST(GrownPoolTest, ContiguousPlacementKeepsRequestsPagesAdjacent) {
       GrowPool(16, 4096, 16, PagePlacement::kLowestFirst, /*elastic=*/false, 1);
   ASSERT_TRUE(contiguous.ok()) << contiguous.status();
   ASSERT_TRUE(lowest.ok()) << lowest.status();
-  EXPECT_GT(Adjacency(*contiguous), 0.95);
-  EXPECT_LT(Adjacency(*lowest), 0.3);
+  EXPECT_GT(AdjacentShare(contiguous->table, contiguous->stride), 0.95);
+  EXPECT_LT(AdjacentShare(lowest->table, lowest->stride), 0.3);
+}
+
+TEST(GrownPoolTest, AdjacentShareCountsWithinRows) {
+  // Rows of 3: (4 5 6) two adjacent pairs, (7 9 8) none; 6 -> 7 crosses rows.
+  EXPECT_DOUBLE_EQ(AdjacentShare({4, 5, 6, 7, 9, 8}, 3), 0.5);
+  EXPECT_DOUBLE_EQ(AdjacentShare({1, 2}, 1), 1.0);  // no pairs within a row
 }
 
 TEST(GrownPoolTest, RejectsEmptyShapes) {

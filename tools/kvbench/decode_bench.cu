@@ -597,6 +597,11 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
       KindName(sh.kind, sh.page_tokens),
       sh.kind == Kind::kPaged ? absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str() : "",
       sh.batch, sh.ctx, (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  if (sh.kind == Kind::kPaged) {
+    std::printf("      pool of %lld pages; %.1f %% of a request's consecutive pages adjacent\n",
+                static_cast<long long>(pool_pages),
+                100.0 * kvbench::AdjacentShare(table, table_stride));
+  }
   if (s.spread) {
     std::printf("      p10 %.1f us, p90 %.1f us, min %.1f us, max %.1f us%s\n",
                 sorted[s.reps / 10] * 1e3, sorted[s.reps * 9 / 10] * 1e3, sorted.front() * 1e3,

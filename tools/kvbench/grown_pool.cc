@@ -123,4 +123,15 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
   return out;
 }
 
+double AdjacentShare(const std::vector<int32_t>& table, int64_t stride) {
+  int64_t pairs = 0;
+  int64_t adjacent = 0;
+  for (size_t i = 1; i < table.size(); ++i) {
+    if (static_cast<int64_t>(i) % stride == 0) continue;  // a row's first page
+    ++pairs;
+    adjacent += table[i] == table[i - 1] + 1;
+  }
+  return pairs == 0 ? 1.0 : static_cast<double>(adjacent) / static_cast<double>(pairs);
+}
+
 }  // namespace kvbench

@@ -31,6 +31,10 @@ struct GrownPool {
 absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
                                    kvmem::PagePlacement placement, bool elastic, uint32_t seed);
 
+// Share of consecutive page pairs (i, i + 1) within the rows of `table` (rows of
+// `stride` ids) whose ids are adjacent: 1 for pages in order, ~0 for shuffled ones.
+double AdjacentShare(const std::vector<int32_t>& table, int64_t stride);
+
 }  // namespace kvbench
 
 #endif  // KVMEM_TOOLS_KVBENCH_GROWN_POOL_H_
