@@ -25,7 +25,6 @@ namespace internal {
 namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
 
 absl::Status Cuda(cudaError_t err, const char* what) {
@@ -35,85 +34,6 @@ absl::Status Cuda(cudaError_t err, const char* what) {
 }
 
 }  // namespace
-
-int MaxDecodeWork(int max_batch, int num_kv_heads, int resident_ctas) {
-  // A split plan has at most resident_ctas / kv_heads work items, an unsplit one batch.
-  return max_batch + static_cast<int>(CeilDiv(resident_ctas, num_kv_heads)) + 1;
-}
-
-namespace {
-
-// Pieces a range of `tokens` is cut into for a chunk of at most `chunk` tokens: equal
-// pieces of whole tiles (no short tail piece). 0 tokens make one (empty) piece.
-struct Pieces {
-  int64_t count;
-  int64_t size;
-};
-Pieces CutRange(int64_t tokens, int64_t chunk, int tile_tokens) {
-  if (tokens <= chunk) return {1, tokens};
-  const int64_t size = RoundUp(CeilDiv(tokens, CeilDiv(tokens, chunk)), tile_tokens);
-  return {CeilDiv(tokens, size), size};
-}
-
-}  // namespace
-
-absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_left,
-                                    int num_kv_heads, int tile_tokens, int resident_ctas,
-                                    int max_work, int32_t* work_begin, DecodeWork* work) {
-  const int batch_size = static_cast<int>(lens.size());
-  // The query sits at len - 1 and sees [max(0, len - 1 - window_left), len).
-  auto range_start = [&](int32_t len) -> int64_t {
-    return window_left >= 0 ? std::max<int64_t>(0, int64_t{len} - 1 - window_left) : 0;
-  };
-  int64_t longest = 0;
-  for (int32_t len : lens) longest = std::max<int64_t>(longest, len - range_start(len));
-
-  // CTAs of a plan with chunks of at most `chunk` tokens.
-  auto ctas = [&](int64_t chunk) {
-    int64_t n = 0;
-    for (int32_t len : lens) n += CutRange(len - range_start(len), chunk, tile_tokens).count;
-    return n * num_kv_heads;
-  };
-  // No split when the batch fills the device; else the smallest chunk (in tiles) whose
-  // CTAs fit one wave. ctas() only falls as the chunk grows, and is batch * kv_heads <
-  // resident_ctas at the longest range: a binary search over tiles.
-  int64_t chunk = std::numeric_limits<int32_t>::max();
-  if (int64_t{batch_size} * num_kv_heads < resident_ctas && longest > 0) {
-    int64_t lo = kMinChunkTiles;                               // in tiles
-    int64_t hi = std::max(lo, CeilDiv(longest, tile_tokens));  // fits
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (ctas(mid * tile_tokens) <= resident_ctas) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    chunk = lo * tile_tokens;
-  }
-
-  int n = 0;
-  for (int b = 0; b < batch_size; ++b) {
-    const int64_t len = lens[b];
-    const int64_t start = range_start(lens[b]);
-    const int64_t tokens = len - start;
-    const Pieces cut = CutRange(tokens, chunk, tile_tokens);
-    const int64_t pieces = cut.count;
-    const int64_t piece = cut.size;
-    if (n + pieces > max_work) {
-      return absl::InternalError(
-          absl::StrCat("decode plan needs more than ", max_work, " work items (a sizing bug)"));
-    }
-    work_begin[b] = n;
-    for (int64_t i = 0; i < pieces; ++i) {
-      work[n++] = {b, static_cast<int32_t>(start + i * piece),
-                   static_cast<int32_t>(std::min(start + (i + 1) * piece, len)),
-                   static_cast<int32_t>(pieces)};
-    }
-  }
-  work_begin[batch_size] = n;
-  return n;
-}
 
 }  // namespace internal
 
@@ -185,11 +105,11 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
       internal::Cuda(cudaEventSynchronize(w.stage_done[slot]), "cudaEventSynchronize"));
   void* buf = w.stage[slot];
   auto* header = Impl::At<internal::DecodePlanHeader>(buf, 0);
-  KVMEM_ASSIGN_OR_RETURN(const int num_work,
-                         internal::BuildDecodePlan(
-                             lens, w.options.shape.window_left, w.num_kv_heads, w.tile_tokens,
-                             w.resident_ctas, w.max_work, Impl::At<int32_t>(buf, w.off_work_begin),
-                             Impl::At<internal::DecodeWork>(buf, w.off_work)));
+  KVMEM_ASSIGN_OR_RETURN(const int num_work, internal::BuildDecodePlan(
+                                                 lens, w.options.shape.window_left, w.num_kv_heads,
+                                                 w.tile_tokens, w.resident_ctas, w.max_work,
+                                                 w.split, Impl::At<int32_t>(buf, w.off_work_begin),
+                                                 Impl::At<internal::DecodeWork>(buf, w.off_work)));
   *header = {static_cast<int32_t>(lens.size()), num_work, {0, 0}};
   fill_index(Impl::At<int32_t>(buf, w.off_index));
   const size_t bytes = w.off_index + lens.size() * w.index_stride * sizeof(int32_t);

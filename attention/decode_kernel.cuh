@@ -33,7 +33,7 @@ struct DecodeParams {
   float* partial_o;           // [max_work][num_q_heads][head_dim], normalised
   float* partial_lse;         // [max_work][num_q_heads], log2 domain, -inf when empty
   const DecodeWork* work;     // [max_work]
-  const int32_t* work_begin;  // [max_batch + 1]: first work item of request b
+  const int32_t* work_begin;  // [max_batch + 1]: first partial slot of request b
   const DecodePlanHeader* header;
   int32_t* counters;  // [max_batch][num_kv_heads], zero between launches
   int num_kv_heads;
@@ -174,6 +174,9 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   const int b = wk.b;
   const int start = wk.start;
   const int end = wk.end;
+  const int chunks = DecodeChunks(wk.meta);
+  // A split request's partial slots start at work_begin[b]; loaded now, used at the end.
+  const int slot0 = chunks == 1 ? 0 : p.work_begin[b];
   const int group = p.group;
   const int num_q_heads = p.num_kv_heads * group;
 
@@ -336,7 +339,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   }
   __syncthreads();
 
-  const bool direct = wk.chunks == 1;
+  const bool direct = chunks == 1;
   constexpr int kVecs = kHeadDim / 4;
   for (int idx = tid; idx < group * kVecs; idx += kThreads) {
     const int row = idx / kVecs;
@@ -364,7 +367,7 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
       StoreOut<T>(p.out, (static_cast<int64_t>(b) * num_q_heads + qh) * kHeadDim + d,
                   make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
     } else {
-      const int64_t slot = static_cast<int64_t>(wi) * num_q_heads + qh;
+      const int64_t slot = static_cast<int64_t>(slot0 + DecodeIndex(wk.meta)) * num_q_heads + qh;
       *reinterpret_cast<float4*>(p.partial_o + slot * kHeadDim + d) =
           make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
       if (d == 0) p.partial_lse[slot] = sum > 0.f ? mx + __log2f(sum) : kNegInf;
@@ -381,14 +384,14 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   if (tid == 0) {
     int* counter = p.counters + b * p.num_kv_heads + h;
     const int done = atomicAdd(counter, 1) + 1;
-    is_last = done == wk.chunks;
+    is_last = done == chunks;
     if (is_last) *counter = 0;  // every piece has counted: ready for the next launch
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int w0 = p.work_begin[b];
-  const int w1 = w0 + wk.chunks;
+  const int w0 = slot0;
+  const int w1 = w0 + chunks;
   for (int idx = tid; idx < group * kVecs; idx += kThreads) {
     const int row = idx / kVecs;
     const int d = (idx % kVecs) * 4;

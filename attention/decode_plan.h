@@ -18,13 +18,22 @@ namespace kvmem {
 namespace internal {
 
 // Tokens [start, end) of request b, one of the `chunks` work items of b (16 bytes: one
-// vector load in the kernel).
+// vector load in the kernel). meta packs chunks (low 16 bits) and this item's index among
+// them (high 16 bits): a split request's partial results live in slots
+// work_begin[b] + index, whatever the order the items are dispatched in.
 struct alignas(16) DecodeWork {
   int32_t b;
   int32_t start;
   int32_t end;
-  int32_t chunks;
+  int32_t meta;
 };
+
+// Most work items one request is cut into (the width of DecodeWork's fields).
+inline constexpr int kMaxDecodePieces = 1 << 15;
+
+constexpr int32_t PackDecodeMeta(int32_t chunks, int32_t index) { return chunks | (index << 16); }
+constexpr int32_t DecodeChunks(int32_t meta) { return meta & 0xffff; }
+constexpr int32_t DecodeIndex(int32_t meta) { return meta >> 16; }
 
 struct alignas(16) DecodePlanHeader {
   int32_t batch;
@@ -47,15 +56,31 @@ struct DecodeKernelInfo {
 };
 absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim);
 
-// Splits `lens` into work items (see DecodeWorkspace). One per request when
-// batch * kv_heads >= resident_ctas (the grid fills the device already); otherwise each
-// request is cut into equal pieces of whole tiles, with the smallest chunk for which all
-// pieces x kv_heads fit in one wave of resident_ctas (no tail wave). Writes
-// work_begin[batch + 1] and work[]; returns the number of work items, or Internal if
-// more than max_work would be needed.
+// How BuildDecodePlan cuts the requests of a batch that fills the device (see there).
+// The default is the measured one (docs/decode.md); the field exists for tests and
+// comparisons.
+struct DecodeSplitPolicy {
+  // No piece longer than this share of a resident slot's average load (0: no cap; at
+  // least kMinPieceLoad otherwise).
+  double piece_load = 0.5;
+};
+// The smallest piece_load honoured. It bounds the pieces the cap adds to 1 / kMinPieceLoad
+// waves (MaxDecodeWork), and so the capacity grid of a fixed_grid launch, whose CTAs
+// beyond the plan start, read the plan header and exit.
+inline constexpr double kMinPieceLoad = 0.5;
+
+// Splits `lens` into work items (see DecodeWorkspace) and writes them in dispatch order.
+// When batch * kv_heads fills the resident CTA slots, one per request but for requests
+// longer than policy.piece_load of a slot's average load, which are cut to it (no
+// straggler); otherwise each request is cut into equal pieces of whole tiles, with the
+// smallest chunk for which all pieces x kv_heads fit in one wave of resident_ctas.
+// Longest pieces first. Writes work_begin[batch + 1] (the first partial slot of each
+// request; slots are per request, in request order) and work[]; returns the number of
+// work items, or Internal if more than max_work would be needed.
 absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_left,
                                     int num_kv_heads, int tile_tokens, int resident_ctas,
-                                    int max_work, int32_t* work_begin, DecodeWork* work);
+                                    int max_work, const DecodeSplitPolicy& policy,
+                                    int32_t* work_begin, DecodeWork* work);
 
 // Capacity of the work list that BuildDecodePlan never exceeds for max_batch requests.
 int MaxDecodeWork(int max_batch, int num_kv_heads, int resident_ctas);
@@ -73,6 +98,7 @@ struct DecodeWorkspace::Impl {
   int resident_ctas = 0;     // decode CTAs the device runs at once (occupancy x SMs)
   int max_work = 0;          // capacity of the work list
   int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1
+  internal::DecodeSplitPolicy split;
 
   // One device block, uploaded by one copy per Plan():
   //   header | work_begin[max_batch + 1] | work[max_work] | index[max_batch][index_stride]

@@ -263,18 +263,37 @@ TEST(DecodeAttentionTest, SlidingWindowAndScale) {
   }
 }
 
+// A batch of n requests of random lengths in [0, max_len], 8 KV heads, pages of 16.
+Case RandomBatch(int n, int max_len, int group, uint32_t seed) {
+  Case c;
+  c.kv_heads = 8;
+  c.group = group;
+  c.page_tokens = 16;
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> len(0, max_len);
+  for (int b = 0; b < n; ++b) c.lens.push_back(len(rng));
+  return c;
+}
+
 // batch x kv_heads above the resident CTAs: one work item per request, no merge.
 TEST(DecodeAttentionTest, LargeBatchUnsplit) {
   SKIP_WITHOUT_GPU();
-  Case c;
-  c.kv_heads = 8;
-  c.group = 2;
-  c.page_tokens = 16;
-  std::mt19937 rng(7);
-  std::uniform_int_distribution<int> len(0, 600);
-  for (int b = 0; b < 200; ++b) c.lens.push_back(len(rng));
-  const RunInfo info = RunCase(c);
+  const RunInfo info = RunCase(RandomBatch(200, 600, 2, 7));
   EXPECT_EQ(info.num_work, info.batch);
+}
+
+// A batch that fills the device with one long request among short ones: the plan cuts
+// the long one into pieces no longer than half a slot's share and dispatches them first,
+// so its pieces' partial results merge from slots out of dispatch order.
+TEST(DecodeAttentionTest, LongRequestAmongShortOnesIsSplit) {
+  SKIP_WITHOUT_GPU();
+  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+    Case c = RandomBatch(60, 300, 4, 11);
+    c.kind = kind;
+    c.lens[37] = 20000;
+    const RunInfo info = RunCase(c);
+    EXPECT_GT(info.num_work, info.batch) << "the long request must be split";
+  }
 }
 
 TEST(DecodeAttentionTest, LongContext) {
