@@ -69,6 +69,9 @@ TEST(GrownPoolTest, AdjacentShareCountsWithinRows) {
   // Rows of 3: (4 5 6) two adjacent pairs, (7 9 8) none; 6 -> 7 crosses rows.
   EXPECT_DOUBLE_EQ(AdjacentShare({4, 5, 6, 7, 9, 8}, 3), 0.5);
   EXPECT_DOUBLE_EQ(AdjacentShare({1, 2}, 1), 1.0);  // no pairs within a row
+  // Rows of 4 using 3 and 2 pages: the unused entries (0) are not pairs.
+  EXPECT_DOUBLE_EQ(AdjacentShare({4, 5, 6, 0, 8, 7, 0, 0}, 4, {3, 2}), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(AdjacentShare({4, 5, 6, 0, 8, 7, 0, 0}, 4), 2.0 / 6.0);
 }
 
 TEST(GrownPoolTest, RejectsEmptyShapes) {

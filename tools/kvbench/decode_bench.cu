@@ -100,6 +100,7 @@ struct Settings {
   int warmup = 10;
   bool d1 = true;
   bool d2 = true;
+  bool balance = false;  // the balance shapes (see --balance) instead
   int64_t ceiling_bytes = int64_t{8} << 30;
   PoolKind pool = PoolKind::kGrown;                      // paged: which page tables
   PagePlacement placement = PagePlacement::kContiguous;  // kGrown: the cache's placement
@@ -179,6 +180,7 @@ struct Shape {
   int ctx;
   Kind kind;
   int page_tokens;
+  int long_ctx = 0;  // > 0: request 0 has this many tokens, the others ctx (ragged)
 };
 
 const char* KindName(Kind k, int page) {
@@ -461,61 +463,118 @@ bool TraceShape(const Settings& s, int ctas, int sms, int first, Launch&& launch
   return s.trace_csv.empty() || WriteTraceCsv(s.trace_csv, fast, slow);
 }
 
+// The paged page table of a shape: `stride` entries per request, and the pool's size (a
+// grown pool has more pages than the batch reads, the others exactly the batch's).
+struct PagedTable {
+  std::vector<int32_t> table;
+  int64_t stride = 0;
+  int64_t pool_pages = 0;
+  std::vector<int64_t> row_pages;  // pages in use per request
+};
+
+bool MakePagedTable(const Settings& s, const Shape& sh, const std::vector<int32_t>& lens,
+                    int max_ctx, PagedTable* out) {
+  out->stride = (max_ctx + sh.page_tokens - 1) / sh.page_tokens;
+  out->pool_pages = out->stride * sh.batch;
+  for (int32_t len : lens) out->row_pages.push_back((len + sh.page_tokens - 1) / sh.page_tokens);
+  if (sh.long_ctx > 0) {
+    // Ragged: each request's pages in order (the grown pools model a uniform batch).
+    out->table.assign(out->pool_pages, 0);
+    int32_t next = 0;
+    for (int b = 0; b < sh.batch; ++b) {
+      for (int64_t i = 0; i < out->row_pages[b]; ++i) out->table[b * out->stride + i] = next++;
+    }
+    out->pool_pages = next;
+  } else if (s.pool == PoolKind::kGrown || s.pool == PoolKind::kGrownElastic) {
+    absl::StatusOr<kvbench::GrownPool> grown =
+        kvbench::GrowPool(sh.batch, sh.ctx, sh.page_tokens, s.placement,
+                          /*elastic=*/s.pool == PoolKind::kGrownElastic, /*seed=*/1);
+    if (!grown.ok()) {
+      std::fprintf(stderr, "decode bench: %s\n", grown.status().ToString().c_str());
+      return false;
+    }
+    out->table = std::move(grown->table);
+    out->pool_pages = grown->num_pages;
+  } else {
+    out->table.resize(out->pool_pages);
+    std::iota(out->table.begin(), out->table.end(), 0);
+    if (s.pool == PoolKind::kShuffled) {
+      std::shuffle(out->table.begin(), out->table.end(), std::mt19937(1));
+    }
+  }
+  return true;
+}
+
+// The views of `sets` copies of a layer's K and V, all in one allocation at `base` of
+// set_alloc bytes each, bound to the workspace. Paged: a pool per set (the same table
+// for every set). Virtual all-layer: set = layer, token stride over all sets. Virtual
+// per-layer: a [batch][max_ctx][H][D] tensor pair per set.
+void MakeViews(const Shape& sh, int sets, int64_t set_alloc, uint16_t* base, int max_ctx,
+               const DecodeWorkspace& ws, std::vector<PagedKv>* paged,
+               std::vector<VirtualKv>* virt) {
+  constexpr int64_t kBlock = int64_t{kKvHeads} * kHeadDim;  // elements per token
+  const int64_t set_elems = set_alloc / 2;
+  for (int i = 0; i < sets; ++i) {
+    if (sh.kind == Kind::kPaged) {
+      PagedKv p;
+      p.k = base + i * set_elems;
+      p.v = base + i * set_elems + set_elems / 2;
+      p.page_tokens = sh.page_tokens;
+      p.token_stride = kBlock;
+      p.page_stride = sh.page_tokens * kBlock;
+      paged->push_back(ws.Bind(p));
+      continue;
+    }
+    VirtualKv v;
+    if (sh.kind == Kind::kVirtualAllLayers) {
+      v.token_stride = 2 * kBlock * sets;  // [row][token][set][k|v][H][D]
+      v.k = base + 2 * kBlock * i;
+      v.v = base + 2 * kBlock * i + kBlock;
+    } else {
+      v.token_stride = kBlock;
+      v.k = base + i * set_elems;
+      v.v = base + i * set_elems + set_elems / 2;
+    }
+    v.max_context = max_ctx;
+    v.row_stride = v.token_stride * max_ctx;
+    virt->push_back(ws.Bind(v));
+  }
+}
+
 // Times one shape (then traces it with s.trace); prints a row and returns false on a CUDA
 // or kvmem error.
 bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
-  const int64_t block = int64_t{kKvHeads} * kHeadDim;                    // elements per token
-  const int64_t set_bytes = 2 * int64_t{sh.batch} * sh.ctx * block * 2;  // K and V read
-  // Paged: the page tables, and the pool's size (a grown pool has more pages than the
-  // batch reads, the others exactly the batch's).
-  std::vector<int32_t> table;
-  int64_t table_stride = 0;
-  int64_t pool_pages = 0;
-  if (sh.kind == Kind::kPaged) {
-    table_stride = (sh.ctx + sh.page_tokens - 1) / sh.page_tokens;
-    pool_pages = table_stride * sh.batch;
-    if (s.pool == PoolKind::kGrown || s.pool == PoolKind::kGrownElastic) {
-      absl::StatusOr<kvbench::GrownPool> grown =
-          kvbench::GrowPool(sh.batch, sh.ctx, sh.page_tokens, s.placement,
-                            /*elastic=*/s.pool == PoolKind::kGrownElastic, /*seed=*/1);
-      if (!grown.ok()) {
-        std::fprintf(stderr, "decode bench: %s\n", grown.status().ToString().c_str());
-        return false;
-      }
-      table = std::move(grown->table);
-      pool_pages = grown->num_pages;
-    } else {
-      table.resize(pool_pages);
-      std::iota(table.begin(), table.end(), 0);
-      if (s.pool == PoolKind::kShuffled) std::shuffle(table.begin(), table.end(), std::mt19937(1));
-    }
+  const int64_t block = int64_t{kKvHeads} * kHeadDim;  // elements per token
+  std::vector<int32_t> lens(sh.batch, sh.ctx);
+  if (sh.long_ctx > 0) lens[0] = sh.long_ctx;
+  const int max_ctx = std::max(sh.ctx, sh.long_ctx);
+  const int64_t tokens = std::accumulate(lens.begin(), lens.end(), int64_t{0});
+  const int64_t set_bytes = 2 * tokens * block * 2;  // K and V read
+  PagedTable paged_table;
+  if (sh.kind == Kind::kPaged && !MakePagedTable(s, sh, lens, max_ctx, &paged_table)) {
+    return false;
   }
   // Bytes each set (a layer's K and V) occupies.
-  const int64_t set_alloc =
-      sh.kind == Kind::kPaged ? 2 * pool_pages * sh.page_tokens * block * 2 : set_bytes;
+  const int64_t set_alloc = sh.kind == Kind::kPaged
+                                ? 2 * paged_table.pool_pages * sh.page_tokens * block * 2
+                                : 2 * int64_t{sh.batch} * max_ctx * block * 2;
   const int sets = static_cast<int>(
       std::min<int64_t>(32, std::max<int64_t>(2, (kRotateBytes + set_alloc - 1) / set_alloc)));
 
-  AttentionShape shape;
-  shape.num_q_heads = kQHeads;
-  shape.num_kv_heads = kKvHeads;
-  shape.head_dim = kHeadDim;
-  shape.kv_dtype = DType::kBFloat16;
   DecodeOptions o;
-  o.shape = shape;
+  o.shape.num_q_heads = kQHeads;
+  o.shape.num_kv_heads = kKvHeads;
+  o.shape.head_dim = kHeadDim;
+  o.shape.kv_dtype = DType::kBFloat16;
   o.layout = sh.kind == Kind::kPaged ? Layout::kPaged : Layout::kVirtual;
   o.max_batch = sh.batch;
-  o.max_context = sh.ctx;
+  o.max_context = max_ctx;
   o.page_tokens = sh.page_tokens;
   auto ws = DecodeWorkspace::Create(o);
   if (!ws.ok()) {
     std::fprintf(stderr, "decode bench: %s\n", ws.status().ToString().c_str());
     return false;
   }
-
-  // K/V of all sets in one allocation. Paged: a pool per set (the same table for every
-  // set). Virtual all-layer: set = layer, token stride over all sets. Virtual per-layer:
-  // a [batch][ctx][H][D] tensor pair per set.
   DeviceBuffer kv;
   if (!kv.Allocate(sets * set_alloc)) {
     std::fprintf(stderr, "decode bench: cannot allocate %lld bytes\n",
@@ -523,44 +582,15 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   if (!kvbench::FillRandom(kv.get(), sets * set_alloc, 7, kWho)) return false;
-  uint16_t* base = kv.get<uint16_t>();
-  const int64_t set_elems = set_alloc / 2;
-  std::vector<int32_t> lens(sh.batch, sh.ctx);
-  std::vector<PagedKv> paged(sets);
-  std::vector<VirtualKv> virt(sets);
-  std::vector<int32_t> rows;
-  if (sh.kind == Kind::kPaged) {
-    for (int i = 0; i < sets; ++i) {
-      PagedKv& p = paged[i];
-      p.k = base + i * set_elems;
-      p.v = base + i * set_elems + set_elems / 2;
-      p.page_tokens = sh.page_tokens;
-      p.token_stride = block;
-      p.page_stride = sh.page_tokens * block;
-      p = (*ws)->Bind(p);
-    }
-  } else {
-    rows.resize(sh.batch);
-    std::iota(rows.begin(), rows.end(), 0);
-    for (int i = 0; i < sets; ++i) {
-      VirtualKv& v = virt[i];
-      if (sh.kind == Kind::kVirtualAllLayers) {
-        v.token_stride = 2 * block * sets;  // [row][token][set][k|v][H][D]
-        v.k = base + 2 * block * i;
-        v.v = base + 2 * block * i + block;
-      } else {
-        v.token_stride = block;
-        v.k = base + i * set_elems;
-        v.v = base + i * set_elems + set_elems / 2;
-      }
-      v.max_context = sh.ctx;
-      v.row_stride = v.token_stride * sh.ctx;
-      v = (*ws)->Bind(v);
-    }
-  }
-  const absl::Status planned = sh.kind == Kind::kPaged
-                                   ? (*ws)->PlanPaged(lens, table, table_stride, nullptr)
-                                   : (*ws)->PlanVirtual(lens, rows, nullptr);
+  std::vector<PagedKv> paged;
+  std::vector<VirtualKv> virt;
+  MakeViews(sh, sets, set_alloc, kv.get<uint16_t>(), max_ctx, **ws, &paged, &virt);
+  std::vector<int32_t> rows(sh.batch);
+  std::iota(rows.begin(), rows.end(), 0);
+  const absl::Status planned =
+      sh.kind == Kind::kPaged
+          ? (*ws)->PlanPaged(lens, paged_table.table, paged_table.stride, nullptr)
+          : (*ws)->PlanVirtual(lens, rows, nullptr);
   if (!planned.ok()) {
     std::fprintf(stderr, "decode bench: %s\n", planned.ToString().c_str());
     return false;
@@ -592,15 +622,19 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   const double gbps = set_bytes / us * 1e-3;
-  std::printf(
-      "%-3s %-14s%s B=%-4d ctx=%-6d splits=%-4d  %9.1f us  %7.0f GB/s  %5.1f %%\n", sh.tag,
-      KindName(sh.kind, sh.page_tokens),
-      sh.kind == Kind::kPaged ? absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str() : "",
-      sh.batch, sh.ctx, (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  std::printf("%-3s %-14s%s B=%-4d ctx=%-6d%s splits=%-4d  %9.1f us  %7.0f GB/s  %5.1f %%\n",
+              sh.tag, KindName(sh.kind, sh.page_tokens),
+              sh.kind != Kind::kPaged ? ""
+              : sh.long_ctx > 0       ? " (in order)"
+                                : absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str(),
+              sh.batch, sh.ctx,
+              sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "",
+              (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
   if (sh.kind == Kind::kPaged) {
     std::printf("      pool of %lld pages; %.1f %% of a request's consecutive pages adjacent\n",
-                static_cast<long long>(pool_pages),
-                100.0 * kvbench::AdjacentShare(table, table_stride));
+                static_cast<long long>(paged_table.pool_pages),
+                100.0 * kvbench::AdjacentShare(paged_table.table, paged_table.stride,
+                                               paged_table.row_pages));
   }
   if (s.spread) {
     std::printf("      p10 %.1f us, p90 %.1f us, min %.1f us, max %.1f us%s\n",
@@ -631,6 +665,9 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.d2 = false;
     } else if (a == "--d2") {
       s.d1 = false;
+    } else if (a == "--balance") {
+      s.d1 = s.d2 = false;
+      s.balance = true;
     } else if (const char* v = kvbench::FlagValue(a, "--pool=")) {
       if (!ParseChoice("--pool", v,
                        {{"grown", PoolKind::kGrown},
@@ -667,21 +704,24 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.trace = true;
       s.trace_csv = v;
     } else {
-      std::fprintf(stderr,
-                   "usage: kvbench decode [--quick] [--d1 | --d2] [--reps=N] [--filter=LAYOUT] "
-                   "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
-                   "[--spacer-us=N] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
-                   "  --pool=grown (default) | grown-elastic | shuffled | in-order: the paged "
-                   "page tables: kvmem's cache after request churn (pool mapped whole, or "
-                   "elastic), every page shuffled, or in order\n"
-                   "  --placement=contiguous (default) | lowest-first: the grown cache's "
-                   "PagePlacement\n"
-                   "  --repeat=N: N rounds over the selected shapes in one process (a shape's "
-                   "figure can depend on what ran before it)\n"
-                   "  --trace: per-CTA start/end of %d more launches per shape, fastest and "
-                   "slowest summarised\n"
-                   "  --trace-csv=PATH: also their records as CSV (implies --trace; one shape)\n",
-                   kTraceLaunches);
+      std::fprintf(
+          stderr,
+          "usage: kvbench decode [--quick] [--d1 | --d2 | --balance] [--reps=N] [--filter=LAYOUT] "
+          "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
+          "[--spacer-us=N] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
+          "  --balance: batches the split plan must balance: one long request among "
+          "short ones (in-order pages), 1.2 waves of equal ones\n"
+          "  --pool=grown (default) | grown-elastic | shuffled | in-order: the paged "
+          "page tables: kvmem's cache after request churn (pool mapped whole, or "
+          "elastic), every page shuffled, or in order\n"
+          "  --placement=contiguous (default) | lowest-first: the grown cache's "
+          "PagePlacement\n"
+          "  --repeat=N: N rounds over the selected shapes in one process (a shape's "
+          "figure can depend on what ran before it)\n"
+          "  --trace: per-CTA start/end of %d more launches per shape, fastest and "
+          "slowest summarised\n"
+          "  --trace-csv=PATH: also their records as CSV (implies --trace; one shape)\n",
+          kTraceLaunches);
       return 2;
     }
   }
@@ -698,6 +738,15 @@ int DecodeBench(const std::vector<std::string>& args) {
     for (int page : {1, 16, 64, 256}) shapes.push_back({"D2", 64, 4096, Kind::kPaged, page});
     shapes.push_back({"D2", 64, 4096, Kind::kVirtualAllLayers, 0});
     shapes.push_back({"D2", 64, 4096, Kind::kVirtualPerLayer, 0});
+  }
+  if (s.balance) {
+    // Where whole requests would leave CTAs running alone at the end: a long request among
+    // short ones, and a batch of 1.2 waves (160 CTAs over 132 SMs on an H100).
+    for (Kind k : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+      shapes.push_back({"BAL", 64, 2048, k, s.d1_page, 65536});
+      shapes.push_back({"BAL", 128, 512, k, s.d1_page, 32768});
+      shapes.push_back({"BAL", 20, 4096, k, s.d1_page});
+    }
   }
   std::vector<Shape> selected;
   for (const Shape& sh : shapes) {

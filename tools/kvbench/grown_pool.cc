@@ -123,11 +123,15 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
   return out;
 }
 
-double AdjacentShare(const std::vector<int32_t>& table, int64_t stride) {
+double AdjacentShare(const std::vector<int32_t>& table, int64_t stride,
+                     const std::vector<int64_t>& row_pages) {
   int64_t pairs = 0;
   int64_t adjacent = 0;
   for (size_t i = 1; i < table.size(); ++i) {
-    if (static_cast<int64_t>(i) % stride == 0) continue;  // a row's first page
+    const int64_t in_row = static_cast<int64_t>(i) % stride;
+    if (in_row == 0) continue;  // a row's first page
+    const size_t row = i / stride;
+    if (!row_pages.empty() && (row >= row_pages.size() || in_row >= row_pages[row])) continue;
     ++pairs;
     adjacent += table[i] == table[i - 1] + 1;
   }

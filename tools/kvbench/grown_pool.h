@@ -33,7 +33,10 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
 
 // Share of consecutive page pairs (i, i + 1) within the rows of `table` (rows of
 // `stride` ids) whose ids are adjacent: 1 for pages in order, ~0 for shuffled ones.
-double AdjacentShare(const std::vector<int32_t>& table, int64_t stride);
+// row_pages, when given, is the number of pages in use in each row (the rest are not
+// counted); otherwise whole rows.
+double AdjacentShare(const std::vector<int32_t>& table, int64_t stride,
+                     const std::vector<int64_t>& row_pages = {});
 
 }  // namespace kvbench
 
