@@ -106,6 +106,7 @@ struct Settings {
   PagePlacement placement = PagePlacement::kContiguous;  // kGrown: the cache's placement
   int spacer_us = 0;      // > 0: a spinning kernel of this length before each timed launch
   bool spread = false;    // print the 10th and 90th percentile beside the median
+  bool graph = false;     // time replays of a captured CUDA graph (fixed_grid workspace)
   std::string filter;     // run only shapes whose layout name contains this
   int batch = 0;          // > 0: run only shapes of this batch size (e.g. for ncu)
   int d1_page = 16;       // page_tokens of the paged D1 shapes
@@ -541,6 +542,46 @@ void MakeViews(const Shape& sh, int sets, int64_t set_alloc, uint16_t* base, int
   }
 }
 
+// One captured decode launch per K/V set, replayed by Launch (--graph).
+class DecodeGraphs {
+ public:
+  DecodeGraphs() = default;
+  ~DecodeGraphs() {
+    for (cudaGraphExec_t e : execs_) cudaGraphExecDestroy(e);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  DecodeGraphs(const DecodeGraphs&) = delete;
+  DecodeGraphs& operator=(const DecodeGraphs&) = delete;
+
+  // Captures launch_on(i, stream) for i < sets, on a stream of its own (the legacy stream
+  // cannot capture); false on a CUDA error or when a capture's launch failed.
+  template <typename LaunchOn>
+  bool Capture(int sets, LaunchOn&& launch_on) {
+    if (cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking) != cudaSuccess) return false;
+    for (int i = 0; i < sets; ++i) {
+      cudaGraph_t graph = nullptr;
+      if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        return false;
+      }
+      const bool launched = launch_on(i, stream_);
+      const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+      if (!launched || ended != cudaSuccess) return false;
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      if (made != cudaSuccess) return false;
+      execs_.push_back(exec);
+    }
+    return true;
+  }
+  // Replays set i's graph on the legacy stream, where the timing events are recorded.
+  cudaError_t Launch(int i) const { return cudaGraphLaunch(execs_[i], nullptr); }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  std::vector<cudaGraphExec_t> execs_;
+};
+
 // Times one shape (then traces it with s.trace); prints a row and returns false on a CUDA
 // or kvmem error.
 bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
@@ -570,6 +611,7 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   o.max_batch = sh.batch;
   o.max_context = max_ctx;
   o.page_tokens = sh.page_tokens;
+  o.fixed_grid = s.graph;
   auto ws = DecodeWorkspace::Create(o);
   if (!ws.ok()) {
     std::fprintf(stderr, "decode bench: %s\n", ws.status().ToString().c_str());
@@ -602,14 +644,28 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   BENCH_CUDA(cudaDeviceSynchronize());
 
   absl::Status launched;
-  auto launch = [&](int r) {
-    const int i = r % sets;
+  auto launch_on = [&](int i, cudaStream_t stream) {
     const uint16_t* qi = q.get<uint16_t>() + i * q_elems;
     uint16_t* oi = out.get<uint16_t>() + i * q_elems;
     const absl::Status st = sh.kind == Kind::kPaged
-                                ? DecodeAttention(**ws, paged[i], qi, oi, nullptr)
-                                : DecodeAttention(**ws, virt[i], qi, oi, nullptr);
-    if (!st.ok()) launched.Update(st);
+                                ? DecodeAttention(**ws, paged[i], qi, oi, stream)
+                                : DecodeAttention(**ws, virt[i], qi, oi, stream);
+    launched.Update(st);
+    return st.ok();
+  };
+  DecodeGraphs graphs;
+  if (s.graph && !graphs.Capture(sets, launch_on)) {
+    std::fprintf(stderr, "decode bench: graph capture failed: %s / %s\n",
+                 cudaGetErrorString(cudaGetLastError()), launched.ToString().c_str());
+    return false;
+  }
+  auto launch = [&](int r) {
+    if (s.graph) {
+      const cudaError_t err = graphs.Launch(r % sets);
+      if (err != cudaSuccess) launched.Update(absl::InternalError(cudaGetErrorString(err)));
+    } else {
+      launch_on(r % sets, nullptr);
+    }
   };
   auto spacer = [&](int) {
     if (s.spacer_us > 0) kvbench::LaunchSpacer(s.spacer_us);
@@ -630,6 +686,10 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
               sh.batch, sh.ctx,
               sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "",
               (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  if (s.graph) {
+    std::printf("      graph replay: fixed grid of %d CTAs, %d of them with work\n",
+                (*ws)->max_work() * kKvHeads, (*ws)->num_work() * kKvHeads);
+  }
   if (sh.kind == Kind::kPaged) {
     std::printf("      pool of %lld pages; %.1f %% of a request's consecutive pages adjacent\n",
                 static_cast<long long>(paged_table.pool_pages),
@@ -642,8 +702,8 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
                 sorted.back() * 1e3, s.spacer_us > 0 ? " (spacer between launches)" : "");
   }
   if (s.trace) {
-    // The grid of a launch: every work item of the plan times the KV heads.
-    const int ctas = (*ws)->num_work() * kKvHeads;
+    // The grid of a launch: every work item of the plan (or the capacity) times the heads.
+    const int ctas = (s.graph ? (*ws)->max_work() : (*ws)->num_work()) * kKvHeads;
     if (!TraceShape(s, ctas, sms, s.warmup + s.reps, launch, spacer)) return false;
     if (!launched.ok()) {
       std::fprintf(stderr, "decode bench: %s\n", launched.ToString().c_str());
@@ -698,6 +758,8 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.repeat = std::max(1, std::atoi(v));
     } else if (a == "--spread") {
       s.spread = true;
+    } else if (a == "--graph") {
+      s.graph = true;
     } else if (a == "--trace") {
       s.trace = true;
     } else if (const char* v = kvbench::FlagValue(a, "--trace-csv=")) {
@@ -708,7 +770,9 @@ int DecodeBench(const std::vector<std::string>& args) {
           stderr,
           "usage: kvbench decode [--quick] [--d1 | --d2 | --balance] [--reps=N] [--filter=LAYOUT] "
           "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
-          "[--spacer-us=N] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
+          "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
+          "  --graph: time replays of one captured launch (fixed_grid workspace), as an "
+          "engine replays a decode step\n"
           "  --balance: batches the split plan must balance: one long request among "
           "short ones (in-order pages), 1.2 waves of equal ones\n"
           "  --pool=grown (default) | grown-elastic | shuffled | in-order: the paged "
