@@ -105,11 +105,12 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
       internal::Cuda(cudaEventSynchronize(w.stage_done[slot]), "cudaEventSynchronize"));
   void* buf = w.stage[slot];
   auto* header = Impl::At<internal::DecodePlanHeader>(buf, 0);
-  KVMEM_ASSIGN_OR_RETURN(const int num_work, internal::BuildDecodePlan(
-                                                 lens, w.options.shape.window_left, w.num_kv_heads,
-                                                 w.tile_tokens, w.resident_ctas, w.max_work,
-                                                 w.split, Impl::At<int32_t>(buf, w.off_work_begin),
-                                                 Impl::At<internal::DecodeWork>(buf, w.off_work)));
+  KVMEM_ASSIGN_OR_RETURN(
+      const int num_work,
+      internal::BuildDecodePlan(lens, w.options.shape.window_left, w.num_kv_heads, w.tile_tokens,
+                                w.resident_ctas, w.max_work, internal::DecodeSplitPolicy{},
+                                Impl::At<int32_t>(buf, w.off_work_begin),
+                                Impl::At<internal::DecodeWork>(buf, w.off_work)));
   *header = {static_cast<int32_t>(lens.size()), num_work, {0, 0}};
   fill_index(Impl::At<int32_t>(buf, w.off_index));
   const size_t bytes = w.off_index + lens.size() * w.index_stride * sizeof(int32_t);

@@ -98,7 +98,6 @@ struct DecodeWorkspace::Impl {
   int resident_ctas = 0;     // decode CTAs the device runs at once (occupancy x SMs)
   int max_work = 0;          // capacity of the work list
   int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1
-  internal::DecodeSplitPolicy split;
 
   // One device block, uploaded by one copy per Plan():
   //   header | work_begin[max_batch + 1] | work[max_work] | index[max_batch][index_stride]
