@@ -101,8 +101,9 @@ absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_l
     const int64_t len = lens[b];
     const Pieces cut = CutRange(len - first[b], chunk * tile_tokens, tile_tokens);
     if (n + cut.count > max_work || cut.count > kMaxDecodePieces) {
-      return absl::InternalError(
-          absl::StrCat("decode plan needs more than ", max_work, " work items (a sizing bug)"));
+      return absl::InternalError(absl::StrCat("decode plan needs more than ", max_work,
+                                              " work items, or request ", b, " more than ",
+                                              kMaxDecodePieces, " (a sizing bug)"));
     }
     work_begin[b] = n;
     n += static_cast<int>(cut.count);

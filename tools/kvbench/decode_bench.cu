@@ -565,7 +565,10 @@ class DecodeGraphs {
       }
       const bool launched = launch_on(i, stream_);
       const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
-      if (!launched || ended != cudaSuccess) return false;
+      if (!launched || ended != cudaSuccess) {
+        if (graph != nullptr) cudaGraphDestroy(graph);  // captured, but not usable
+        return false;
+      }
       cudaGraphExec_t exec = nullptr;
       const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
       cudaGraphDestroy(graph);
