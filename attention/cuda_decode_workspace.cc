@@ -112,7 +112,13 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
                                 Impl::At<int32_t>(buf, w.off_work_begin),
                                 Impl::At<internal::DecodeWork>(buf, w.off_work)));
   *header = {static_cast<int32_t>(lens.size()), num_work, {0, 0}};
-  fill_index(Impl::At<int32_t>(buf, w.off_index));
+  int32_t* index = Impl::At<int32_t>(buf, w.off_index);
+  fill_index(index);
+  if (w.options.layout == Layout::kVirtual) {  // each work item carries its row id
+    internal::SetDecodeRowIds(absl::MakeConstSpan(index, lens.size()),
+                              absl::MakeSpan(Impl::At<internal::DecodeWork>(buf, w.off_work),
+                                             static_cast<size_t>(num_work)));
+  }
   const size_t bytes = w.off_index + lens.size() * w.index_stride * sizeof(int32_t);
   KVMEM_RETURN_IF_ERROR(internal::Cuda(
       cudaMemcpyAsync(w.block, buf, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));

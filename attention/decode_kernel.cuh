@@ -43,10 +43,11 @@ struct DecodeParams {
 
 // Per head_dim: warps per CTA (16 tokens each per tile) and pipeline depth. Head_dim 128,
 // the model shape: one CTA of 8 warps per SM, tiles of 128 tokens (64 KiB of K and V per
-// stage), two tiles in flight while one is read; measured against two CTAs of 4 warps
-// per SM (the same bytes in flight as two streams) it is 2-4 % faster at batch 16, 128
-// and the long contexts and as fast at 64 (docs/decode.md). The others keep 16-32 KiB
-// stages, two or more CTAs per SM.
+// stage), two stages: one tile in flight while the other is read. A third stage (two
+// tiles, 128 KiB, in flight per SM) was slower on the H100: 0.9-2.0 % at batch 64 and 128,
+// 0.5-2.7 % at the long contexts, the same at batch 16 (session 9 in docs/decode.md). Two
+// CTAs of 4 warps per SM measured slower than one of 8 (sessions 5 and 9). The other
+// head_dims keep 16-32 KiB stages, two or more CTAs per SM.
 template <int kHeadDim>
 struct DecodeConfig;
 template <>
@@ -57,7 +58,7 @@ struct DecodeConfig<64> {
 template <>
 struct DecodeConfig<128> {
   static constexpr int kWarps = 8;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = 2;
 };
 template <>
 struct DecodeConfig<256> {
@@ -197,13 +198,15 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
   TileOffsets<Kv, kTile, kStages> offsets(p.kv, b, start, end, smem + Smem::kOffOffset, tid,
                                           tid < kTile, tid);
   auto load_tile = [&](int tile) {
-    offsets.template CopyTileToStage<kHeadDim, kThreads>(tile, k_head, v_head, k_smem, v_smem, tid);
+    offsets.template CopyTileToStage<kHeadDim, kThreads, /*kReadOnce=*/true>(tile, k_head, v_head,
+                                                                             k_smem, v_smem, tid);
   };
 
   // Prologue (tile_offsets.cuh has the schedule): offsets of the first kStages tiles,
   // Q (rows >= group zero), tiles with the index entries kStages further on.
+  // The virtual layout's row id came with the work item: no second dependent load.
 #pragma unroll
-  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s);
+  for (int s = 0; s < kStages; ++s) offsets.ResolveNow(s, wk.index);
   {
     const T* q =
         static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * num_q_heads + h * group) * kHeadDim;

@@ -41,6 +41,10 @@ struct Piece {
 
 }  // namespace
 
+void SetDecodeRowIds(absl::Span<const int32_t> row_ids, absl::Span<DecodeWork> work) {
+  for (DecodeWork& w : work) w.index = row_ids[w.b];
+}
+
 int MaxDecodeWork(int max_batch, int num_kv_heads, int resident_ctas) {
   // One piece per request, plus at most 1 / kMinPieceLoad waves of extra pieces from
   // the straggler cap (see below), or a wave from the one-wave cut.
@@ -122,7 +126,8 @@ absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_l
   });
   for (int w = 0; w < n; ++w) {
     const Piece& p = pieces[w];
-    work[w] = {p.b, p.start, p.end, PackDecodeMeta(work_begin[p.b + 1] - work_begin[p.b], p.index)};
+    work[w] = {p.b, p.start,  p.end, PackDecodeMeta(work_begin[p.b + 1] - work_begin[p.b], p.index),
+               0,   {0, 0, 0}};
   }
   return n;
 }

@@ -17,15 +17,19 @@ struct CUevent_st;
 namespace kvmem {
 namespace internal {
 
-// Tokens [start, end) of request b, one of the `chunks` work items of b (16 bytes: one
-// vector load in the kernel). meta packs chunks (low 16 bits) and this item's index among
-// them (high 16 bits): a split request's partial results live in slots
+// Tokens [start, end) of request b, one of the `chunks` work items of b (32 bytes: two
+// vector loads in one round trip in the kernel). meta packs chunks (low 16 bits) and this
+// item's index among them (high 16 bits): a split request's partial results live in slots
 // work_begin[b] + index, whatever the order the items are dispatched in.
 struct alignas(16) DecodeWork {
   int32_t b;
   int32_t start;
   int32_t end;
   int32_t meta;
+  // The virtual layout's row id of request b, so that a CTA's first copies wait on one
+  // load (this item) instead of two (the item, then the row id); 0 for the paged layout.
+  int32_t index;
+  int32_t pad[3];
 };
 
 // Most work items one request is cut into (the width of DecodeWork's fields).
@@ -81,6 +85,9 @@ absl::StatusOr<int> BuildDecodePlan(absl::Span<const int32_t> lens, int window_l
                                     int num_kv_heads, int tile_tokens, int resident_ctas,
                                     int max_work, const DecodeSplitPolicy& policy,
                                     int32_t* work_begin, DecodeWork* work);
+
+// Copies each work item's row id (row_ids[item.b], the virtual layout) into item.index.
+void SetDecodeRowIds(absl::Span<const int32_t> row_ids, absl::Span<DecodeWork> work);
 
 // Capacity of the work list that BuildDecodePlan never exceeds for max_batch requests.
 int MaxDecodeWork(int max_batch, int num_kv_heads, int resident_ctas);

@@ -60,6 +60,20 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// An L2 cache policy under which the lines a load brings in are evicted first: for data a
+// launch reads once (decode's K and V), so that the small data every launch of a step
+// reads (plan, page table, row ids) stays in L2 instead of being streamed out.
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// CpAsync16 under an L2 cache policy from EvictFirstPolicy.
+__device__ __forceinline__ void CpAsync16EvictFirst(uint32_t dst, const void* src, int src_bytes,
+                                                    uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(src_bytes), "l"(policy));
+}
 // 4-byte global -> shared copy through L1 (.ca: neighbouring tokens share a page-table line).
 __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));

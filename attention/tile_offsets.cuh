@@ -69,15 +69,17 @@ class TileOffsets {
         copier_(copier) {}
 
   // The offsets of tile t from a plain load of each index entry (the prologue's first
-  // kStages tiles, before the first barrier).
-  __device__ __forceinline__ void ResolveNow(int t) {
+  // kStages tiles, before the first barrier). For layouts with one entry per request (the
+  // virtual row id), `index` >= 0 is that entry, already at hand (the decode work item
+  // carries it): no load.
+  __device__ __forceinline__ void ResolveNow(int t, int32_t index = -1) {
     if (!resolves_) return;
     const int pos = Start(t) + token_;
     if (pos >= hi_) {
       Offset(t) = 0;
       return;
     }
-    const int32_t index = Offsets::Fetch(kv_, request_, pos);
+    if (!Offsets::kPerRequest || index < 0) index = Offsets::Fetch(kv_, request_, pos);
     // kPerRequest: every tile's entry, kept in this thread's index slot (shared memory,
     // not a register held across the kernel's loop).
     if constexpr (Offsets::kPerRequest) Index(0, token_) = index;
@@ -120,14 +122,16 @@ class TileOffsets {
   // threads) into the stage at k_dst / v_dst, rows past hi zero-filled without a read (a
   // finite value the kernels mask out). dst_byte(row, chunk) is where 16-byte chunk
   // `chunk` of a row goes in the stage's swizzled layout. After the barrier that follows
-  // tile t's Resolve / ResolveNow.
-  template <int kHeadDim, int kThreads, typename T, typename DstByte>
+  // tile t's Resolve / ResolveNow. kReadOnce: the launch reads these K/V rows once (decode),
+  // so they are tagged to leave L2 first (CpAsync16EvictFirst).
+  template <int kHeadDim, int kThreads, bool kReadOnce = false, typename T, typename DstByte>
   __device__ __forceinline__ void CopyTile(int t, const T* k_head, const T* v_head, uint32_t k_dst,
                                            uint32_t v_dst, int tid, DstByte dst_byte) const {
     constexpr int kCpr = kHeadDim / 8;  // 16-byte chunks per row
     static_assert(kTile * kCpr % kThreads == 0, "whole copy rounds per tile");
     const int64_t* offs = Tile(t);
     const int start = Start(t);
+    const uint64_t policy = kReadOnce ? EvictFirstPolicy() : 0;
 #pragma unroll
     for (int it = 0; it < kTile * kCpr / kThreads; ++it) {
       const int i = tid + it * kThreads;
@@ -136,18 +140,25 @@ class TileOffsets {
       const bool valid = start + row < hi_;
       const int64_t src = offs[row] + c * 8;
       const uint32_t dst = dst_byte(row, c);
-      CpAsync16(k_dst + dst, valid ? k_head + src : k_head, valid ? 16 : 0);
-      CpAsync16(v_dst + dst, valid ? v_head + src : v_head, valid ? 16 : 0);
+      const T* k_src = valid ? k_head + src : k_head;
+      const T* v_src = valid ? v_head + src : v_head;
+      if constexpr (kReadOnce) {
+        CpAsync16EvictFirst(k_dst + dst, k_src, valid ? 16 : 0, policy);
+        CpAsync16EvictFirst(v_dst + dst, v_src, valid ? 16 : 0, policy);
+      } else {
+        CpAsync16(k_dst + dst, k_src, valid ? 16 : 0);
+        CpAsync16(v_dst + dst, v_src, valid ? 16 : 0);
+      }
     }
   }
 
   // CopyTile into stage t % kStages of the [kStages][kTile][kHeadDim] K and V rings at
   // k_smem / v_smem, in the XorSwizzle layout that the cp.async kernels' ldmatrix reads.
-  template <int kHeadDim, int kThreads, typename T>
+  template <int kHeadDim, int kThreads, bool kReadOnce = false, typename T>
   __device__ __forceinline__ void CopyTileToStage(int t, const T* k_head, const T* v_head,
                                                   const T* k_smem, const T* v_smem, int tid) const {
     const int stage_elems = (t % kStages) * kTile * kHeadDim;
-    CopyTile<kHeadDim, kThreads>(
+    CopyTile<kHeadDim, kThreads, kReadOnce>(
         t, k_head, v_head, SmemAddr(k_smem + stage_elems), SmemAddr(v_smem + stage_elems), tid,
         [](int row, int c) {
           return static_cast<uint32_t>(XorSwizzle<kHeadDim>(row, c) * sizeof(T));

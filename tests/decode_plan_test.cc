@@ -2,7 +2,8 @@
 // each request's attended range exactly, once, in whole tiles; slots and chunk counts are
 // consistent; the dispatch order is longest first; the work list never exceeds
 // MaxDecodeWork; and the plan's shape rules hold (one wave for a small batch, no piece
-// over the cap for one that fills the device, uniform batches of two waves or more whole).
+// over the cap for one that fills the device, uniform batches of two waves or more whole);
+// and the virtual layout's work items carry their row ids.
 #include "attention/decode_plan.h"
 
 #include <algorithm>
@@ -34,7 +35,7 @@ struct Plan {
 absl::StatusOr<Plan> Build(const Case& c, int max_work) {
   Plan p;
   p.work_begin.assign(c.lens.size() + 1, -1);
-  p.work.assign(max_work, DecodeWork{-1, -1, -1, -1});
+  p.work.assign(max_work, DecodeWork{-1, -1, -1, -1, -1, {-1, -1, -1}});
   const absl::StatusOr<int> n =
       BuildDecodePlan(c.lens, c.window_left, c.kv_heads, c.tile, c.resident, max_work, c.policy,
                       p.work_begin.data(), p.work.data());
@@ -166,6 +167,22 @@ TEST(DecodePlanTest, LongRequestAmongShortOnesIsCutToASlotsLoad) {
   EXPECT_EQ(p->work[0].b, 40);
   EXPECT_TRUE(NonIncreasingWithin(*p, 0, static_cast<int>(p->work.size())));
   EXPECT_EQ(p->work.back().b, 63);
+}
+
+// The virtual layout's work items carry their request's row id, pieces of a split request
+// included, whatever the dispatch order; the plan leaves the field 0.
+TEST(DecodePlanTest, WorkItemsCarryTheirRequestsRowId) {
+  Case c;
+  c.lens.assign(63, 2048);
+  c.lens.push_back(65536);  // cut into pieces, dispatched first
+  absl::StatusOr<Plan> p = Build(c, MaxDecodeWork(64, c.kv_heads, c.resident));
+  ASSERT_TRUE(p.ok()) << p.status();
+  for (const DecodeWork& w : p->work) EXPECT_EQ(w.index, 0);
+  std::vector<int32_t> rows(c.lens.size());
+  for (size_t b = 0; b < rows.size(); ++b) rows[b] = static_cast<int32_t>(1000 + 7 * (63 - b));
+  SetDecodeRowIds(rows, absl::MakeSpan(p->work));
+  ASSERT_GT(p->work.size(), c.lens.size());
+  for (const DecodeWork& w : p->work) EXPECT_EQ(w.index, rows[w.b]) << "request " << w.b;
 }
 
 TEST(DecodePlanTest, EmptyAndWindowedRequests) {
