@@ -143,9 +143,10 @@ absl::StatusOr<std::unique_ptr<DecodeWorkspace>> DecodeWorkspace::Create(
   impl->head_dim = options.shape.head_dim;
   impl->scale_log2 = options.shape.EffectiveScale() * 1.4426950408889634f;
 
-  KVMEM_ASSIGN_OR_RETURN(const internal::DecodeKernelInfo info,
-                         internal::PrepareDecodeKernel(options.layout, options.shape.kv_dtype,
-                                                       options.shape.head_dim));
+  KVMEM_ASSIGN_OR_RETURN(
+      const internal::DecodeKernelInfo info,
+      internal::PrepareDecodeKernel(options.layout, options.shape.kv_dtype, options.shape.head_dim,
+                                    options.pipeline_stages));
   int device = 0;
   int sms = 0;
   KVMEM_RETURN_IF_ERROR(internal::Cuda(cudaGetDevice(&device), "cudaGetDevice"));
@@ -153,6 +154,7 @@ absl::StatusOr<std::unique_ptr<DecodeWorkspace>> DecodeWorkspace::Create(
       internal::Cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
                      "cudaDeviceGetAttribute"));
   impl->tile_tokens = info.tile_tokens;
+  impl->stages = info.stages;
   impl->resident_ctas = std::max(1, info.ctas_per_sm) * sms;
   impl->max_work =
       internal::MaxDecodeWork(options.max_batch, impl->num_kv_heads, impl->resident_ctas);
@@ -198,6 +200,7 @@ const DecodeOptions& DecodeWorkspace::options() const { return impl_->options; }
 int DecodeWorkspace::batch() const { return impl_->batch; }
 int DecodeWorkspace::num_work() const { return impl_->num_work; }
 int DecodeWorkspace::max_work() const { return impl_->max_work; }
+int DecodeWorkspace::pipeline_stages() const { return impl_->stages; }
 
 absl::Status DecodeWorkspace::PlanPaged(absl::Span<const int32_t> seq_lens,
                                         absl::Span<const int32_t> page_table,

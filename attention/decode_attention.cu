@@ -4,8 +4,10 @@
 // (layout, dtype, head_dim): 2 x 2 x 3. Also sets the kernels' trace target (decode_trace.h).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -29,35 +31,79 @@ absl::Status DispatchDecode(DType dtype, int head_dim, F&& f) {
   return DispatchKernel("decode", dtype, head_dim, std::forward<F>(f));
 }
 
+// Calls f(std::integral_constant<int, S>{}) for S = `stages`, one of the depths built for
+// head_dim kDim (DecodeConfig); InvalidArgument for another.
+template <int kDim, typename F>
+absl::Status DispatchStages(int stages, F&& f) {
+  using Cfg = DecodeConfig<kDim>;
+  if (stages == Cfg::kStages) return f(std::integral_constant<int, Cfg::kStages>{});
+  if (stages == Cfg::kDeepStages) return f(std::integral_constant<int, Cfg::kDeepStages>{});
+  return absl::InvalidArgumentError(
+      absl::StrCat("decode at head_dim ", kDim, " runs ", Cfg::kStages,
+                   Cfg::kDeepStages != Cfg::kStages ? absl::StrCat(" or ", Cfg::kDeepStages) : "",
+                   " pipeline stages (0: the device's choice), not ", stages));
+}
+
+// The measured depth for the current device: kDeepStages where its peak memory bandwidth
+// per SM exceeds kDeepStagesGbpsPerSm (the H200), kStages otherwise (the H100) or when the
+// driver reports no memory clock.
+absl::StatusOr<int> DeviceStages(int head_dim) {
+  KVMEM_ASSIGN_OR_RETURN(const int sms, CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount));
+  KVMEM_ASSIGN_OR_RETURN(const int clock_khz, CurrentDeviceAttribute(cudaDevAttrMemoryClockRate));
+  KVMEM_ASSIGN_OR_RETURN(const int bus_bits,
+                         CurrentDeviceAttribute(cudaDevAttrGlobalMemoryBusWidth));
+  // Double data rate: two transfers of bus_bits per memory clock.
+  const double gbps_per_sm = 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9 / std::max(1, sms);
+  const bool deep = gbps_per_sm > kDeepStagesGbpsPerSm;
+  switch (head_dim) {
+    case 64:
+      return deep ? DecodeConfig<64>::kDeepStages : DecodeConfig<64>::kStages;
+    case 128:
+      return deep ? DecodeConfig<128>::kDeepStages : DecodeConfig<128>::kStages;
+    case 256:
+      return deep ? DecodeConfig<256>::kDeepStages : DecodeConfig<256>::kStages;
+    default:
+      return 0;  // DispatchDecode reports the head_dim
+  }
+}
+
 }  // namespace
 
-absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim) {
+absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim,
+                                                     int stages) {
   DecodeKernelInfo info;
+  if (stages == 0) {
+    KVMEM_ASSIGN_OR_RETURN(stages, DeviceStages(head_dim));
+  }
   auto prepare = [&](auto tag) -> absl::Status {
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
-    using Smem = DecodeSmem<T, kDim>;
-    auto prepare_kernel = [&](auto kernel) -> absl::Status {
-      // Shared memory above 48 KiB must be opted into, per kernel, before occupancy
-      // queries and launches.
-      KVMEM_RETURN_IF_ERROR(CudaStatus(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes),
-          "cudaFuncSetAttribute"));
-      // The plan counts on ctas_per_sm CTAs per SM from the start of every launch: ask for
-      // the whole carveout as shared memory, not whatever the driver last configured.
-      KVMEM_RETURN_IF_ERROR(
-          CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared),
-                     "cudaFuncSetAttribute"));
-      KVMEM_RETURN_IF_ERROR(
-          CudaStatus(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                         &info.ctas_per_sm, kernel, DecodeConfig<kDim>::kWarps * 32, Smem::kBytes),
-                     "cudaOccupancyMaxActiveBlocksPerMultiprocessor"));
-      info.tile_tokens = Smem::kTile;
-      return absl::OkStatus();
-    };
-    if (layout == Layout::kPaged) return prepare_kernel(&DecodeKernel<PagedKv, T, kDim>);
-    return prepare_kernel(&DecodeKernel<VirtualKv, T, kDim>);
+    return DispatchStages<kDim>(stages, [&](auto depth) -> absl::Status {
+      constexpr int kStages = decltype(depth)::value;
+      using Smem = DecodeSmem<T, kDim, kStages>;
+      auto prepare_kernel = [&](auto kernel) -> absl::Status {
+        // Shared memory above 48 KiB must be opted into, per kernel, before occupancy
+        // queries and launches.
+        KVMEM_RETURN_IF_ERROR(CudaStatus(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes),
+            "cudaFuncSetAttribute"));
+        // The plan counts on ctas_per_sm CTAs per SM from the start of every launch: ask for
+        // the whole carveout as shared memory, not whatever the driver last configured.
+        KVMEM_RETURN_IF_ERROR(
+            CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            cudaSharedmemCarveoutMaxShared),
+                       "cudaFuncSetAttribute"));
+        KVMEM_RETURN_IF_ERROR(CudaStatus(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &info.ctas_per_sm, kernel, DecodeConfig<kDim>::kWarps * 32, Smem::kBytes),
+            "cudaOccupancyMaxActiveBlocksPerMultiprocessor"));
+        info.tile_tokens = Smem::kTile;
+        info.stages = kStages;
+        return absl::OkStatus();
+      };
+      if (layout == Layout::kPaged) return prepare_kernel(&DecodeKernel<PagedKv, T, kDim, kStages>);
+      return prepare_kernel(&DecodeKernel<VirtualKv, T, kDim, kStages>);
+    });
   };
   KVMEM_RETURN_IF_ERROR(DispatchDecode(dtype, head_dim, prepare));
   return info;
@@ -122,11 +168,14 @@ absl::Status DecodeAttention(const DecodeWorkspace& ws, const Kv& kv, const void
   auto launch = [&](auto tag) -> absl::Status {
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
-    using Smem = internal::DecodeSmem<T, kDim>;
-    const dim3 grid(static_cast<unsigned>(work_items * w.num_kv_heads));
-    internal::DecodeKernel<Kv, T, kDim>
-        <<<grid, internal::DecodeConfig<kDim>::kWarps * 32, Smem::kBytes, stream>>>(params);
-    return internal::CudaStatus(cudaGetLastError(), "DecodeKernel launch");
+    return internal::DispatchStages<kDim>(w.stages, [&](auto depth) -> absl::Status {
+      constexpr int kStages = decltype(depth)::value;
+      using Smem = internal::DecodeSmem<T, kDim, kStages>;
+      const dim3 grid(static_cast<unsigned>(work_items * w.num_kv_heads));
+      internal::DecodeKernel<Kv, T, kDim, kStages>
+          <<<grid, internal::DecodeConfig<kDim>::kWarps * 32, Smem::kBytes, stream>>>(params);
+      return internal::CudaStatus(cudaGetLastError(), "DecodeKernel launch");
+    });
   };
   return internal::DispatchDecode(w.options.shape.kv_dtype, w.head_dim, launch);
 }

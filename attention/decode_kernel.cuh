@@ -43,38 +43,46 @@ struct DecodeParams {
 
 // Per head_dim: warps per CTA (16 tokens each per tile) and pipeline depth. Head_dim 128,
 // the model shape: one CTA of 8 warps per SM, tiles of 128 tokens (64 KiB of K and V per
-// stage), two stages: one tile in flight while the other is read. A third stage (two
-// tiles, 128 KiB, in flight per SM) was slower on the H100: 0.9-2.0 % at batch 64 and 128,
-// 0.5-2.7 % at the long contexts, the same at batch 16 (session 9 in docs/decode.md). Two
-// CTAs of 4 warps per SM measured slower than one of 8 (sessions 5 and 9). The other
-// head_dims keep 16-32 KiB stages, two or more CTAs per SM.
+// stage). On the H100 two stages (one tile in flight while the other is read) beat three
+// (two tiles, 128 KiB, in flight per SM) by 0.9-2.0 % at batch 64 and 128 and 0.5-2.7 % at
+// the long contexts; on the H200 (1.5x the bandwidth per SM) three beat two by 0.5-1.4 % at
+// batch 128. Both are built; the workspace picks one per device (kDeepStages above
+// kDeepStagesGbpsPerSm of peak bandwidth per SM) or as DecodeOptions::pipeline_stages says
+// (session 9 in docs/decode.md). Two CTAs of 4 warps per SM measured slower than one of 8
+// (sessions 5 and 9). The other head_dims keep 16-32 KiB stages, two or more CTAs per SM,
+// one depth.
 template <int kHeadDim>
 struct DecodeConfig;
 template <>
 struct DecodeConfig<64> {
   static constexpr int kWarps = 4;
   static constexpr int kStages = 4;
+  static constexpr int kDeepStages = 4;
 };
 template <>
 struct DecodeConfig<128> {
   static constexpr int kWarps = 8;
   static constexpr int kStages = 2;
+  static constexpr int kDeepStages = 3;
 };
 template <>
 struct DecodeConfig<256> {
   static constexpr int kWarps = 2;
   static constexpr int kStages = 3;
+  static constexpr int kDeepStages = 3;
 };
+// Peak memory bandwidth per SM (GB/s) above which a workspace takes kDeepStages.
+inline constexpr double kDeepStagesGbpsPerSm = 30.0;
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kStages>
 struct DecodeSmem {
   using Cfg = DecodeConfig<kHeadDim>;
   static constexpr int kTile = 16 * Cfg::kWarps;
   static constexpr int kStageBytes = kTile * kHeadDim * static_cast<int>(sizeof(T));
-  static constexpr int kKBytes = Cfg::kStages * kStageBytes;
+  static constexpr int kKBytes = kStages * kStageBytes;
   static constexpr int kQOffset = 2 * kKBytes;  // after K and V stages
   static constexpr int kOffOffset = kQOffset + 16 * kHeadDim * static_cast<int>(sizeof(T));
-  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(kTile, Cfg::kStages);
+  static constexpr int kBytes = kOffOffset + TileOffsetsBytes(kTile, kStages);
   // Epilogue, over the K/V stages: per-warp O [kWarps][16][kHeadDim] f32, m and l.
   static constexpr int kEpilogueBytes = Cfg::kWarps * 16 * (kHeadDim + 2) * 4;
   static_assert(kEpilogueBytes <= 2 * kKBytes, "epilogue must fit over the stages");
@@ -152,13 +160,12 @@ class DecodeTraceScope {
   }
 };
 
-template <typename Kv, typename T, int kHeadDim>
+template <typename Kv, typename T, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)
     DecodeKernel(const DecodeParams<Kv> p) {
   using Cfg = DecodeConfig<kHeadDim>;
-  using Smem = DecodeSmem<T, kHeadDim>;
+  using Smem = DecodeSmem<T, kHeadDim, kStages>;
   constexpr int kWarps = Cfg::kWarps;
-  constexpr int kStages = Cfg::kStages;
   constexpr int kThreads = kWarps * 32;
   constexpr int kTile = Smem::kTile;
   constexpr int kCpr = kHeadDim / 8;  // 16-byte chunks per row

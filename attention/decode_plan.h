@@ -51,14 +51,18 @@ inline constexpr int kMaxDecodeGroup = 16;
 // pipeline fill and merge traffic than they gain in parallelism.
 inline constexpr int kMinChunkTiles = 2;
 
-// Sets the decode kernel of (layout, dtype, head_dim) up for launch (dynamic shared
-// memory limit) and reports its tile (tokens) and how many of its CTAs one SM holds.
-// InvalidArgument for an unsupported dtype or head_dim. Defined in decode_attention.cu.
+// Sets the decode kernel of (layout, dtype, head_dim) with `stages` pipeline stages up for
+// launch (dynamic shared memory limit) and reports its tile (tokens), its stages (the
+// device's choice when `stages` is 0, DecodeOptions::pipeline_stages) and how many of its
+// CTAs one SM holds. InvalidArgument for an unsupported dtype, head_dim or stage count.
+// Defined in decode_attention.cu.
 struct DecodeKernelInfo {
   int tile_tokens = 0;
+  int stages = 0;
   int ctas_per_sm = 0;
 };
-absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim);
+absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim,
+                                                     int stages);
 
 // How BuildDecodePlan cuts the requests of a batch that fills the device (see there).
 // The default is the measured one (docs/decode.md); the field exists for tests and
@@ -102,6 +106,7 @@ struct DecodeWorkspace::Impl {
   int head_dim = 0;
   float scale_log2 = 0.f;  // softmax scale * log2(e)
   int tile_tokens = 0;
+  int stages = 0;            // the kernel's pipeline stages (DecodeKernelInfo)
   int resident_ctas = 0;     // decode CTAs the device runs at once (occupancy x SMs)
   int max_work = 0;          // capacity of the work list
   int64_t index_stride = 0;  // device index entries per request: pages (paged) or 1

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "attention/fast_divmod.h"
 #include "kvmem/kv_accessor.h"
@@ -22,6 +23,17 @@ inline absl::Status CudaStatus(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
   return absl::InternalError(
       absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+
+// Attribute `attr` of the current device.
+inline absl::StatusOr<int> CurrentDeviceAttribute(cudaDeviceAttr attr) {
+  int device = 0;
+  int value = 0;
+  absl::Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice");
+  if (st.ok())
+    st = CudaStatus(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
+  if (!st.ok()) return st;
+  return value;
 }
 
 // Storage types. Both have a matching mma.sync kind and a packed 2-element register type.

@@ -159,16 +159,10 @@ int TmaRows(const PagedKv& kv) {
 // 64 or 128.
 absl::StatusOr<bool> WgmmaAvailable(int head_dim) {
 #if defined(KVMEM_HAS_SM90A)
-  int device = 0;
-  KVMEM_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
-  int major = 0;
-  int minor = 0;
-  KVMEM_RETURN_IF_ERROR(
-      CudaStatus(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-                 "cudaDeviceGetAttribute"));
-  KVMEM_RETURN_IF_ERROR(
-      CudaStatus(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-                 "cudaDeviceGetAttribute"));
+  KVMEM_ASSIGN_OR_RETURN(const int major,
+                         CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMajor));
+  KVMEM_ASSIGN_OR_RETURN(const int minor,
+                         CurrentDeviceAttribute(cudaDevAttrComputeCapabilityMinor));
   return major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
 #else
   return false;

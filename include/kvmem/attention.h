@@ -76,6 +76,11 @@ struct DecodeOptions {
   // Launch the capacity grid on every step instead of the planned one: REQUIRED when the
   // launches are captured in a CUDA graph that is replayed after later Plan() calls.
   bool fixed_grid = false;
+  // K/V tiles the kernel keeps in its pipeline (one is read while the others load). 0: the
+  // measured choice for the device; head_dim 128 also takes 2 (chosen where the peak
+  // memory bandwidth per SM is up to 30 GB/s, as on the H100) or 3 (above, as on the
+  // H200). docs/decode.md has the measurements. Other values are InvalidArgument.
+  int pipeline_stages = 0;
 };
 
 // Device state of a decode step: the plan (which CTA works on which request and token
@@ -119,6 +124,9 @@ class DecodeWorkspace {
   int num_work() const;
   // Capacity of the work list (the grid of a fixed_grid launch is this x num_kv_heads).
   int max_work() const;
+  // Pipeline stages of the kernel this workspace launches (DecodeOptions::pipeline_stages,
+  // or the device's choice when that is 0).
+  int pipeline_stages() const;
 
   struct Impl;  // internal
   const Impl& impl() const { return *impl_; }

@@ -50,13 +50,14 @@ struct Case {
   int window = -1;
   float scale = 0.f;
   float q_std = 1.f;
+  int stages = 0;  // DecodeOptions::pipeline_stages: 0, the device's choice
   std::vector<int32_t> lens;
 
   std::string Name() const {
     return absl::StrCat(KindName(kind),
                         kind == Kind::kPaged ? absl::StrCat(" page ", page_tokens) : std::string(),
                         " ", std::string(DTypeName(dtype)), " D", head_dim, " H", kv_heads, " G",
-                        group, " window ", window, " batch ", lens.size());
+                        group, " window ", window, " stages ", stages, " batch ", lens.size());
   }
   AttentionShape Shape() const {
     AttentionShape s;
@@ -86,6 +87,7 @@ DecodeOptions OptionsFor(const Case& c, int max_batch, int64_t max_context, bool
   o.max_context = max_context;
   o.page_tokens = c.page_tokens;
   o.fixed_grid = fixed_grid;
+  o.pipeline_stages = c.stages;
   return o;
 }
 
@@ -210,6 +212,23 @@ TEST(DecodeAttentionTest, VirtualArrangements) {
     c.kind = kind;
     c.lens = BoundaryLens(16);
     RunCase(c);
+  }
+}
+
+// Head_dim 128 is built with two pipeline depths and a device runs one of them unless told
+// otherwise: both match the reference on every layout, at page and tile boundaries and in
+// split requests, whichever the device would choose.
+TEST(DecodeAttentionTest, BothPipelineDepths) {
+  SKIP_WITHOUT_GPU();
+  for (int stages : {2, 3}) {
+    for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+      Case c;
+      c.kind = kind;
+      c.stages = stages;
+      c.lens = BoundaryLens(16);
+      const RunInfo info = RunCase(c);
+      EXPECT_GT(info.num_work, info.batch) << "a small batch of long requests must be split";
+    }
   }
 }
 
@@ -443,6 +462,24 @@ TEST(DecodeAttentionTest, RejectsBadArguments) {
   bad = o;
   bad.max_batch = 0;
   EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  for (int stages : {-1, 1, 4}) {  // head_dim 128 is built with 2 and 3
+    bad = o;
+    bad.pipeline_stages = stages;
+    EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument)
+        << stages;
+  }
+  bad = o;
+  bad.shape.head_dim = 64;  // one depth, 4
+  bad.pipeline_stages = 2;
+  EXPECT_EQ(DecodeWorkspace::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  for (int stages : {0, 2, 3}) {
+    DecodeOptions good = o;
+    good.pipeline_stages = stages;
+    auto w = DecodeWorkspace::Create(good);
+    ASSERT_TRUE(w.ok()) << w.status();
+    if (stages != 0) EXPECT_EQ((*w)->pipeline_stages(), stages);
+    EXPECT_TRUE((*w)->pipeline_stages() == 2 || (*w)->pipeline_stages() == 3);
+  }
 
   auto ws = DecodeWorkspace::Create(o);
   ASSERT_TRUE(ws.ok()) << ws.status();

@@ -105,6 +105,7 @@ struct Settings {
   PoolKind pool = PoolKind::kGrown;                      // paged: which page tables
   PagePlacement placement = PagePlacement::kContiguous;  // kGrown: the cache's placement
   int spacer_us = 0;      // > 0: a spinning kernel of this length before each timed launch
+  int stages = 0;         // DecodeOptions::pipeline_stages (0: the device's choice)
   bool spread = false;    // print the 10th and 90th percentile beside the median
   bool graph = false;     // time replays of a captured CUDA graph (fixed_grid workspace)
   std::string filter;     // run only shapes whose layout name contains this
@@ -615,6 +616,7 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   o.max_context = max_ctx;
   o.page_tokens = sh.page_tokens;
   o.fixed_grid = s.graph;
+  o.pipeline_stages = s.stages;
   auto ws = DecodeWorkspace::Create(o);
   if (!ws.ok()) {
     std::fprintf(stderr, "decode bench: %s\n", ws.status().ToString().c_str());
@@ -681,14 +683,14 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   const double gbps = set_bytes / us * 1e-3;
-  std::printf("%-3s %-14s%s B=%-4d ctx=%-6d%s splits=%-4d  %9.1f us  %7.0f GB/s  %5.1f %%\n",
-              sh.tag, KindName(sh.kind, sh.page_tokens),
-              sh.kind != Kind::kPaged ? ""
-              : sh.long_ctx > 0       ? " (in order)"
-                                : absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str(),
-              sh.batch, sh.ctx,
-              sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "",
-              (*ws)->num_work(), us, gbps, 100.0 * gbps / ceiling);
+  std::printf(
+      "%-3s %-14s%s B=%-4d ctx=%-6d%s splits=%-4d stages=%d  %9.1f us  %7.0f GB/s  %5.1f %%\n",
+      sh.tag, KindName(sh.kind, sh.page_tokens),
+      sh.kind != Kind::kPaged ? ""
+      : sh.long_ctx > 0       ? " (in order)"
+                              : absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str(),
+      sh.batch, sh.ctx, sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "",
+      (*ws)->num_work(), (*ws)->pipeline_stages(), us, gbps, 100.0 * gbps / ceiling);
   if (s.graph) {
     std::printf("      graph replay: fixed grid of %d CTAs, %d of them with work\n",
                 (*ws)->max_work() * kKvHeads, (*ws)->num_work() * kKvHeads);
@@ -759,6 +761,8 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.d1_page = std::max(1, std::atoi(v));
     } else if (const char* v = kvbench::FlagValue(a, "--repeat=")) {
       s.repeat = std::max(1, std::atoi(v));
+    } else if (const char* v = kvbench::FlagValue(a, "--stages=")) {
+      s.stages = std::atoi(v);
     } else if (a == "--spread") {
       s.spread = true;
     } else if (a == "--graph") {
@@ -773,7 +777,9 @@ int DecodeBench(const std::vector<std::string>& args) {
           stderr,
           "usage: kvbench decode [--quick] [--d1 | --d2 | --balance] [--reps=N] [--filter=LAYOUT] "
           "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
-          "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N]\n"
+          "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N] [--stages=N]\n"
+          "  --stages=N: the kernel's pipeline stages (DecodeOptions::pipeline_stages; "
+          "default 0, the device's choice)\n"
           "  --graph: time replays of one captured launch (fixed_grid workspace), as an "
           "engine replays a decode step\n"
           "  --balance: batches the split plan must balance: one long request among "
