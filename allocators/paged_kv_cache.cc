@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "src/int_math.h"
 #include "src/logging.h"
 #include "src/status_macros.h"
 
@@ -20,8 +21,6 @@ namespace {
 absl::Status WithContext(const absl::Status& s, absl::string_view context) {
   return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
 }
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A broken invariant found by CheckInvariants.
 template <typename... Args>

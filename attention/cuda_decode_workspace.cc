@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/decode_plan.h"
 #include "kvmem/attention.h"
+#include "src/int_math.h"
 #include "src/logging.h"
 #include "src/status_macros.h"
 
@@ -24,7 +25,6 @@ namespace kvmem {
 namespace internal {
 namespace {
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
 
 absl::Status Cuda(cudaError_t err, const char* what) {

@@ -26,6 +26,7 @@
 #include "attention/kv_tensor_map.h"
 #include "attention/launch_util.cuh"
 #include "kvmem/extend_attention.h"
+#include "src/int_math.h"
 #include "src/status_macros.h"
 
 namespace kvmem {
@@ -86,7 +87,6 @@ struct ExtendWorkspace::Impl {
 namespace internal {
 namespace {
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
 // Calls f(KernelTag<T, head_dim>{}) for the storage type of `dtype`.
 template <typename F>
