@@ -44,27 +44,17 @@ absl::Status DispatchStages(int stages, F&& f) {
                    " pipeline stages (0: the device's choice), not ", stages));
 }
 
-// The measured depth for the current device: kDeepStages where its peak memory bandwidth
-// per SM exceeds kDeepStagesGbpsPerSm (the H200), kStages otherwise (the H100) or when the
-// driver reports no memory clock.
-absl::StatusOr<int> DeviceStages(int head_dim) {
+// Whether the current device takes the deeper pipeline (DecodeConfig::kDeepStages): its
+// peak memory bandwidth per SM exceeds kDeepStagesGbpsPerSm (the H200, not the H100). A
+// driver that reports no memory clock gets the shallow one.
+absl::StatusOr<bool> DeviceTakesDeepPipeline() {
   KVMEM_ASSIGN_OR_RETURN(const int sms, CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount));
   KVMEM_ASSIGN_OR_RETURN(const int clock_khz, CurrentDeviceAttribute(cudaDevAttrMemoryClockRate));
   KVMEM_ASSIGN_OR_RETURN(const int bus_bits,
                          CurrentDeviceAttribute(cudaDevAttrGlobalMemoryBusWidth));
   // Double data rate: two transfers of bus_bits per memory clock.
   const double gbps_per_sm = 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9 / std::max(1, sms);
-  const bool deep = gbps_per_sm > kDeepStagesGbpsPerSm;
-  switch (head_dim) {
-    case 64:
-      return deep ? DecodeConfig<64>::kDeepStages : DecodeConfig<64>::kStages;
-    case 128:
-      return deep ? DecodeConfig<128>::kDeepStages : DecodeConfig<128>::kStages;
-    case 256:
-      return deep ? DecodeConfig<256>::kDeepStages : DecodeConfig<256>::kStages;
-    default:
-      return 0;  // DispatchDecode reports the head_dim
-  }
+  return gbps_per_sm > kDeepStagesGbpsPerSm;
 }
 
 }  // namespace
@@ -72,12 +62,15 @@ absl::StatusOr<int> DeviceStages(int head_dim) {
 absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype, int head_dim,
                                                      int stages) {
   DecodeKernelInfo info;
+  bool deep = false;
   if (stages == 0) {
-    KVMEM_ASSIGN_OR_RETURN(stages, DeviceStages(head_dim));
+    KVMEM_ASSIGN_OR_RETURN(deep, DeviceTakesDeepPipeline());
   }
   auto prepare = [&](auto tag) -> absl::Status {
     using T = typename decltype(tag)::Type;
     constexpr int kDim = decltype(tag)::kDim;
+    using Cfg = DecodeConfig<kDim>;
+    if (stages == 0) stages = deep ? Cfg::kDeepStages : Cfg::kStages;
     return DispatchStages<kDim>(stages, [&](auto depth) -> absl::Status {
       constexpr int kStages = decltype(depth)::value;
       using Smem = DecodeSmem<T, kDim, kStages>;

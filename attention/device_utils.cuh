@@ -29,10 +29,14 @@ inline absl::Status CudaStatus(cudaError_t err, const char* what) {
 inline absl::StatusOr<int> CurrentDeviceAttribute(cudaDeviceAttr attr) {
   int device = 0;
   int value = 0;
-  absl::Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice");
-  if (st.ok())
-    st = CudaStatus(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
-  if (!st.ok()) return st;
+  if (const absl::Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) {
+    return st;
+  }
+  if (const absl::Status st =
+          CudaStatus(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
+      !st.ok()) {
+    return st;
+  }
   return value;
 }
 
