@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "attention/cuda_status.h"
 #include "attention/decode_plan.h"
 #include "kvmem/attention.h"
 #include "src/int_math.h"
@@ -26,12 +27,6 @@ namespace internal {
 namespace {
 
 size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
-
-absl::Status Cuda(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
-}
 
 }  // namespace
 
@@ -102,7 +97,7 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
   const int slot = w.next_stage;
   // The buffer's previous upload (two plans ago) must be done before it is rewritten.
   KVMEM_RETURN_IF_ERROR(
-      internal::Cuda(cudaEventSynchronize(w.stage_done[slot]), "cudaEventSynchronize"));
+      internal::CudaStatus(cudaEventSynchronize(w.stage_done[slot]), "cudaEventSynchronize"));
   void* buf = w.stage[slot];
   auto* header = Impl::At<internal::DecodePlanHeader>(buf, 0);
   KVMEM_ASSIGN_OR_RETURN(
@@ -120,10 +115,10 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
                                              static_cast<size_t>(num_work)));
   }
   const size_t bytes = w.off_index + lens.size() * w.index_stride * sizeof(int32_t);
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(
+  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(
       cudaMemcpyAsync(w.block, buf, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
   KVMEM_RETURN_IF_ERROR(
-      internal::Cuda(cudaEventRecord(w.stage_done[slot], stream), "cudaEventRecord"));
+      internal::CudaStatus(cudaEventRecord(w.stage_done[slot], stream), "cudaEventRecord"));
   w.next_stage ^= 1;
   w.batch = static_cast<int>(lens.size());
   w.num_work = num_work;
@@ -147,12 +142,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorkspace>> DecodeWorkspace::Create(
       const internal::DecodeKernelInfo info,
       internal::PrepareDecodeKernel(options.layout, options.shape.kv_dtype, options.shape.head_dim,
                                     options.pipeline_stages));
-  int device = 0;
-  int sms = 0;
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(cudaGetDevice(&device), "cudaGetDevice"));
-  KVMEM_RETURN_IF_ERROR(
-      internal::Cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                     "cudaDeviceGetAttribute"));
+  KVMEM_ASSIGN_OR_RETURN(const int sms,
+                         internal::CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount));
   impl->tile_tokens = info.tile_tokens;
   impl->stages = info.stages;
   impl->resident_ctas = std::max(1, info.ctas_per_sm) * sms;
@@ -168,27 +159,29 @@ absl::StatusOr<std::unique_ptr<DecodeWorkspace>> DecodeWorkspace::Create(
   impl->block_bytes =
       impl->off_index + internal::Align16(options.max_batch * impl->index_stride * sizeof(int32_t));
 
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(cudaMalloc(&impl->block, impl->block_bytes), "cudaMalloc"));
+  KVMEM_RETURN_IF_ERROR(
+      internal::CudaStatus(cudaMalloc(&impl->block, impl->block_bytes), "cudaMalloc"));
   // Zeroed so that a launch before the first Plan() finds an empty batch.
   KVMEM_RETURN_IF_ERROR(
-      internal::Cuda(cudaMemset(impl->block, 0, impl->block_bytes), "cudaMemset"));
+      internal::CudaStatus(cudaMemset(impl->block, 0, impl->block_bytes), "cudaMemset"));
   const size_t rows = static_cast<size_t>(impl->max_work) * impl->num_q_heads;
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(
+  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(
       cudaMalloc(reinterpret_cast<void**>(&impl->partial_o), rows * impl->head_dim * sizeof(float)),
       "cudaMalloc"));
-  KVMEM_RETURN_IF_ERROR(
-      internal::Cuda(cudaMalloc(reinterpret_cast<void**>(&impl->partial_lse), rows * sizeof(float)),
-                     "cudaMalloc"));
+  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(
+      cudaMalloc(reinterpret_cast<void**>(&impl->partial_lse), rows * sizeof(float)),
+      "cudaMalloc"));
   const size_t counter_bytes = static_cast<size_t>(options.max_batch) * impl->num_kv_heads * 4;
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(
+  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(
       cudaMalloc(reinterpret_cast<void**>(&impl->counters), counter_bytes), "cudaMalloc"));
-  KVMEM_RETURN_IF_ERROR(internal::Cuda(cudaMemset(impl->counters, 0, counter_bytes), "cudaMemset"));
+  KVMEM_RETURN_IF_ERROR(
+      internal::CudaStatus(cudaMemset(impl->counters, 0, counter_bytes), "cudaMemset"));
   for (int i = 0; i < 2; ++i) {
     KVMEM_RETURN_IF_ERROR(
-        internal::Cuda(cudaMallocHost(&impl->stage[i], impl->block_bytes), "cudaMallocHost"));
+        internal::CudaStatus(cudaMallocHost(&impl->stage[i], impl->block_bytes), "cudaMallocHost"));
     KVMEM_RETURN_IF_ERROR(
-        internal::Cuda(cudaEventCreateWithFlags(&impl->stage_done[i], cudaEventDisableTiming),
-                       "cudaEventCreateWithFlags"));
+        internal::CudaStatus(cudaEventCreateWithFlags(&impl->stage_done[i], cudaEventDisableTiming),
+                             "cudaEventCreateWithFlags"));
   }
   return std::unique_ptr<DecodeWorkspace>(new DecodeWorkspace(std::move(impl)));
 }

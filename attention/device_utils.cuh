@@ -10,35 +10,11 @@
 
 #include <cstdint>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
-#include "absl/strings/str_cat.h"
+#include "attention/cuda_status.h"
 #include "attention/fast_divmod.h"
 #include "kvmem/kv_accessor.h"
 
 namespace kvmem::internal {
-
-// Wraps a CUDA runtime error as Internal with the call that failed.
-inline absl::Status CudaStatus(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
-}
-
-// Attribute `attr` of the current device.
-inline absl::StatusOr<int> CurrentDeviceAttribute(cudaDeviceAttr attr) {
-  int device = 0;
-  int value = 0;
-  if (const absl::Status st = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !st.ok()) {
-    return st;
-  }
-  if (const absl::Status st =
-          CudaStatus(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
-      !st.ok()) {
-    return st;
-  }
-  return value;
-}
 
 // Storage types. Both have a matching mma.sync kind and a packed 2-element register type.
 template <typename T>

@@ -298,12 +298,8 @@ absl::StatusOr<std::unique_ptr<ExtendWorkspace>> ExtendWorkspace::Create(
   }
   KVMEM_ASSIGN_OR_RETURN(const int ctas_per_sm, internal::PrepareExtendKernel(
                                                     options.layout, s.kv_dtype, s.head_dim, wgmma));
-  int device = 0;
-  int sms = 0;
-  KVMEM_RETURN_IF_ERROR(internal::CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
-  KVMEM_RETURN_IF_ERROR(
-      internal::CudaStatus(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                           "cudaDeviceGetAttribute"));
+  KVMEM_ASSIGN_OR_RETURN(const int sms,
+                         internal::CurrentDeviceAttribute(cudaDevAttrMultiProcessorCount));
 
   auto impl = std::make_unique<Impl>();
   impl->options = options;
