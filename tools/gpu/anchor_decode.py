@@ -7,9 +7,11 @@ enable_gqa, so the bytes read are those of kvmem's kernels). Backends: cuDNN and
 Median of CUDA-event-timed runs after a warm-up, rotating over enough input copies
 (>= 200 MB) that L2 never holds them. Bytes = 2 x B x ctx x 8 x 128 x 2.
 
-usage: python3 tools/gpu/anchor_decode.py [--reps N] [--repeat N]
+usage: python3 tools/gpu/anchor_decode.py [--reps N] [--repeat N] [--batch B] [--backend NAME]
 (--repeat, default 2: rounds over the shapes in one process, like kvbench decode; quote
-the last round: a process's first shapes can run slower in every launch, on either side)
+the last round: a process's first shapes can run slower in every launch, on either side;
+--batch: only the D1 shapes of that batch, like kvbench decode --batch; --backend: cudnn
+or flash only)
 """
 import argparse
 import math
@@ -42,13 +44,16 @@ def main():
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--backend", choices=["cudnn", "flash"], default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"anchor device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}")
     runs = [(backend, name, b, ctx) for _ in range(max(1, args.repeat))
             for backend, name in [(SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")]
-            for b, ctx in D1]
+            for b, ctx in D1
+            if (args.batch == 0 or b == args.batch) and args.backend in (None, name)]
     for backend, name, b, ctx in runs:
         nbytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * 2
         sets = min(32, max(2, math.ceil(ROTATE_BYTES / nbytes)))
