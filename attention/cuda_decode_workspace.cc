@@ -23,14 +23,6 @@
 #include "src/status_macros.h"
 
 namespace kvmem {
-namespace internal {
-namespace {
-
-size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
-
-}  // namespace
-
-}  // namespace internal
 
 DecodeWorkspace::Impl::~Impl() {
   auto check = [](cudaError_t err, const char* what) {

@@ -87,7 +87,6 @@ struct ExtendWorkspace::Impl {
 namespace internal {
 namespace {
 
-size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
 // Calls f(KernelTag<T, head_dim>{}) for the storage type of `dtype`.
 template <typename F>
 absl::Status DispatchExtend(DType dtype, int head_dim, F&& f) {
