@@ -7,6 +7,13 @@
 // Bytes = 2 (K, V) x B x ctx x kv_heads x head_dim x 2. tools/gpu/anchor_decode.py runs
 // torch SDPA on the same shapes for the anchors; docs/decode.md has the figures.
 //
+// The virtual shapes read K/V from kvmem's own CUDA virtual KvCache of the model's 32
+// layers (virtual_cache.h; --virtual=tensor: a cudaMalloc'd tensor of that shape, whose
+// 2 MiB pages the driver places differently). The layer count matters for the all-layer
+// arrangement: a 2 MiB page holds 16 tokens of 32 layers, so one layer's read uses 64 KiB
+// of each page it translates, and decode runs 3-4 % slower than with the 2 layers that
+// sessions 3-11 measured (docs/decode.md, session 12).
+//
 // The paged shapes read page tables taken from kvmem's own paged cache after serving
 // churn (--pool=grown, grown_pool.h): where a request's pages lie decides how many 2 MiB
 // translation entries its reads need, which moves a decode step by 1-2 %. --pool=shuffled
@@ -48,6 +55,7 @@
 #include "tools/kvbench/bench_util.h"
 #include "tools/kvbench/grown_pool.h"
 #include "tools/kvbench/registry.h"
+#include "tools/kvbench/virtual_cache.h"
 
 namespace kvmem {
 namespace {
@@ -114,6 +122,15 @@ struct Settings {
   bool trace = false;     // after the timing, per-CTA times of more launches (diagnostic)
   std::string trace_csv;  // non-empty: the traced fastest and slowest launches' records
   int repeat = 2;         // rounds over the selected shapes, in one process (see the top)
+  // Virtual layouts: K/V in kvmem's own CUDA virtual KvCache (2 MiB handles mapped into
+  // a reservation; virtual_cache.h), or (false) in a cudaMalloc'd tensor of that shape.
+  bool virtual_cache = true;
+  // The virtual layouts' layers, each launch reading the next one as a decode step does.
+  // The default is the model's (32, as in shared/benchmarks.md): virtual-all's token
+  // stride is then 128 KiB and a 2 MiB page holds 16 tokens. 0 with --virtual=tensor:
+  // only as many layers as the L2 rotation needs (2 from B=16 up, an 8 KiB stride), the
+  // figures of sessions 3-11; 0 with the cache: 32.
+  int layers = 32;
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -603,8 +620,16 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   const int64_t set_alloc = sh.kind == Kind::kPaged
                                 ? 2 * paged_table.pool_pages * sh.page_tokens * block * 2
                                 : 2 * int64_t{sh.batch} * max_ctx * block * 2;
-  const int sets = static_cast<int>(
+  int sets = static_cast<int>(
       std::min<int64_t>(32, std::max<int64_t>(2, (kRotateBytes + set_alloc - 1) / set_alloc)));
+  if (sh.kind == Kind::kVirtualAllLayers && !s.virtual_cache && s.layers > 0) {
+    // The model's layers where they fit (keeping 2 GiB for the workspace and the ceiling's
+    // sink); fewer, said so in the row, where they do not.
+    size_t free_bytes = 0, total_bytes = 0;
+    BENCH_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+    const int64_t usable = static_cast<int64_t>(free_bytes) - (int64_t{2} << 30);
+    sets = static_cast<int>(std::max<int64_t>(2, std::min<int64_t>(s.layers, usable / set_alloc)));
+  }
 
   DecodeOptions o;
   o.shape.num_q_heads = kQHeads;
@@ -623,17 +648,40 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   DeviceBuffer kv;
-  if (!kv.Allocate(sets * set_alloc)) {
-    std::fprintf(stderr, "decode bench: cannot allocate %lld bytes\n",
-                 static_cast<long long>(sets * set_alloc));
-    return false;
-  }
-  if (!kvbench::FillRandom(kv.get(), sets * set_alloc, 7, kWho)) return false;
   std::vector<PagedKv> paged;
   std::vector<VirtualKv> virt;
-  MakeViews(sh, sets, set_alloc, kv.get<uint16_t>(), max_ctx, **ws, &paged, &virt);
   std::vector<int32_t> rows(sh.batch);
   std::iota(rows.begin(), rows.end(), 0);
+  kvbench::VirtualCacheBatch cached;
+  if (s.virtual_cache && sh.kind != Kind::kPaged) {
+    // The model's layers (a cache holds them all), rotated as a decode step does.
+    sets = s.layers > 0 ? s.layers : 32;
+    absl::StatusOr<kvbench::VirtualCacheBatch> made = kvbench::MakeVirtualCacheBatch(
+        sh.kind == Kind::kVirtualAllLayers ? Arrangement::kAllLayers : Arrangement::kPerLayer, sets,
+        kKvHeads, kHeadDim, lens, max_ctx);
+    if (absl::IsResourceExhausted(made.status())) {
+      // Too large for this device: say so and go on with the other shapes.
+      std::printf("%-3s %-14s (KvCache, %d layers) B=%-4d ctx=%-6d skipped: %s\n", sh.tag,
+                  KindName(sh.kind, sh.page_tokens), sets, sh.batch, sh.ctx,
+                  made.status().ToString().c_str());
+      return true;
+    }
+    if (!made.ok()) {
+      std::fprintf(stderr, "decode bench: %s\n", made.status().ToString().c_str());
+      return false;
+    }
+    cached = *std::move(made);
+    for (const VirtualKv& v : cached.views) virt.push_back((*ws)->Bind(v));
+    rows = cached.meta.row_ids;
+  } else {
+    if (!kv.Allocate(sets * set_alloc)) {
+      std::fprintf(stderr, "decode bench: cannot allocate %lld bytes\n",
+                   static_cast<long long>(sets * set_alloc));
+      return false;
+    }
+    if (!kvbench::FillRandom(kv.get(), sets * set_alloc, 7, kWho)) return false;
+    MakeViews(sh, sets, set_alloc, kv.get<uint16_t>(), max_ctx, **ws, &paged, &virt);
+  }
   const absl::Status planned =
       sh.kind == Kind::kPaged
           ? (*ws)->PlanPaged(lens, paged_table.table, paged_table.stride, nullptr)
@@ -683,14 +731,19 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     return false;
   }
   const double gbps = set_bytes / us * 1e-3;
+  std::string how;
+  if (sh.kind != Kind::kPaged && s.virtual_cache) {
+    how = absl::StrCat(" (KvCache, ", sets, " layers)");
+  } else if (sh.kind == Kind::kVirtualAllLayers) {
+    how = absl::StrCat(" (", sets, " layers)");
+  } else if (sh.kind == Kind::kPaged) {
+    how = sh.long_ctx > 0 ? " (in order)" : absl::StrCat(" (", PoolName(s.pool, s.placement), ")");
+  }
   std::printf(
       "%-3s %-14s%s B=%-4d ctx=%-6d%s splits=%-4d stages=%d  %9.1f us  %7.0f GB/s  %5.1f %%\n",
-      sh.tag, KindName(sh.kind, sh.page_tokens),
-      sh.kind != Kind::kPaged ? ""
-      : sh.long_ctx > 0       ? " (in order)"
-                              : absl::StrCat(" (", PoolName(s.pool, s.placement), ")").c_str(),
-      sh.batch, sh.ctx, sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "",
-      (*ws)->num_work(), (*ws)->pipeline_stages(), us, gbps, 100.0 * gbps / ceiling);
+      sh.tag, KindName(sh.kind, sh.page_tokens), how.c_str(), sh.batch, sh.ctx,
+      sh.long_ctx > 0 ? absl::StrCat(" (one of ", sh.long_ctx, ")").c_str() : "", (*ws)->num_work(),
+      (*ws)->pipeline_stages(), us, gbps, 100.0 * gbps / ceiling);
   if (s.graph) {
     std::printf("      graph replay: fixed grid of %d CTAs, %d of them with work\n",
                 (*ws)->max_work() * kKvHeads, (*ws)->num_work() * kKvHeads);
@@ -763,6 +816,12 @@ int DecodeBench(const std::vector<std::string>& args) {
       s.repeat = std::max(1, std::atoi(v));
     } else if (const char* v = kvbench::FlagValue(a, "--stages=")) {
       s.stages = std::atoi(v);
+    } else if (const char* v = kvbench::FlagValue(a, "--virtual=")) {
+      if (!ParseChoice("--virtual", v, {{"cache", true}, {"tensor", false}}, &s.virtual_cache)) {
+        return 2;
+      }
+    } else if (const char* v = kvbench::FlagValue(a, "--layers=")) {
+      s.layers = std::max(0, std::atoi(v));
     } else if (a == "--spread") {
       s.spread = true;
     } else if (a == "--graph") {
@@ -777,7 +836,14 @@ int DecodeBench(const std::vector<std::string>& args) {
           stderr,
           "usage: kvbench decode [--quick] [--d1 | --d2 | --balance] [--reps=N] [--filter=LAYOUT] "
           "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
-          "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N] [--stages=N]\n"
+          "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N] [--stages=N] "
+          "[--virtual=V] [--layers=N]\n"
+          "  --virtual=cache (default) | tensor: the virtual layouts' K/V in kvmem's CUDA "
+          "KvCache (2 MiB handles mapped into a reservation), or in a cudaMalloc'd tensor of "
+          "that shape\n"
+          "  --layers=N: the virtual layouts' layers, each launch reading the next (default "
+          "32, the model's: virtual-all's token stride is 128 KiB); with --virtual=tensor, "
+          "fewer where they do not fit, and 0 for the 2-32 that the L2 rotation needs\n"
           "  --stages=N: the kernel's pipeline stages (DecodeOptions::pipeline_stages; "
           "default 0, the device's choice)\n"
           "  --graph: time replays of one captured launch (fixed_grid workspace), as an "
