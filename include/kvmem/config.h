@@ -20,7 +20,11 @@ enum class Layout : uint8_t { kPaged = 0, kVirtual = 1 };
 
 // Arrangement of the virtual layout.
 //  kAllLayers: [row][token][layer][k|v][kv_head][head_dim]; one physical page covers a
-//              few tokens of every layer, so a request wastes at most one page.
+//              few tokens of every layer, so a request wastes at most one page. Decode
+//              reads one layer, so it touches many pages per byte: on an H100 with 32
+//              layers (16 tokens per 2 MiB page) it ran 3-4 % slower than kPerLayer and
+//              paged-16 (docs/decode.md, session 12); DecodeOptions::pipeline_stages = 3
+//              recovers about 1 %.
 //  kPerLayer:  2 * layers tensors [row][token][kv_head][head_dim] (the vAttention paper);
 //              a request wastes up to one page per layer and per K/V.
 enum class Arrangement : uint8_t { kAllLayers = 0, kPerLayer = 1 };
