@@ -125,11 +125,12 @@ struct Settings {
   // Virtual layouts: K/V in kvmem's own CUDA virtual KvCache (2 MiB handles mapped into
   // a reservation; virtual_cache.h), or (false) in a cudaMalloc'd tensor of that shape.
   bool virtual_cache = true;
-  // The virtual layouts' layers, each launch reading the next one as a decode step does.
-  // The default is the model's (32, as in shared/benchmarks.md): virtual-all's token
-  // stride is then 128 KiB and a 2 MiB page holds 16 tokens. 0 with --virtual=tensor:
-  // only as many layers as the L2 rotation needs (2 from B=16 up, an 8 KiB stride), the
-  // figures of sessions 3-11; 0 with the cache: 32.
+  // The cache's layers, each launch reading the next one as a decode step does. The
+  // default is the model's (32, as in shared/benchmarks.md): virtual-all's token stride is
+  // then 128 KiB and a 2 MiB page holds 16 tokens. With --virtual=tensor it sets
+  // virtual-all's layers only (the per-layer tensors rotate over as many copies as the L2
+  // rotation needs), and 0 gives virtual-all that count too (2 from B=16 up, an 8 KiB
+  // stride: the figures of sessions 3-11); 0 with the cache: 32.
   int layers = 32;
 };
 
@@ -841,9 +842,10 @@ int DecodeBench(const std::vector<std::string>& args) {
           "  --virtual=cache (default) | tensor: the virtual layouts' K/V in kvmem's CUDA "
           "KvCache (2 MiB handles mapped into a reservation), or in a cudaMalloc'd tensor of "
           "that shape\n"
-          "  --layers=N: the virtual layouts' layers, each launch reading the next (default "
-          "32, the model's: virtual-all's token stride is 128 KiB); with --virtual=tensor, "
-          "fewer where they do not fit, and 0 for the 2-32 that the L2 rotation needs\n"
+          "  --layers=N: the cache's layers, each launch reading the next (default 32, the "
+          "model's: virtual-all's token stride is 128 KiB); with --virtual=tensor only "
+          "virtual-all's, fewer where they do not fit, 0 for the 2-32 that the L2 rotation "
+          "needs\n"
           "  --stages=N: the kernel's pipeline stages (DecodeOptions::pipeline_stages; "
           "default 0, the device's choice)\n"
           "  --graph: time replays of one captured launch (fixed_grid workspace), as an "
