@@ -22,7 +22,7 @@ enum class Layout : uint8_t { kPaged = 0, kVirtual = 1 };
 //  kAllLayers: [row][token][layer][k|v][kv_head][head_dim]; one physical page covers a
 //              few tokens of every layer, so a request wastes at most one page. Decode
 //              reads one layer, so it touches many pages per byte: on an H100 with 32
-//              layers (16 tokens per 2 MiB page) it ran 3-4 % slower than kPerLayer and
+//              layers (16 tokens per 2 MiB page) it ran 3-5 % slower than kPerLayer and
 //              paged-16 (docs/decode.md, session 12); DecodeOptions::pipeline_stages = 3
 //              recovers about 1 %.
 //  kPerLayer:  2 * layers tensors [row][token][kv_head][head_dim] (the vAttention paper);
