@@ -6,6 +6,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvmem/kv_cache.h"
+#include "src/int_math.h"
 #include "src/status_macros.h"
 #include "tools/kvbench/bench_util.h"
 #include "tools/kvbench/virtual_cache.h"
@@ -16,6 +17,8 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
                                                         int kv_heads, int head_dim,
                                                         const std::vector<int32_t>& lens,
                                                         int64_t max_context) {
+  if (layers < 1)
+    return absl::InvalidArgumentError(absl::StrCat("virtual cache batch: ", layers, " layers"));
   kvmem::KvCacheConfig c;
   c.num_layers = layers;
   c.num_kv_heads = kv_heads;
@@ -31,10 +34,10 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
   constexpr int64_t kPage = int64_t{2} << 20;
   const bool all = arrangement == kvmem::Arrangement::kAllLayers;
   const int64_t per_token = all ? c.TokenBytes() : c.TokenLayerBytes();
-  const int64_t tensors = all ? 1 : 2 * int64_t{layers};
-  c.memory_budget_bytes = 0;
-  for (int32_t len : lens) c.memory_budget_bytes += (len * per_token + kPage - 1) / kPage * kPage;
-  c.memory_budget_bytes = std::max(kPage, c.memory_budget_bytes * tensors);
+  const int64_t num_tensors = all ? 1 : 2 * int64_t{layers};
+  int64_t pages = 0;
+  for (int32_t len : lens) pages += kvmem::internal::CeilDiv(len * per_token, kPage);
+  c.memory_budget_bytes = std::max<int64_t>(1, pages * num_tensors) * kPage;
 
   VirtualCacheBatch out;
   KVMEM_ASSIGN_OR_RETURN(out.cache, kvmem::KvCache::Create(c));
@@ -50,21 +53,23 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
     KVMEM_ASSIGN_OR_RETURN(kvmem::VirtualKv v, out.cache->VirtualView(l, out.meta));
     out.views.push_back(v);
   }
-  // Fill what each row holds: all-layer, the row's tokens from layer 0's K on cover every
-  // layer; per-layer, each layer's K and V rows.
-  const int64_t elem = 2;
-  for (int l = 0; l < (arrangement == kvmem::Arrangement::kAllLayers ? 1 : layers); ++l) {
-    const kvmem::VirtualKv& v = out.views[l];
+  // Fill what each row holds. All-layer: one tensor, the row's tokens from layer 0's K on
+  // cover every layer's K and V. Per-layer: each layer's K and V tensors.
+  std::vector<void*> tensors;
+  for (const kvmem::VirtualKv& v : out.views) {
+    tensors.push_back(v.k);
+    if (all) break;
+    tensors.push_back(v.v);
+  }
+  const kvmem::VirtualKv& shape = out.views[0];  // strides are the same for every tensor
+  constexpr int64_t kElem = 2;                   // bf16
+  for (size_t t = 0; t < tensors.size(); ++t) {
     for (size_t i = 0; i < lens.size(); ++i) {
-      const int64_t row = out.meta.row_ids[i];
-      const int64_t bytes = int64_t{lens[i]} * v.token_stride * elem;
+      const int64_t bytes = int64_t{lens[i]} * shape.token_stride * kElem;
       if (bytes == 0) continue;
-      for (void* base : {v.k, v.v}) {
-        if (arrangement == kvmem::Arrangement::kAllLayers && base == v.v) continue;
-        void* p = static_cast<char*>(base) + row * v.row_stride * elem;
-        if (!FillRandom(p, bytes, static_cast<uint32_t>(7 + l + i), "virtual cache batch")) {
-          return absl::InternalError(absl::StrCat("cannot fill row ", row, " of layer ", l));
-        }
+      void* p = static_cast<char*>(tensors[t]) + out.meta.row_ids[i] * shape.row_stride * kElem;
+      if (!FillRandom(p, bytes, static_cast<uint32_t>(7 + t + i), "virtual cache batch")) {
+        return absl::InternalError(absl::StrCat("cannot fill row ", out.meta.row_ids[i]));
       }
     }
   }
