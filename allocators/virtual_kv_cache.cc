@@ -3,6 +3,7 @@
 #include "allocators/virtual_kv_cache.h"
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cstdlib>
 #include <limits>
@@ -39,6 +40,43 @@ absl::Status WithContext(const absl::Status& s, const std::string& what) {
     }                                                                              \
   } while (0)
 
+namespace {
+
+// KvCacheConfig::chunk_tokens resolved: 0 gives the smallest power of two whose one
+// layer's K and V (2 * chunk * layer_bytes) fill a page, at most max_context rounded up
+// to a power of two. Why a page: decode reads one layer, and every page it touches costs
+// an address-translation entry; with whole pages per layer it touches as few as the
+// per-layer arrangement does (docs/decode.md, session 13).
+int64_t ChunkTokens(const KvCacheConfig& c, int64_t layer_bytes, int64_t granularity) {
+  if (c.chunk_tokens > 0) return c.chunk_tokens;
+  int64_t chunk = 1;
+  while (2 * chunk * layer_bytes < granularity && chunk < c.max_context) chunk *= 2;
+  return chunk;
+}
+
+}  // namespace
+
+int64_t VirtualGeometry::CoveredBytes(int64_t tokens, int64_t page) const {
+  const int64_t lo = page * granularity;
+  const int64_t hi = lo + granularity;
+  auto overlap = [&](int64_t a, int64_t b) {  // |[a, b) n [lo, hi)|
+    return std::max<int64_t>(0, std::min(b, hi) - std::max(a, lo));
+  };
+  const int64_t full = ChunkStart(tokens);  // tokens of whole chunks
+  int64_t bytes = overlap(0, full * segment_token_bytes);
+  const int64_t partial = tokens - full;
+  if (partial == 0) return bytes;
+  // The partial chunk: the first `partial` tokens of each block that meets the page.
+  const int64_t start = full * segment_token_bytes;
+  const int64_t bb = block_bytes();
+  const int64_t first = std::max<int64_t>(0, (lo - start) / bb);
+  for (int64_t j = first; j < chunk_blocks && start + j * bb < hi; ++j) {
+    const int64_t a = start + j * bb;
+    bytes += overlap(a, a + partial * block_token_bytes());
+  }
+  return bytes;
+}
+
 absl::StatusOr<VirtualGeometry> VirtualGeometry::Make(const KvCacheConfig& c, int64_t granularity) {
   if (granularity <= 0 || (granularity & (granularity - 1)) != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -68,10 +106,17 @@ absl::StatusOr<VirtualGeometry> VirtualGeometry::Make(const KvCacheConfig& c, in
   }
   g.segments = static_cast<int32_t>(segments);
   g.segment_token_bytes = all ? token_bytes : layer_bytes;
-  if (!MulOk(c.max_context, g.segment_token_bytes, &row_bytes) || row_bytes > kLimit) {
+  if (all) {
+    g.chunk_tokens = ChunkTokens(c, layer_bytes, granularity);
+    if (g.chunk_tokens > 1) g.chunk_blocks = 2 * int64_t{c.num_layers};
+  }
+  // Whole chunks: the last one may reach past max_context.
+  const int64_t row_tokens = g.ChunkStart(c.max_context + g.chunk_tokens - 1);
+  if (!MulOk(row_tokens, g.segment_token_bytes, &row_bytes) || row_bytes > kLimit) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "virtual layout: max_context %d x %d bytes per token overflows 64-bit byte offsets",
-        c.max_context, g.segment_token_bytes));
+        "virtual layout: %d tokens (max_context %d in chunks of %d) x %d bytes per token "
+        "overflows 64-bit byte offsets",
+        row_tokens, c.max_context, g.chunk_tokens, g.segment_token_bytes));
   }
   g.segment_row_stride = (row_bytes + granularity - 1) / granularity * granularity;
   g.pages_per_segment = g.segment_row_stride / granularity;
@@ -970,9 +1015,18 @@ absl::StatusOr<VirtualKv> VirtualKvCache::VirtualView(int layer) const {
   uintptr_t k = 0;
   uintptr_t v = 0;
   if (config_.arrangement == Arrangement::kAllLayers) {
-    k = base() + static_cast<uintptr_t>(int64_t{layer} * 2 * layer_bytes);
-    v = k + static_cast<uintptr_t>(layer_bytes);
-    view.token_stride = token_bytes_ / dt;
+    // Layer l's K block is block 2l of a chunk, its V block 2l + 1 (one token each
+    // without chunks, where the token stride covers the whole chunk).
+    const int64_t chunk = geo_.chunk_tokens;
+    k = base() + static_cast<uintptr_t>(int64_t{layer} * 2 * chunk * layer_bytes);
+    v = k + static_cast<uintptr_t>(chunk * layer_bytes);
+    if (chunk == 1) {
+      view.token_stride = token_bytes_ / dt;
+    } else {
+      view.token_stride = layer_bytes / dt;
+      view.chunk_shift = std::countr_zero(static_cast<uint64_t>(chunk));
+      view.chunk_gap = (geo_.chunk_bytes() - chunk * layer_bytes) / dt;
+    }
   } else {
     k = base() + static_cast<uintptr_t>(geo_.Offset(0, 0, 2 * layer));
     v = base() + static_cast<uintptr_t>(geo_.Offset(0, 0, 2 * layer + 1));

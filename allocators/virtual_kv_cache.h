@@ -3,14 +3,15 @@
 // granule each) are mapped under a row only as its request grows. Kernels see a plain
 // strided tensor (VirtualKv). docs/layouts.md has the shapes and the arithmetic.
 //
-// Geometry. Segments: kAllLayers has one per row, [row][token][layer][k|v][head][dim];
-// kPerLayer has 2 * layers (layer l: K is segment 2l, V is 2l + 1), each
-// [row][token][head][dim]. Segment s of row r starts at
-// (s * max_requests + r) * segment_row_stride, the stride being max_context tokens rounded
-// up to the granularity. Page k of a segment covers its bytes [k * G, (k + 1) * G); a
-// token may straddle two pages; tokens [0, n) need ceil(n * segment_token_bytes / G)
-// pages of every segment. A handle is always mapped at the same (segment, page) position
-// under every row that maps it, since sharing aliases a prefix page for page.
+// Geometry. Segments: kAllLayers has one per row,
+// [row][chunk][layer][k|v][chunk token][head][dim]; kPerLayer has 2 * layers (layer l: K
+// is segment 2l, V is 2l + 1), each [row][token][head][dim]. Segment s of row r starts at
+// (s * max_requests + r) * segment_row_stride, the stride being max_context tokens in
+// whole chunks, rounded up to the granularity. Page k of a segment covers its bytes
+// [k * G, (k + 1) * G); a token or a block may straddle two pages; tokens [0, n) need
+// the pages of whole chunks, PagesFor(n), of every segment. A handle is always mapped at the same
+// (segment, page) position under every row that maps it, since sharing aliases a prefix page for
+// page.
 //
 // Physical pool: memory_budget / G handles, all created in Create and recycled, never
 // released before destruction (cuMemCreate is slow). Each handle is in exactly one of:
@@ -72,29 +73,42 @@
 namespace kvmem::internal {
 
 // Where bytes of the virtual layout live. Plain arithmetic, 64-bit throughout.
+//
+// A segment row is a run of chunks of chunk_tokens tokens (kPerLayer and unchunked
+// kAllLayers: chunks of one token). A chunk is chunk_blocks equal blocks (kAllLayers: one
+// per layer and K/V, in that order), and token i of a chunk takes bytes
+// [i * block_token_bytes, + block_token_bytes) of every block. Rows map whole chunks:
+// tokens [0, n) need the pages of chunks [0, ceil(n / chunk_tokens)).
 struct VirtualGeometry {
   int64_t granularity = 0;
   int32_t rows = 0;
   int64_t max_context = 0;
   int32_t segments = 0;
   int64_t segment_token_bytes = 0;  // bytes of one token in one segment
-  int64_t segment_row_stride = 0;   // max_context tokens, rounded up to the granularity
-  int64_t pages_per_segment = 0;    // segment_row_stride / granularity
+  int64_t chunk_tokens = 1;         // a power of two
+  int64_t chunk_blocks = 1;
+  int64_t segment_row_stride = 0;  // max_context tokens in whole chunks, rounded up to pages
+  int64_t pages_per_segment = 0;   // segment_row_stride / granularity
 
   // InvalidArgument when the shape overflows 64-bit offsets.
   static absl::StatusOr<VirtualGeometry> Make(const KvCacheConfig& config, int64_t granularity);
 
-  // Pages of each segment that hold tokens [0, tokens).
+  int64_t chunk_bytes() const { return chunk_tokens * segment_token_bytes; }
+  int64_t block_bytes() const { return chunk_bytes() / chunk_blocks; }
+  int64_t block_token_bytes() const { return segment_token_bytes / chunk_blocks; }
+  // The first token of the chunk holding `token`.
+  int64_t ChunkStart(int64_t token) const { return token & ~(chunk_tokens - 1); }
+  // Pages of each segment that hold tokens [0, tokens): whole chunks.
   int64_t PagesFor(int64_t tokens) const {
-    return (tokens * segment_token_bytes + granularity - 1) / granularity;
+    const int64_t bytes = ChunkStart(tokens + chunk_tokens - 1) * segment_token_bytes;
+    return (bytes + granularity - 1) / granularity;
   }
-  // The page holding the first byte of token `token`.
-  int64_t PageOf(int64_t token) const { return token * segment_token_bytes / granularity; }
+  // The first page that token `token`'s bytes touch (its chunk's first page).
+  int64_t PageOf(int64_t token) const {
+    return ChunkStart(token) * segment_token_bytes / granularity;
+  }
   // Bytes of page `page` (of any segment) holding one of the first `tokens` tokens.
-  int64_t CoveredBytes(int64_t tokens, int64_t page) const {
-    const int64_t b = tokens * segment_token_bytes - page * granularity;
-    return b <= 0 ? 0 : (b >= granularity ? granularity : b);
-  }
+  int64_t CoveredBytes(int64_t tokens, int64_t page) const;
   // Byte offset of page `page` of segment `seg` of row `row` in the reservation.
   int64_t Offset(int32_t row, int64_t page, int32_t seg) const {
     return (int64_t{seg} * rows + row) * segment_row_stride + page * granularity;

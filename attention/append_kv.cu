@@ -63,7 +63,8 @@ bool SameLayout(const PagedKv& a, const PagedKv& b) {
 }
 bool SameLayout(const VirtualKv& a, const VirtualKv& b) {
   return a.row_stride == b.row_stride && a.token_stride == b.token_stride &&
-         a.max_context == b.max_context && a.row_ids == b.row_ids;
+         a.max_context == b.max_context && a.row_ids == b.row_ids &&
+         a.chunk_shift == b.chunk_shift && a.chunk_gap == b.chunk_gap;
 }
 
 // The strides of a view that a 16-byte copy must keep aligned (elements).
@@ -77,14 +78,19 @@ absl::Status CheckStrides(const PagedKv& kv, int64_t row) {
   return absl::OkStatus();
 }
 absl::Status CheckStrides(const VirtualKv& kv, int64_t row) {
-  if (kv.max_context < 1 || kv.token_stride < row) {
-    return absl::InvalidArgumentError(absl::StrCat("bad virtual view: max_context ", kv.max_context,
-                                                   ", token_stride ", kv.token_stride));
+  if (kv.max_context < 1 || kv.token_stride < row || kv.chunk_shift < 0 || kv.chunk_shift > 30 ||
+      kv.chunk_gap < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad virtual view: max_context ", kv.max_context, ", token_stride ", kv.token_stride,
+        ", chunk_shift ", kv.chunk_shift, ", chunk_gap ", kv.chunk_gap));
   }
   return absl::OkStatus();
 }
+// The steps besides the token stride that a destination offset is built from.
 int64_t OuterStride(const PagedKv& kv) { return kv.page_stride; }
 int64_t OuterStride(const VirtualKv& kv) { return kv.row_stride; }
+int64_t ChunkStep(const PagedKv&) { return 0; }
+int64_t ChunkStep(const VirtualKv& kv) { return kv.chunk_gap; }
 
 }  // namespace
 }  // namespace internal
@@ -119,8 +125,12 @@ absl::Status AppendKv(const AttentionShape& shape, absl::Span<const Kv> layers, 
   const Kv& first = layers[0];
   KVMEM_RETURN_IF_ERROR(internal::CheckStrides(first, row));
   // 16-byte vectors: every byte offset the kernel forms must be a multiple of 16.
-  const int64_t byte_steps[] = {row * elem, token_stride * elem, layer_stride * elem,
-                                first.token_stride * elem, internal::OuterStride(first) * elem};
+  const int64_t byte_steps[] = {row * elem,
+                                token_stride * elem,
+                                layer_stride * elem,
+                                first.token_stride * elem,
+                                internal::OuterStride(first) * elem,
+                                internal::ChunkStep(first) * elem};
   for (int64_t s : byte_steps) {
     if (s % 16 != 0) {
       return absl::InvalidArgumentError(absl::StrCat(

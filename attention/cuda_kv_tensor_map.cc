@@ -9,10 +9,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/types/span.h"
 #include "attention/kv_tensor_map.h"
 
 namespace kvmem::internal {
 namespace {
+
+constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
 
 using EncodeFn = decltype(&cuTensorMapEncodeTiled);
 
@@ -32,48 +36,58 @@ absl::StatusOr<EncodeFn> Encoder() {
   return *result;
 }
 
-// One 4-D map (head_dim, heads, tokens, outer) over `base`; strides in elements.
+// One map (head_dim, heads, tokens, outer...) over `base`: 4-D with one outer stride, 5-D
+// with two (chunks, rows). Strides and extents in elements; the last extent is the
+// largest int32 index (kv_tensor_map.h).
 absl::StatusOr<CUtensorMap> EncodeOne(const void* base, DType dtype, int head_dim, int heads,
-                                      int64_t tokens, int64_t token_stride, int64_t outer_stride,
-                                      int box_rows) {
+                                      int64_t tokens, int64_t token_stride,
+                                      absl::Span<const int64_t> outer_strides,
+                                      absl::Span<const int64_t> outer_extents, int box_rows) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) {
     return absl::InvalidArgumentError("tensor maps are built for bf16 and fp16 only");
   }
   auto encode = Encoder();
   if (!encode.ok()) return encode.status();
   constexpr int64_t kElem = 2;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(tokens),
-                              static_cast<cuuint64_t>(std::numeric_limits<int32_t>::max())};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim * kElem),
-                                 static_cast<cuuint64_t>(token_stride * kElem),
-                                 static_cast<cuuint64_t>(outer_stride * kElem)};
-  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const int rank = 3 + static_cast<int>(outer_strides.size());
+  cuuint64_t dims[5] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                        static_cast<cuuint64_t>(tokens)};
+  cuuint64_t strides[4] = {static_cast<cuuint64_t>(head_dim * kElem),
+                           static_cast<cuuint64_t>(token_stride * kElem)};
+  cuuint32_t box[5] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  for (size_t i = 0; i < outer_strides.size(); ++i) {
+    dims[3 + i] = static_cast<cuuint64_t>(outer_extents[i]);
+    strides[2 + i] = static_cast<cuuint64_t>(outer_strides[i] * kElem);
+    box[3 + i] = 1;
+  }
   CUtensorMap map;
   const CUresult r =
       (*encode)(&map,
                 dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                4, const_cast<void*>(base), dims, strides, box, element_strides,
+                rank, const_cast<void*>(base), dims, strides, box, element_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     return absl::InternalError(absl::StrCat(
         "cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(r), ") for head_dim ",
         head_dim, ", ", heads, " heads, ", tokens, " tokens, strides ", token_stride, " / ",
-        outer_stride, " elements, box rows ", box_rows));
+        absl::StrJoin(outer_strides, " / "), " elements, box rows ", box_rows));
   }
   return map;
 }
 
 absl::StatusOr<KvTensorMaps> EncodePair(const void* k, const void* v, DType dtype, int head_dim,
                                         int heads, int64_t tokens, int64_t token_stride,
-                                        int64_t outer_stride, int box_rows) {
+                                        absl::Span<const int64_t> outer_strides,
+                                        absl::Span<const int64_t> outer_extents, int box_rows) {
   KvTensorMaps maps;
-  auto km = EncodeOne(k, dtype, head_dim, heads, tokens, token_stride, outer_stride, box_rows);
+  auto km = EncodeOne(k, dtype, head_dim, heads, tokens, token_stride, outer_strides, outer_extents,
+                      box_rows);
   if (!km.ok()) return km.status();
-  auto vm = EncodeOne(v, dtype, head_dim, heads, tokens, token_stride, outer_stride, box_rows);
+  auto vm = EncodeOne(v, dtype, head_dim, heads, tokens, token_stride, outer_strides, outer_extents,
+                      box_rows);
   if (!vm.ok()) return vm.status();
   maps.k = *km;
   maps.v = *vm;
@@ -84,14 +98,21 @@ absl::StatusOr<KvTensorMaps> EncodePair(const void* k, const void* v, DType dtyp
 
 absl::StatusOr<KvTensorMaps> EncodeKvTensorMaps(const PagedKv& kv, DType dtype, int head_dim,
                                                 int num_kv_heads, int box_rows) {
+  const int64_t strides[] = {kv.page_stride};
+  const int64_t extents[] = {kMaxIndex};
   return EncodePair(kv.k, kv.v, dtype, head_dim, num_kv_heads, kv.page_tokens, kv.token_stride,
-                    kv.page_stride, box_rows);
+                    strides, extents, box_rows);
 }
 
 absl::StatusOr<KvTensorMaps> EncodeKvTensorMaps(const VirtualKv& kv, DType dtype, int head_dim,
                                                 int num_kv_heads, int box_rows) {
-  return EncodePair(kv.k, kv.v, dtype, head_dim, num_kv_heads, kv.max_context, kv.token_stride,
-                    kv.row_stride, box_rows);
+  // Chunks of 2^chunk_shift tokens, each chunk_gap elements past the previous one's last
+  // token; without chunks the row is one chunk of max_context tokens.
+  const int64_t chunk = kv.chunk_shift > 0 ? int64_t{1} << kv.chunk_shift : kv.max_context;
+  const int64_t strides[] = {chunk * kv.token_stride + kv.chunk_gap, kv.row_stride};
+  const int64_t extents[] = {(kv.max_context + chunk - 1) / chunk, kMaxIndex};
+  return EncodePair(kv.k, kv.v, dtype, head_dim, num_kv_heads, chunk, kv.token_stride, strides,
+                    extents, box_rows);
 }
 
 }  // namespace kvmem::internal

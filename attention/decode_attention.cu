@@ -123,13 +123,7 @@ absl::Status ValidateView(const DecodeWorkspace::Impl& w, const PagedKv& kv) {
 
 absl::Status ValidateView(const DecodeWorkspace::Impl& w, const VirtualKv& kv) {
   KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualBinding(w, kv));
-  const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
-  if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("virtual strides (token ", kv.token_stride, ", row ", kv.row_stride,
-                     ") must cover kv_heads * head_dim per token and be multiples of 8 elements"));
-  }
-  return absl::OkStatus();
+  return internal::ValidateVirtualStrides(kv, int64_t{w.num_kv_heads} * w.head_dim);
 }
 
 }  // namespace

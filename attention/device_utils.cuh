@@ -158,13 +158,15 @@ struct SplitOffset<PagedKv> {
   __device__ __forceinline__ static int32_t Fetch(const PagedKv&, const Request& r, int pos) {
     return *EntryAddress(r, Entry(r, pos));
   }
-  // A token's coordinate inside its entry: the in-page position (the TMA box's token
-  // coordinate; kv_tensor_map.h).
-  __device__ __forceinline__ static int InEntry(const Request& r, int pos) {
+  // The TMA coordinates of token pos above head and dim (kv_tensor_map.h): the in-page
+  // position and the page.
+  static constexpr int kTmaDims = 4;
+  __device__ __forceinline__ static void BoxCoords(const PagedKv&, const Request& r, int32_t page,
+                                                   int pos, int (&c)[3]) {
     int32_t entry;
-    int32_t in_page;
-    r.pages.DivMod(pos, &entry, &in_page);
-    return in_page;
+    r.pages.DivMod(pos, &entry, &c[0]);
+    c[1] = page;
+    c[2] = 0;
   }
   __device__ __forceinline__ static int64_t Finish(const PagedKv& kv, const Request& r,
                                                    int32_t page, int pos) {
@@ -185,10 +187,21 @@ struct SplitOffset<VirtualKv> {
   __device__ __forceinline__ static int32_t Fetch(const VirtualKv& kv, const Request& r, int) {
     return kv.row_ids[r.b];
   }
-  __device__ __forceinline__ static int InEntry(const Request&, int pos) { return pos; }
+  // The TMA coordinates (kv_tensor_map.h): token in chunk, chunk, row. Without chunks the
+  // whole row is one chunk: a shift of 31 gives (pos, 0).
+  static constexpr int kTmaDims = 5;
+  __device__ __forceinline__ static void BoxCoords(const VirtualKv& kv, const Request&, int32_t row,
+                                                   int pos, int (&c)[3]) {
+    const int shift = kv.chunk_shift > 0 ? kv.chunk_shift : 31;
+    c[0] = pos & static_cast<int>((1u << shift) - 1);
+    c[1] = pos >> shift;
+    c[2] = row;
+  }
+  // VirtualKv::Offset, with the chunk index from a 32-bit shift.
   __device__ __forceinline__ static int64_t Finish(const VirtualKv& kv, const Request&, int32_t row,
                                                    int pos) {
-    return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride;
+    return static_cast<int64_t>(row) * kv.row_stride + static_cast<int64_t>(pos) * kv.token_stride +
+           static_cast<int64_t>(pos >> kv.chunk_shift) * kv.chunk_gap;
   }
 };
 

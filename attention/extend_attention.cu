@@ -144,15 +144,18 @@ absl::StatusOr<int> PrepareExtendKernel(Layout layout, DType dtype, int head_dim
   return ctas_per_sm;
 }
 
-// Tokens per TMA box of the wgmma kernel's full tiles: a whole tile for the virtual
-// layout; for the paged one the largest power of two dividing both the page size and the
-// tile (so a box never crosses a page), 0 (every tile by cp.async) below 8 rows, where a
-// box is smaller than a swizzle atom.
-int TmaRows(const VirtualKv&) { return WgmmaExtendConfig<128>::kBlockN; }
-int TmaRows(const PagedKv& kv) {
-  const int rows = std::min(kv.page_tokens & -kv.page_tokens, WgmmaExtendConfig<128>::kBlockN);
+// Tokens per TMA box of the wgmma kernel's full tiles: the largest power of two dividing
+// both the page size (the chunk size of a chunked virtual row) and the tile, so a box
+// never crosses a page or chunk; a whole tile for an unchunked virtual row; 0 (every tile
+// by cp.async) below 8 rows, where a box is smaller than a swizzle atom.
+int TmaRowsIn(int unit) {
+  const int rows = std::min(unit & -unit, WgmmaExtendConfig<128>::kBlockN);
   return rows >= 8 ? rows : 0;
 }
+int TmaRows(const VirtualKv& kv) {
+  return kv.chunk_shift == 0 ? WgmmaExtendConfig<128>::kBlockN : TmaRowsIn(1 << kv.chunk_shift);
+}
+int TmaRows(const PagedKv& kv) { return TmaRowsIn(kv.page_tokens); }
 
 // Whether the wgmma kernel can run here: an sm_90a build, an sm_90 device, head_dim
 // 64 or 128.
@@ -470,12 +473,11 @@ absl::Status ValidateView(const ExtendWorkspace::Impl& w, const PagedKv& kv) {
 absl::Status ValidateView(const ExtendWorkspace::Impl& w, const VirtualKv& kv) {
   KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualBinding(w, kv));
   const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
-  if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0 ||
-      kv.row_stride < kv.max_context * kv.token_stride) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("virtual strides (token ", kv.token_stride, ", row ", kv.row_stride,
-                     ") must cover kv_heads * head_dim per token and max_context tokens per "
-                     "row, and be multiples of 8 elements"));
+  KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualStrides(kv, row));
+  if (kv.row_stride < kv.InRow(kv.max_context)) {
+    return absl::InvalidArgumentError(absl::StrCat("virtual row stride ", kv.row_stride, " < the ",
+                                                   kv.InRow(kv.max_context),
+                                                   " elements of max_context tokens"));
   }
   return absl::OkStatus();
 }

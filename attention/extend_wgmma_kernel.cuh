@@ -185,7 +185,12 @@ class ExtendProducer {
         const CUtensorMap* map = kind == 0 ? &wp_.maps.k : &wp_.maps.v;
 #pragma unroll
         for (int s = 0; s < kSlabs; ++s) {
-          TmaLoad4d(dst + s * kBlockN * 128, map, full, s * 64, h_, c2_, c3_);
+          if constexpr (Offsets::kTmaDims == 5) {
+            TmaLoad5d(dst + s * kBlockN * 128, map, full, s * 64, h_, box_at_[0], box_at_[1],
+                      box_at_[2]);
+          } else {
+            TmaLoad4d(dst + s * kBlockN * 128, map, full, s * 64, h_, box_at_[0], box_at_[1]);
+          }
         }
       }
       if (issues && UsesTma(wp_.tma_rows, lo_, hi_, t + 1)) FetchBox(start + kBlockN);
@@ -227,12 +232,11 @@ class ExtendProducer {
     asm volatile("bar.sync 3, 128;\n" ::: "memory");
   }
 
-  // The TMA coordinates of this thread's box of the tile starting at `start`: token
-  // within the page or row, and page or row (a page-table or row-id load).
+  // The TMA coordinates of this thread's box of the tile starting at `start`: token in
+  // page and page, or token in chunk, chunk and row (a page-table or row-id load).
   __device__ __forceinline__ void FetchBox(int start) {
     const int pos = start + box_ * wp_.tma_rows;
-    c3_ = Offsets::Fetch(wp_.p.kv, request_, pos);
-    c2_ = Offsets::InEntry(request_, pos);
+    Offsets::BoxCoords(wp_.p.kv, request_, Offsets::Fetch(wp_.p.kv, request_, pos), pos, box_at_);
   }
 
   // Tile t's stage of K (kind 0) or V (kind 1): its shared-memory address, and a wait
@@ -280,8 +284,7 @@ class ExtendProducer {
   // warps take turns (box i on warp i % 4), so the up to 16 boxes of a tile of 8-token
   // page pieces are issued by four warps at once, not one after another by one warp.
   const int box_;
-  int c2_ = 0;  // its coordinates (FetchBox)
-  int c3_ = 0;
+  int box_at_[3] = {0, 0, 0};  // its coordinates above head and dim (FetchBox)
 };
 
 // The pair that CTA `cta` of `ctas` runs in its round r: rounds go through the

@@ -2,12 +2,15 @@
 // (internal). Host code; the descriptors are passed to the kernel by value as
 // __grid_constant__ parameters, so a captured CUDA graph replays with them unchanged.
 //
-// Both layouts are one 4-D tensor per K and per V, innermost first:
-//   (head_dim, kv_heads, tokens, pages)  paged:   tokens = page_tokens, stride token_stride;
-//                                                 pages stride page_stride
-//   (head_dim, kv_heads, tokens, rows)   virtual: tokens = max_context, stride token_stride;
-//                                                 rows stride row_stride
-// and a box is 64 elements (128 bytes) x 1 head x box_rows tokens x 1 page / row, stored
+// Both layouts are one tensor per K and per V, innermost first:
+//   (head_dim, kv_heads, tokens, pages)          paged:   tokens = page_tokens, stride
+//                                                         token_stride; pages stride page_stride
+//   (head_dim, kv_heads, tokens, chunks, rows)   virtual: tokens = 2^chunk_shift, stride
+//                                                         token_stride; chunks stride
+//                                                         tokens * token_stride + chunk_gap;
+//                                                         rows stride row_stride. Without
+//                                                         chunks: one chunk of max_context
+// and a box is 64 elements (128 bytes) x 1 head x box_rows tokens x 1 page / chunk, stored
 // with the 128-byte swizzle the wgmma tiles use (wgmma.cuh), so a box lands as one
 // box_rows x 64 slab of a K or V stage. The outermost extent (pages, rows) is not known
 // to a view; it is set to the largest int32 index, so the copy unit never clips an index

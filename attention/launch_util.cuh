@@ -102,6 +102,20 @@ absl::Status ValidateVirtualBinding(const Impl& w, const VirtualKv& kv) {
   return absl::OkStatus();
 }
 
+// Checks the strides of a virtual view (elements) for the kernels' 16-byte copies: a
+// token holds `row` elements, and token, row and chunk steps are multiples of 8.
+inline absl::Status ValidateVirtualStrides(const VirtualKv& kv, int64_t row) {
+  if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0 ||
+      kv.chunk_gap < 0 || kv.chunk_gap % 8 != 0 || kv.chunk_shift < 0 || kv.chunk_shift > 30) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "virtual strides (token ", kv.token_stride, ", row ", kv.row_stride, ", chunk gap ",
+        kv.chunk_gap, ", chunk shift ", kv.chunk_shift,
+        ") must cover kv_heads * head_dim per token and be multiples of 8 elements (shift "
+        "0..30)"));
+  }
+  return absl::OkStatus();
+}
+
 // Checks that k, v, q and out are set and 16-byte aligned.
 template <typename Kv>
 absl::Status ValidateLaunchPointers(const Kv& kv, const void* q, const void* out) {

@@ -102,10 +102,17 @@ absl::Status ValidateView(const AttentionShape& s, const VirtualKv& kv) {
         absl::StrFormat("VirtualKv.token_stride = %d < num_kv_heads * head_dim = %d",
                         kv.token_stride, TokenElems(s)));
   }
-  if (kv.row_stride < kv.max_context * kv.token_stride) {
+  if (kv.chunk_shift < 0 || kv.chunk_shift > 30 || kv.chunk_gap < 0) {
     return absl::InvalidArgumentError(
-        absl::StrFormat("VirtualKv.row_stride = %d < max_context * token_stride = %d",
-                        kv.row_stride, kv.max_context * kv.token_stride));
+        absl::StrFormat("VirtualKv chunks: chunk_shift = %d (0..30), chunk_gap = %d (>= 0)",
+                        kv.chunk_shift, kv.chunk_gap));
+  }
+  // InRow(max_context): where a token past the last would start, the row's extent.
+  if (kv.row_stride < kv.InRow(kv.max_context)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "VirtualKv.row_stride = %d < the %d elements of max_context tokens (token_stride %d, "
+        "chunk_shift %d, chunk_gap %d)",
+        kv.row_stride, kv.InRow(kv.max_context), kv.token_stride, kv.chunk_shift, kv.chunk_gap));
   }
   return absl::OkStatus();
 }

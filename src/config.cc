@@ -13,6 +13,10 @@ absl::Status ValidateShape(const KvCacheConfig& c) {
   if (c.num_kv_heads < 1) return bad("num_kv_heads", c.num_kv_heads, "must be >= 1");
   if (c.head_dim < 1) return bad("head_dim", c.head_dim, "must be >= 1");
   if (c.page_tokens < 1) return bad("page_tokens", c.page_tokens, "must be >= 1");
+  if (c.chunk_tokens < 0 || c.chunk_tokens > (1 << 30) ||
+      (c.chunk_tokens & (c.chunk_tokens - 1)) != 0) {
+    return bad("chunk_tokens", c.chunk_tokens, "must be 0 (auto) or a power of two <= 2^30");
+  }
   if (c.max_requests < 1) return bad("max_requests", c.max_requests, "must be >= 1");
   if (c.max_context < 1) return bad("max_context", c.max_context, "must be >= 1");
   // Slots are int32 in the token index (SGLang's req_to_token); positions must fit too.
@@ -43,8 +47,11 @@ std::string DescribeConfig(const KvCacheConfig& c) {
       "max_context=%d budget=%.2f GiB device=%s",
       c.layout == Layout::kPaged ? "paged" : "virtual",
       c.layout == Layout::kVirtual
-          ? (c.arrangement == Arrangement::kAllLayers ? "/all-layers" : "/per-layer")
-          : (c.page_placement == PagePlacement::kContiguous ? "/contiguous" : "/lowest-first"),
+          ? (c.arrangement == Arrangement::kPerLayer ? std::string("/per-layer")
+             : c.chunk_tokens == 0                   ? std::string("/all-layers chunk=auto")
+                                   : absl::StrFormat("/all-layers chunk=%d", c.chunk_tokens))
+          : std::string(c.page_placement == PagePlacement::kContiguous ? "/contiguous"
+                                                                       : "/lowest-first"),
       c.num_layers, c.num_kv_heads, c.head_dim, DTypeName(c.dtype), c.page_tokens, c.max_requests,
       c.max_context, static_cast<double>(c.memory_budget_bytes) / (1 << 30),
       c.device == DeviceKind::kHost ? "host" : absl::StrFormat("cuda:%d", c.device_ordinal));

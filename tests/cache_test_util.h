@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/types/span.h"
+#include "allocators/virtual_kv_cache.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/dtype.h"
@@ -78,6 +79,7 @@ struct LayoutCase {
   Layout layout = Layout::kPaged;
   Arrangement arrangement = Arrangement::kAllLayers;
   int page_tokens = 16;
+  int chunk_tokens = 0;  // virtual all-layer: KvCacheConfig::chunk_tokens
 };
 
 // gtest prints the case by name.
@@ -89,6 +91,7 @@ inline std::vector<LayoutCase> AllLayouts() {
       {"Paged3", Layout::kPaged, Arrangement::kAllLayers, 3},
       {"Paged16", Layout::kPaged, Arrangement::kAllLayers, 16},
       {"VirtualAllLayers", Layout::kVirtual, Arrangement::kAllLayers, 16},
+      {"VirtualAllLayersUnchunked", Layout::kVirtual, Arrangement::kAllLayers, 16, 1},
       {"VirtualPerLayer", Layout::kVirtual, Arrangement::kPerLayer, 16},
   };
 }
@@ -119,6 +122,7 @@ inline KvCacheConfig SmallConfig(const LayoutCase& c, DType dtype = DType::kFloa
   config.layout = c.layout;
   config.arrangement = c.arrangement;
   config.page_tokens = c.page_tokens;
+  config.chunk_tokens = c.chunk_tokens;
   config.max_requests = 8;
   config.max_context = 256;
   config.memory_budget_bytes = int64_t{1} << 20;
@@ -127,20 +131,36 @@ inline KvCacheConfig SmallConfig(const LayoutCase& c, DType dtype = DType::kFloa
   return config;
 }
 
-// Tokens of one request per unit the layout grows by (a page, or a granule of the row).
+// Tokens per chunk of a virtual all-layer row (1: no chunks; docs/layouts.md).
+inline int64_t ChunkTokens(const KvCacheConfig& c) {
+  if (c.layout != Layout::kVirtual || c.arrangement != Arrangement::kAllLayers) return 1;
+  absl::StatusOr<internal::VirtualGeometry> g =
+      internal::VirtualGeometry::Make(c, c.host_granularity);
+  return g.ok() ? g->chunk_tokens : 1;
+}
+
+// Tokens of one request per unit the layout grows by (a page, a granule of the row, or a
+// chunk).
 inline int64_t TokensPerPage(const KvCacheConfig& c) {
   if (c.layout == Layout::kPaged) return c.page_tokens;
+  if (const int64_t chunk = ChunkTokens(c); chunk > 1) return chunk;
   const int64_t per_token =
       c.arrangement == Arrangement::kAllLayers ? c.TokenBytes() : c.TokenLayerBytes();
   return std::max<int64_t>(1, c.host_granularity / per_token);
 }
 
 // Physical pages one request may waste in a partly filled tail (virtual per-layer: one
-// per layer and per K/V).
+// per layer and per K/V; chunked all-layer: the pages one chunk touches).
 inline int64_t TailPages(const KvCacheConfig& c) {
-  return c.layout == Layout::kVirtual && c.arrangement == Arrangement::kPerLayer
-             ? 2 * int64_t{c.num_layers}
-             : 1;
+  if (c.layout == Layout::kVirtual && c.arrangement == Arrangement::kPerLayer) {
+    return 2 * int64_t{c.num_layers};
+  }
+  if (const int64_t chunk = ChunkTokens(c); chunk > 1) {
+    const int64_t bytes = chunk * c.TokenBytes();
+    return (bytes + c.host_granularity - 1) / c.host_granularity +
+           (bytes % c.host_granularity != 0 ? 1 : 0);
+  }
+  return 1;
 }
 
 // The smallest budget Create accepts for `config` (binary search; Create must reject a

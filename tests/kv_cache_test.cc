@@ -718,16 +718,20 @@ TEST_P(KvCacheTest, Views) {
     KVMEM_EXPECT_CODE(cache->PagedView(0, meta), StatusCode::kFailedPrecondition);
     const bool all = config.arrangement == Arrangement::kAllLayers;
     KVMEM_ASSERT_OK_AND_ASSIGN(VirtualKv first, cache->VirtualView(0, meta));
+    // All layers: a block of `chunk` tokens per layer and K/V (a token without chunks).
+    const int64_t chunk = ChunkTokens(config);
     for (int layer = 0; layer < config.num_layers; ++layer) {
       KVMEM_ASSERT_OK_AND_ASSIGN(VirtualKv view, cache->VirtualView(layer, meta));
       EXPECT_EQ(view.max_context, config.max_context);
-      EXPECT_EQ(view.token_stride, all ? 2 * config.num_layers * te : te);
-      EXPECT_GE(view.row_stride, config.max_context * view.token_stride);
+      EXPECT_EQ(view.token_stride, all && chunk == 1 ? 2 * config.num_layers * te : te);
+      EXPECT_EQ(int64_t{1} << view.chunk_shift, chunk);
+      EXPECT_EQ(view.chunk_gap, chunk == 1 ? 0 : chunk * te * (2 * config.num_layers - 1));
+      EXPECT_GE(view.row_stride, view.InRow(config.max_context));
       const int64_t elem = DTypeBytes(config.dtype);
       if (all) {
-        EXPECT_EQ(static_cast<char*>(view.v) - static_cast<char*>(view.k), te * elem);
+        EXPECT_EQ(static_cast<char*>(view.v) - static_cast<char*>(view.k), chunk * te * elem);
         EXPECT_EQ(static_cast<char*>(view.k) - static_cast<char*>(first.k),
-                  int64_t{layer} * 2 * te * elem);
+                  int64_t{layer} * 2 * chunk * te * elem);
       }
     }
   }

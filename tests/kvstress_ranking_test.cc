@@ -41,11 +41,15 @@ class KvstressChatRankingTest : public ::testing::Test {
 std::map<std::string, SimResult>* KvstressChatRankingTest::results_ = nullptr;
 
 TEST_F(KvstressChatRankingTest, SmallerPagesWasteLess) {
-  ASSERT_EQ(results_->size(), 6u);
+  ASSERT_EQ(results_->size(), 7u);
   EXPECT_LT(Util("static"), Util("paged-64"));
   EXPECT_LT(Util("paged-64"), Util("paged-16"));
   EXPECT_LE(Util("paged-16"), Util("paged-1"));
   EXPECT_LT(Util("virtual-layer"), Util("virtual"));
+  // Chunks of 512 tokens waste up to 64 MiB per request, per-layer pages up to 128 MiB,
+  // all-layer pages under 2 MiB.
+  EXPECT_LT(Util("virtual-layer"), Util("virtual-chunk"));
+  EXPECT_LT(Util("virtual-chunk"), Util("virtual"));
 }
 
 TEST_F(KvstressChatRankingTest, StaticReservationIsFarLower) {

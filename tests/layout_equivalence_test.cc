@@ -42,6 +42,7 @@ struct LayoutSpec {
   Layout layout;
   Arrangement arrangement;
   int page_tokens;
+  int chunk_tokens = 0;  // virtual all-layer: KvCacheConfig::chunk_tokens (0: auto)
 };
 
 const LayoutSpec kLayouts[] = {
@@ -49,6 +50,8 @@ const LayoutSpec kLayouts[] = {
     {"paged3", Layout::kPaged, Arrangement::kAllLayers, 3},
     {"paged16", Layout::kPaged, Arrangement::kAllLayers, 16},
     {"virtual-all-layers", Layout::kVirtual, Arrangement::kAllLayers, 16},
+    {"virtual-all-layers-unchunked", Layout::kVirtual, Arrangement::kAllLayers, 16, 1},
+    {"virtual-all-layers-chunk4", Layout::kVirtual, Arrangement::kAllLayers, 16, 4},
     {"virtual-per-layer", Layout::kVirtual, Arrangement::kPerLayer, 16},
 };
 
@@ -67,6 +70,7 @@ KvCacheConfig ConfigFor(const LayoutSpec& spec, DType dtype) {
   c.layout = spec.layout;
   c.arrangement = spec.arrangement;
   c.page_tokens = spec.page_tokens;
+  c.chunk_tokens = spec.chunk_tokens;
   c.max_requests = 12;
   c.max_context = 128;
   c.memory_budget_bytes = int64_t{4} << 20;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -136,7 +137,7 @@ class Harness {
       VirtualKv view = *layout_->VirtualView(l);
       for (int kv = 0; kv < 2; ++kv) {
         void* base = kv == 0 ? view.k : view.v;
-        const int64_t off = row * view.row_stride + pos * view.token_stride;
+        const int64_t off = row * view.row_stride + view.InRow(pos);
         for (int h = 0; h < config_.num_kv_heads; ++h) {
           for (int d = 0; d < config_.head_dim; ++d) {
             StoreFromFloat(base, off + h * config_.head_dim + d, config_.dtype,
@@ -153,7 +154,7 @@ class Harness {
       VirtualKv view = *layout_->VirtualView(l);
       for (int kv = 0; kv < 2; ++kv) {
         const void* base = kv == 0 ? view.k : view.v;
-        const int64_t off = row * view.row_stride + pos * view.token_stride;
+        const int64_t off = row * view.row_stride + view.InRow(pos);
         for (int h = 0; h < config_.num_kv_heads; ++h) {
           for (int d = 0; d < config_.head_dim; ++d) {
             bad += LoadAsFloat(base, off + h * config_.head_dim + d, config_.dtype) !=
@@ -205,6 +206,31 @@ inline KvCacheConfig SmallConfig(Arrangement arrangement, int64_t granularity) {
 inline int64_t BudgetFor(const KvCacheConfig& c, int64_t granularity, int64_t requests) {
   absl::StatusOr<VirtualGeometry> g = VirtualGeometry::Make(c, granularity);
   return requests * g->pages_per_request() * granularity;
+}
+
+// A model shape over an arrangement and a granularity, for parameterized tests.
+struct ShapeCase {
+  std::string name;
+  Arrangement arrangement;
+  int64_t granularity;
+  int layers, heads, dim;
+  DType dtype;
+  int64_t max_context;
+  int chunk = 0;  // KvCacheConfig::chunk_tokens (all layers)
+};
+
+// SmallConfig in `p`'s shape, `rows` rows, a budget of `budget_requests` requests.
+inline KvCacheConfig ShapeConfig(const ShapeCase& p, int rows, int64_t budget_requests) {
+  KvCacheConfig c = SmallConfig(p.arrangement, p.granularity);
+  c.num_layers = p.layers;
+  c.num_kv_heads = p.heads;
+  c.head_dim = p.dim;
+  c.dtype = p.dtype;
+  c.max_context = p.max_context;
+  c.chunk_tokens = p.chunk;
+  c.max_requests = rows;
+  c.memory_budget_bytes = BudgetFor(c, p.granularity, budget_requests);
+  return c;
 }
 
 }  // namespace kvmem::internal::testing_virtual

@@ -32,29 +32,9 @@ using namespace testing_virtual;  // NOLINT: the harness of these tests
 
 // ---- geometry and data, over shapes, arrangements and granularities ----------------
 
-struct ShapeCase {
-  std::string name;
-  Arrangement arrangement;
-  int64_t granularity;
-  int layers, heads, dim;
-  DType dtype;
-  int64_t max_context;
-};
-
 class VirtualShapes : public ::testing::TestWithParam<ShapeCase> {
  protected:
-  KvCacheConfig Config() const {
-    const ShapeCase& p = GetParam();
-    KvCacheConfig c = SmallConfig(p.arrangement, p.granularity);
-    c.num_layers = p.layers;
-    c.num_kv_heads = p.heads;
-    c.head_dim = p.dim;
-    c.dtype = p.dtype;
-    c.max_context = p.max_context;
-    c.max_requests = 3;
-    c.memory_budget_bytes = BudgetFor(c, p.granularity, 2);
-    return c;
-  }
+  KvCacheConfig Config() const { return ShapeConfig(GetParam(), 3, 2); }
 };
 
 TEST_P(VirtualShapes, GrowWriteReadBackPageCountsAndRegrowth) {
@@ -117,11 +97,15 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, VirtualShapes,
     ::testing::Values(
         ShapeCase{"AllLayers4K", Arrangement::kAllLayers, k4K, 2, 2, 64, DType::kBFloat16, 64},
+        ShapeCase{"AllLayersUnchunked4K", Arrangement::kAllLayers, k4K, 2, 2, 64, DType::kBFloat16,
+                  64, 1},
         ShapeCase{"PerLayer4K", Arrangement::kPerLayer, k4K, 2, 2, 64, DType::kBFloat16, 64},
         ShapeCase{"AllLayers2M", Arrangement::kAllLayers, k2M, 2, 2, 64, DType::kBFloat16, 4096},
         ShapeCase{"PerLayer2M", Arrangement::kPerLayer, k2M, 2, 2, 64, DType::kBFloat16, 64},
         // 3 x 3 x 40 x bf16: 1440 B per token: tokens straddle 4 KiB pages.
         ShapeCase{"OddAllLayers4K", Arrangement::kAllLayers, k4K, 3, 3, 40, DType::kBFloat16, 50},
+        ShapeCase{"OddAllLayersUnchunked4K", Arrangement::kAllLayers, k4K, 3, 3, 40,
+                  DType::kBFloat16, 50, 1},
         ShapeCase{"OddPerLayer4K", Arrangement::kPerLayer, k4K, 3, 3, 40, DType::kFloat32, 50},
         // 28 layers x 4 heads x 128 x bf16 = 56 KiB per token, 36.6 tokens per 2 MiB.
         ShapeCase{"Llama28AllLayers2M", Arrangement::kAllLayers, k2M, 28, 4, 128, DType::kBFloat16,
@@ -134,6 +118,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(VirtualLayout, OddShapeTokensStraddlePages) {
   KvCacheConfig c = SmallConfig(Arrangement::kAllLayers, k2M);
+  c.chunk_tokens = 1;  // chunks: tests/virtual_chunk_test.cc
   c.num_layers = 28;
   c.num_kv_heads = 4;
   c.head_dim = 128;
@@ -183,6 +168,7 @@ TEST(VirtualLayout, ReserveFailureIsPassedThroughWithContext) {
 TEST(VirtualLayout, ViewsStridesAndSlots) {
   for (Arrangement arr : {Arrangement::kAllLayers, Arrangement::kPerLayer}) {
     KvCacheConfig c = SmallConfig(arr, k4K);
+    c.chunk_tokens = 1;  // chunks: tests/virtual_chunk_test.cc
     c.memory_budget_bytes = BudgetFor(c, k4K, 1);
     auto h = *Harness::Make(c);
     VirtualKvCache& layout = h->layout();
@@ -271,6 +257,7 @@ TEST_P(VirtualSharing, ForkAliasesTheParentsPages) {
 
 TEST_P(VirtualSharing, CopyOnWriteKeepsBothSidesIntact) {
   KvCacheConfig c = SmallConfig(GetParam(), k4K);
+  c.chunk_tokens = 1;  // the page counts below; chunks: tests/virtual_chunk_test.cc
   c.memory_budget_bytes = BudgetFor(c, k4K, 2);
   auto h = *Harness::Make(c);
   const int32_t parent = *h->Add();
@@ -411,6 +398,7 @@ TEST(VirtualLayout, ReclaimsPagesBeyondAnotherLiveRowsLength) {
 
 TEST(VirtualLayout, FencedFreeLeavesRowAndPagesUntouchedUntilTheFenceCompletes) {
   KvCacheConfig c = SmallConfig(Arrangement::kAllLayers, k4K);
+  c.chunk_tokens = 1;  // the page counts below; chunks: tests/virtual_chunk_test.cc
   c.max_requests = 2;
   c.memory_budget_bytes = BudgetFor(c, k4K, 1);  // 16 pages
   auto h = *Harness::Make(c);
@@ -482,6 +470,7 @@ Snapshot Take(Harness& h) {
 
 TEST(VirtualLayout, OutOfMemoryChangesNothing) {
   KvCacheConfig c = SmallConfig(Arrangement::kAllLayers, k4K);
+  c.chunk_tokens = 1;  // the page counts below; chunks: tests/virtual_chunk_test.cc
   c.memory_budget_bytes = BudgetFor(c, k4K, 1);  // 16 pages of 4 tokens
   auto h = *Harness::Make(c);
   const int32_t a = *h->Add();
@@ -614,6 +603,7 @@ TEST(VirtualLayout, DestructionReleasesEverything) {
 
 TEST(VirtualLayout, KvCacheForkExtendAndViewsOverTheVirtualLayout) {
   KvCacheConfig c = SmallConfig(Arrangement::kAllLayers, k4K);
+  c.chunk_tokens = 1;  // the page counts below; chunks: tests/virtual_chunk_test.cc
   c.memory_budget_bytes = BudgetFor(c, k4K, 2);
   absl::StatusOr<std::unique_ptr<KvCache>> made = KvCache::Create(c);
   ASSERT_OK(made.status());

@@ -19,12 +19,15 @@ class Vmm;
 enum class Layout : uint8_t { kPaged = 0, kVirtual = 1 };
 
 // Arrangement of the virtual layout.
-//  kAllLayers: [row][token][layer][k|v][kv_head][head_dim]; one physical page covers a
-//              few tokens of every layer, so a request wastes at most one page. Decode
-//              reads one layer, so it touches many pages per byte: on an H100 with 32
-//              layers (16 tokens per 2 MiB page) it ran 3-5 % slower than kPerLayer and
-//              paged-16 (docs/decode.md, session 12); DecodeOptions::pipeline_stages = 3
-//              recovers about 1 %.
+//  kAllLayers: one tensor per row, in chunks of chunk_tokens tokens:
+//              [row][chunk][layer][k|v][chunk token][kv_head][head_dim]. A row maps whole
+//              chunks, so a request wastes at most one chunk (chunk_tokens tokens of every
+//              layer). With chunk_tokens = 1 this is [row][token][layer][k|v][...]: a page
+//              covers a few tokens of every layer and a request wastes at most one page,
+//              but decode, which reads one layer, then touches many pages per byte; on an
+//              H100 with 32 layers (16 tokens per 2 MiB page) it ran 3-5 % slower than
+//              kPerLayer and paged-16 (docs/decode.md, session 12). The default chunk
+//              gives one layer's K and V of a chunk a whole page (docs/decode.md, session 13).
 //  kPerLayer:  2 * layers tensors [row][token][kv_head][head_dim] (the vAttention paper);
 //              a request wastes up to one page per layer and per K/V.
 enum class Arrangement : uint8_t { kAllLayers = 0, kPerLayer = 1 };
@@ -54,7 +57,11 @@ struct KvCacheConfig {
   DType dtype = DType::kBFloat16;
 
   Layout layout = Layout::kPaged;
-  Arrangement arrangement = Arrangement::kAllLayers;          // kVirtual only
+  Arrangement arrangement = Arrangement::kAllLayers;  // kVirtual only
+  // kVirtual + kAllLayers: tokens per chunk, a power of two (1: no chunks). 0 picks the
+  // smallest power of two whose one layer's K and V fill a backend page (512 tokens for 8
+  // KV heads x 128 bf16 on 2 MiB pages), capped at max_context rounded up to a power of two.
+  int chunk_tokens = 0;
   int page_tokens = 16;                                       // kPaged only; any value >= 1
   PagePlacement page_placement = PagePlacement::kContiguous;  // kPaged only
 

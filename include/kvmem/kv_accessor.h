@@ -43,9 +43,14 @@ struct PagedKv {
 };
 
 // Virtual layout, one layer: a strided tensor. Token pos of row r starts at
-// r * row_stride + pos * token_stride. All-layer arrangement: token_stride covers every
-// layer's K and V, and v = k + kv_heads * head_dim. Per-layer arrangement: k and v are
-// separate tensors and token_stride = kv_heads * head_dim.
+//   r * row_stride + pos * token_stride + (pos >> chunk_shift) * chunk_gap.
+// Per-layer arrangement: k and v are separate tensors, token_stride = kv_heads * head_dim,
+// no chunks (chunk_shift = chunk_gap = 0). All-layer arrangement, in chunks of
+// C = 2^chunk_shift tokens: a chunk holds every layer's K and V of its C tokens, layer by
+// layer, so the C tokens of one layer's K are token_stride = kv_heads * head_dim apart and
+// the next chunk starts chunk_gap elements after the chunk's last token (the other
+// layers); v = k + C * token_stride. With C = 1 (shift 0, gap 0) token_stride covers
+// every layer's K and V. Both defaults (0) give a plain strided tensor.
 // row_ids: [batch] int32 row of each batch entry.
 struct VirtualKv {
   void* k = nullptr;
@@ -54,12 +59,18 @@ struct VirtualKv {
   int64_t token_stride = 0;
   int64_t max_context = 0;  // slot = row * max_context + pos
   const int32_t* row_ids = nullptr;
+  int32_t chunk_shift = 0;  // log2 of tokens per chunk
+  int64_t chunk_gap = 0;    // elements between a chunk's last token and the next chunk
 
+  // Offset of token pos from its row's start.
+  KVMEM_HOST_DEVICE int64_t InRow(int64_t pos) const {
+    return pos * token_stride + (pos >> chunk_shift) * chunk_gap;
+  }
   KVMEM_HOST_DEVICE int64_t SlotOffset(int64_t slot) const {
-    return (slot / max_context) * row_stride + (slot % max_context) * token_stride;
+    return (slot / max_context) * row_stride + InRow(slot % max_context);
   }
   KVMEM_HOST_DEVICE int64_t Offset(int32_t b, int64_t pos) const {
-    return static_cast<int64_t>(row_ids[b]) * row_stride + pos * token_stride;
+    return static_cast<int64_t>(row_ids[b]) * row_stride + InRow(pos);
   }
 };
 

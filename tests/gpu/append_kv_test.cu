@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -41,8 +42,7 @@ struct Case {
   int64_t src_extra = 0;  // source token stride beyond kv_heads * head_dim (elements)
 
   std::string Name() const {
-    const char* kinds[] = {"paged", "virtual-all-layers", "virtual-per-layer"};
-    return absl::StrCat(kinds[static_cast<int>(kind)], " page ", page_tokens, " ",
+    return absl::StrCat(gpu_test::KindName(kind), " page ", page_tokens, " ",
                         std::string(DTypeName(dtype)), " D", head_dim, " H", kv_heads, " L", layers,
                         " tokens ", tokens, " src_extra ", src_extra);
   }
@@ -84,6 +84,21 @@ void RunCase(const Case& c) {
     for (int l = 0; l < c.layers; ++l) {
       k_off[l] = 2 * l * block;
       v_off[l] = k_off[l] + block;
+    }
+    total_elems = rows * virt.row_stride;
+  } else if (c.kind == Kind::kVirtualChunked) {
+    // [row][chunk][layer][k|v][chunk token][H][D], chunks of page_tokens tokens.
+    const int64_t chunk = c.page_tokens;
+    const int64_t chunks = (max_context + chunk - 1) / chunk;
+    capacity_slots = rows * max_context;
+    virt.token_stride = block;
+    virt.chunk_shift = std::countr_zero(static_cast<uint64_t>(chunk));
+    virt.chunk_gap = (2 * c.layers - 1) * chunk * block;
+    virt.row_stride = chunks * 2 * c.layers * chunk * block;
+    virt.max_context = max_context;
+    for (int l = 0; l < c.layers; ++l) {
+      k_off[l] = 2 * l * chunk * block;
+      v_off[l] = k_off[l] + chunk * block;
     }
     total_elems = rows * virt.row_stride;
   } else {
@@ -229,13 +244,19 @@ TEST(AppendKvTest, VirtualArrangements) {
     c.kind = kind;
     RunCase(c);
   }
+  for (int chunk : {1, 4, 16, 64}) {  // 64: one chunk past max_context (50)
+    Case c;
+    c.kind = Kind::kVirtualChunked;
+    c.page_tokens = chunk;
+    RunCase(c);
+  }
 }
 
 TEST(AppendKvTest, DtypesHeadDimsAndStridedSource) {
   SKIP_WITHOUT_GPU();
   for (DType t : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
     for (int d : {64, 128, 256}) {
-      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualChunked}) {
         Case c;
         c.kind = kind;
         c.dtype = t;

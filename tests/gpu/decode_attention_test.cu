@@ -19,6 +19,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -213,6 +214,14 @@ TEST(DecodeAttentionTest, VirtualArrangements) {
     c.lens = BoundaryLens(16);
     RunCase(c);
   }
+  // Chunks smaller than, equal to and larger than a 64-token tile.
+  for (int chunk : {2, 16, 64, 512}) {
+    Case c;
+    c.kind = Kind::kVirtualChunked;
+    c.page_tokens = chunk;
+    c.lens = BoundaryLens(chunk);
+    RunCase(c);
+  }
 }
 
 // Head_dim 128 is built with two pipeline depths and a device runs one of them unless told
@@ -221,7 +230,8 @@ TEST(DecodeAttentionTest, VirtualArrangements) {
 TEST(DecodeAttentionTest, BothPipelineDepths) {
   SKIP_WITHOUT_GPU();
   for (int stages : {2, 3}) {
-    for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+    for (Kind kind :
+         {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer, Kind::kVirtualChunked}) {
       Case c;
       c.kind = kind;
       c.stages = stages;
@@ -236,7 +246,7 @@ TEST(DecodeAttentionTest, HeadDimsAndDtypes) {
   SKIP_WITHOUT_GPU();
   for (int d : {64, 128, 256}) {
     for (DType t : {DType::kBFloat16, DType::kFloat16}) {
-      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualChunked}) {
         Case c;
         c.kind = kind;
         c.page_tokens = 16;
@@ -269,10 +279,10 @@ TEST(DecodeAttentionTest, GroupSizes) {
 TEST(DecodeAttentionTest, SlidingWindowAndScale) {
   SKIP_WITHOUT_GPU();
   for (int window : {0, 1, 70, 1000}) {
-    for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer}) {
+    for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer, Kind::kVirtualChunked}) {
       Case c;
       c.kind = kind;
-      c.page_tokens = 3;
+      c.page_tokens = kind == Kind::kVirtualChunked ? 32 : 3;
       c.window = window;
       c.scale = 0.2f;
       c.q_std = 3.f;  // peaked softmax: exercises the running max
@@ -306,7 +316,8 @@ TEST(DecodeAttentionTest, LargeBatchUnsplit) {
 // so its pieces' partial results merge from slots out of dispatch order.
 TEST(DecodeAttentionTest, LongRequestAmongShortOnesIsSplit) {
   SKIP_WITHOUT_GPU();
-  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer}) {
+  for (Kind kind :
+       {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualPerLayer, Kind::kVirtualChunked}) {
     Case c = RandomBatch(60, 300, 4, 11);
     c.kind = kind;
     c.lens[37] = 20000;
@@ -318,10 +329,10 @@ TEST(DecodeAttentionTest, LongRequestAmongShortOnesIsSplit) {
 TEST(DecodeAttentionTest, LongContext) {
   SKIP_WITHOUT_GPU();
   if (SmallRun()) GTEST_SKIP() << "KVMEM_TEST_SMALL: 131072-token case skipped";
-  for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer}) {
+  for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer, Kind::kVirtualChunked}) {
     Case c;
     c.kind = kind;
-    c.page_tokens = 16;
+    c.page_tokens = kind == Kind::kVirtualChunked ? 512 : 16;
     c.lens = {131072, 65537};
     const RunInfo info = RunCase(c);
     EXPECT_GT(info.num_work, info.batch);
@@ -337,7 +348,7 @@ TEST(DecodeAttentionTest, GraphReplayWithNewLengthsAndTables) {
                                                    {6000},
                                                    std::vector<int32_t>(24, 100),
                                                    {}};
-  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+  for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualChunked}) {
     Case c;
     c.kind = kind;
     c.page_tokens = 16;
@@ -516,6 +527,27 @@ TEST(DecodeAttentionTest, RejectsBadArguments) {
   pkv.page_tokens = 8;  // not the workspace's
   EXPECT_EQ(DecodeAttention(**ws, pkv, pkv.k, pkv.k, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
+
+  // Chunk fields a 16-byte copy cannot follow, on a virtual workspace.
+  DecodeOptions vo = o;
+  vo.layout = Layout::kVirtual;
+  auto vws = DecodeWorkspace::Create(vo);
+  ASSERT_TRUE(vws.ok()) << vws.status();
+  VirtualKv chunked = (*vws)->Bind(vkv);
+  chunked.chunk_shift = 4;
+  chunked.chunk_gap = 3 * 16 * 256;
+  chunked.row_stride = 64 * 4 * 16 * 256;
+  // Valid: accepted (nothing planned, so nothing launches).
+  EXPECT_TRUE(DecodeAttention(**vws, chunked, chunked.k, chunked.k, nullptr).ok());
+  for (auto [shift, gap] : {std::pair{4, int64_t{4}}, std::pair{-1, int64_t{0}},
+                            std::pair{31, int64_t{0}}, std::pair{4, int64_t{-8}}}) {
+    VirtualKv bad_view = chunked;
+    bad_view.chunk_shift = shift;
+    bad_view.chunk_gap = gap;
+    EXPECT_EQ(DecodeAttention(**vws, bad_view, bad_view.k, bad_view.k, nullptr).code(),
+              absl::StatusCode::kInvalidArgument)
+        << shift << " " << gap;
+  }
 }
 
 }  // namespace

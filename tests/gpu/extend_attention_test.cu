@@ -325,13 +325,22 @@ TEST(ExtendAttentionTest, VirtualArrangements) {
     c.reqs = BoundaryReqs(16);
     RunCase(c);
   }
+  // Chunks below a TMA box (cp.async only), of 16 and 64 tokens (boxes of one chunk), and
+  // of 512 (128-token boxes inside a chunk).
+  for (int chunk : {4, 16, 64, 512}) {
+    Case c;
+    c.kind = Kind::kVirtualChunked;
+    c.page_tokens = chunk;
+    c.reqs = BoundaryReqs(chunk);
+    RunCase(c);
+  }
 }
 
 TEST(ExtendAttentionTest, HeadDimsAndDtypes) {
   SKIP_WITHOUT_GPU();
   for (int d : {64, 128, 256}) {
     for (DType t : {DType::kBFloat16, DType::kFloat16}) {
-      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers}) {
+      for (Kind kind : {Kind::kPaged, Kind::kVirtualAllLayers, Kind::kVirtualChunked}) {
         Case c;
         c.kind = kind;
         c.page_tokens = 16;
@@ -365,10 +374,10 @@ TEST(ExtendAttentionTest, GroupSizes) {
 TEST(ExtendAttentionTest, SlidingWindowAndScale) {
   SKIP_WITHOUT_GPU();
   for (int window : {0, 1, 70, 1000}) {
-    for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer}) {
+    for (Kind kind : {Kind::kPaged, Kind::kVirtualPerLayer, Kind::kVirtualChunked}) {
       Case c;
       c.kind = kind;
-      c.page_tokens = 3;
+      c.page_tokens = kind == Kind::kVirtualChunked ? 256 : 3;
       c.window = window;
       c.scale = 0.2f;
       c.q_std = 3.f;  // peaked softmax: exercises the running max
@@ -399,8 +408,10 @@ TEST(ExtendAttentionTest, RequestsWithoutNewTokens) {
 // other devices the cap is ignored and the same cases run on the mma.sync kernel.
 TEST(ExtendAttentionTest, PersistentCtasRunManyTiles) {
   SKIP_WITHOUT_GPU();
-  const std::vector<std::pair<Kind, int>> layouts = {
-      {Kind::kPaged, 3}, {Kind::kPaged, 16}, {Kind::kVirtualAllLayers, 16}};
+  const std::vector<std::pair<Kind, int>> layouts = {{Kind::kPaged, 3},
+                                                     {Kind::kPaged, 16},
+                                                     {Kind::kVirtualAllLayers, 16},
+                                                     {Kind::kVirtualChunked, 32}};
   for (int max_ctas : {1, 2, 5}) {
     for (int d : {64, 128}) {
       for (auto [kind, page] : layouts) {
@@ -428,9 +439,10 @@ TEST(ExtendAttentionTest, LongPrefillAndExtend) {
     c.reqs = {{0, 8192}};
     RunCase(c);
   }
-  {
+  for (Kind kind : {Kind::kVirtualAllLayers, Kind::kVirtualChunked}) {
     Case c;  // P1's extend shape, and a mixed chunked-prefill batch
-    c.kind = Kind::kVirtualAllLayers;
+    c.kind = kind;
+    c.page_tokens = 512;
     c.kv_heads = 1;
     c.group = 4;
     c.reqs = {{4096, 512}, {0, 3000}, {5000, 1}, {1, 4095}};
@@ -459,6 +471,7 @@ TEST(ExtendAttentionTest, GraphReplayWithNewLengthsAndTables) {
                                                {}};
   for (auto [kind, kernel] : {std::pair{Kind::kPaged, ExtendKernel::kAuto},
                               std::pair{Kind::kVirtualAllLayers, ExtendKernel::kAuto},
+                              std::pair{Kind::kVirtualChunked, ExtendKernel::kAuto},
                               std::pair{Kind::kPaged, ExtendKernel::kMmaSync}}) {
     Case c;
     c.kind = kind;

@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
+#include <cassert>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -66,7 +68,8 @@ inline float FromBits(DType t, uint16_t h) {
 }
 
 // The K/V arrangements the kernels are tested on.
-enum class Kind { kPaged, kVirtualAllLayers, kVirtualPerLayer };
+// kVirtualChunked: all layers in chunks of page_tokens tokens (a power of two).
+enum class Kind { kPaged, kVirtualAllLayers, kVirtualPerLayer, kVirtualChunked };
 
 inline std::string KindName(Kind k) {
   switch (k) {
@@ -76,6 +79,8 @@ inline std::string KindName(Kind k) {
       return "virtual-all-layers";
     case Kind::kVirtualPerLayer:
       return "virtual-per-layer";
+    case Kind::kVirtualChunked:
+      return "virtual-chunked";
   }
   return "?";
 }
@@ -101,12 +106,18 @@ class TestKv {
       total_elems_ = 2 * k_elems_;
     } else {
       rows_ = max_batch + 3;
-      // All layers: [row][token][layer = 2][k|v][H][D], tested on layer 1.
+      // All layers: [row][chunk][layer = 2][k|v][C][H][D], tested on layer 1; without
+      // chunks (C = 1) [row][token][layer = 2][k|v][H][D].
+      const bool all = c.kind != Kind::kVirtualPerLayer;
+      chunk_ = c.kind == Kind::kVirtualChunked ? c.page_tokens : 1;
+      assert((chunk_ & (chunk_ - 1)) == 0 && "chunks are powers of two");
       token_stride_ = c.kind == Kind::kVirtualAllLayers ? 4 * block_ : block_;
-      k_elems_ = rows_ * max_context * token_stride_;
-      v_offset_ = c.kind == Kind::kVirtualAllLayers ? block_ : k_elems_;
-      layer_offset_ = c.kind == Kind::kVirtualAllLayers ? 2 * block_ : 0;
-      total_elems_ = c.kind == Kind::kVirtualAllLayers ? k_elems_ : 2 * k_elems_;
+      chunk_gap_ = c.kind == Kind::kVirtualChunked ? 3 * chunk_ * block_ : 0;
+      row_stride_ = (max_context + chunk_ - 1) / chunk_ * (all ? 4 : 1) * chunk_ * block_;
+      k_elems_ = rows_ * row_stride_;
+      v_offset_ = all ? chunk_ * block_ : k_elems_;
+      layer_offset_ = all ? 2 * chunk_ * block_ : 0;
+      total_elems_ = all ? k_elems_ : 2 * k_elems_;
     }
     host_.resize(total_elems_);
     device_ = std::make_unique<DeviceBuffer>(total_elems_ * 2);
@@ -185,9 +196,11 @@ class TestKv {
     kv.k = k;
     kv.v = k + v_offset_;
     kv.token_stride = token_stride_;
-    kv.row_stride = max_context_ * token_stride_;
+    kv.row_stride = row_stride_;
     kv.max_context = max_context_;
     kv.row_ids = rows;
+    kv.chunk_shift = std::countr_zero(static_cast<uint64_t>(chunk_));
+    kv.chunk_gap = chunk_gap_;
     return kv;
   }
 
@@ -198,6 +211,9 @@ class TestKv {
   int64_t pt_stride_ = 0;
   int64_t rows_ = 0;
   int64_t token_stride_ = 0;
+  int64_t chunk_ = 1;
+  int64_t chunk_gap_ = 0;
+  int64_t row_stride_ = 0;
   int64_t k_elems_ = 0;
   int64_t v_offset_ = 0;
   int64_t layer_offset_ = 0;

@@ -10,9 +10,10 @@
 // The virtual shapes read K/V from kvmem's own CUDA virtual KvCache of the model's 32
 // layers (virtual_cache.h; --virtual=tensor: a cudaMalloc'd tensor of that shape, whose
 // 2 MiB pages the driver places differently). The layer count matters for the all-layer
-// arrangement: a 2 MiB page holds 16 tokens of 32 layers, so one layer's read uses 64 KiB
-// of each page it translates, and decode runs 3-4 % slower than with the 2 layers that
-// sessions 3-11 measured (docs/decode.md, session 12).
+// arrangement without chunks (--chunk=1): a 2 MiB page holds 16 tokens of 32 layers, so
+// one layer's read uses 64 KiB of each page it translates, and decode runs 3-4 % slower
+// than with the 2 layers that sessions 3-11 measured (docs/decode.md, session 12). The
+// cache's default chunk (512 tokens) gives each layer whole pages (session 13).
 //
 // The paged shapes read page tables taken from kvmem's own paged cache after serving
 // churn (--pool=grown, grown_pool.h): where a request's pages lie decides how many 2 MiB
@@ -132,6 +133,9 @@ struct Settings {
   // rotation needs), and 0 gives virtual-all that count too (2 from B=16 up, an 8 KiB
   // stride: the figures of sessions 3-11); 0 with the cache: 32.
   int layers = 32;
+  // The cache's all-layer chunk (KvCacheConfig::chunk_tokens; 0, the default, picks one
+  // that gives a layer's K and V whole 2 MiB pages: 512 tokens here; 1: no chunks).
+  int chunk = 0;
 };
 
 // Streaming read: every 16-byte vector once, kUnroll loads in flight per thread; the XOR
@@ -659,7 +663,7 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
     sets = s.layers > 0 ? s.layers : 32;
     absl::StatusOr<kvbench::VirtualCacheBatch> made = kvbench::MakeVirtualCacheBatch(
         sh.kind == Kind::kVirtualAllLayers ? Arrangement::kAllLayers : Arrangement::kPerLayer, sets,
-        kKvHeads, kHeadDim, lens, max_ctx);
+        s.chunk, kKvHeads, kHeadDim, lens, max_ctx);
     if (absl::IsResourceExhausted(made.status())) {
       // Too large for this device: say so and go on with the other shapes.
       std::printf("%-3s %-14s (KvCache, %d layers) B=%-4d ctx=%-6d skipped: %s\n", sh.tag,
@@ -733,7 +737,9 @@ bool RunShape(const Settings& s, const Shape& sh, double ceiling, int sms) {
   }
   const double gbps = set_bytes / us * 1e-3;
   std::string how;
-  if (sh.kind != Kind::kPaged && s.virtual_cache) {
+  if (sh.kind == Kind::kVirtualAllLayers && s.virtual_cache) {
+    how = absl::StrCat(" (KvCache, ", sets, " layers, chunk ", 1 << virt[0].chunk_shift, ")");
+  } else if (sh.kind != Kind::kPaged && s.virtual_cache) {
     how = absl::StrCat(" (KvCache, ", sets, " layers)");
   } else if (sh.kind == Kind::kVirtualAllLayers) {
     how = absl::StrCat(" (", sets, " layers)");
@@ -823,6 +829,8 @@ int DecodeBench(const std::vector<std::string>& args) {
       }
     } else if (const char* v = kvbench::FlagValue(a, "--layers=")) {
       s.layers = std::max(0, std::atoi(v));
+    } else if (const char* v = kvbench::FlagValue(a, "--chunk=")) {
+      s.chunk = std::max(0, std::atoi(v));
     } else if (a == "--spread") {
       s.spread = true;
     } else if (a == "--graph") {
@@ -838,7 +846,7 @@ int DecodeBench(const std::vector<std::string>& args) {
           "usage: kvbench decode [--quick] [--d1 | --d2 | --balance] [--reps=N] [--filter=LAYOUT] "
           "[--batch=B] [--page=N] [--pool=KIND] [--placement=P] [--spread] "
           "[--spacer-us=N] [--graph] [--trace] [--trace-csv=PATH] [--repeat=N] [--stages=N] "
-          "[--virtual=V] [--layers=N]\n"
+          "[--virtual=V] [--layers=N] [--chunk=N]\n"
           "  --virtual=cache (default) | tensor: the virtual layouts' K/V in kvmem's CUDA "
           "KvCache (2 MiB handles mapped into a reservation), or in a cudaMalloc'd tensor of "
           "that shape\n"
@@ -846,6 +854,8 @@ int DecodeBench(const std::vector<std::string>& args) {
           "model's: virtual-all's token stride is 128 KiB); with --virtual=tensor only "
           "virtual-all's, fewer where they do not fit, 0 for the 2-32 that the L2 rotation "
           "needs\n"
+          "  --chunk=N: the cache's all-layer chunk in tokens (KvCacheConfig::chunk_tokens; "
+          "default 0, auto: 512 here, a layer's K and V per 2 MiB page; 1: no chunks)\n"
           "  --stages=N: the kernel's pipeline stages (DecodeOptions::pipeline_stages; "
           "default 0, the device's choice)\n"
           "  --graph: time replays of one captured launch (fixed_grid workspace), as an "

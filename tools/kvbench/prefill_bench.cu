@@ -2,7 +2,7 @@
 // of shared/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new tokens on a 4096
 // cached prefix), default model shape 32 q / 8 KV heads, head_dim 128, bf16, over the
 // paged layout (page 16, pages shuffled) and the virtual layout (all-layer arrangement,
-// 32 layers, and per-layer).
+// 32 layers in chunks of --chunk tokens, and per-layer).
 //
 // FLOPs: prefill (no prefix) uses the convention of benchmarks.md,
 // 2 x B x q_heads x L x L x head_dim (twice the attended pairs, which are ~L^2 / 2); an
@@ -13,6 +13,7 @@
 //
 // usage: kvbench prefill [--reps=N] [--warmup=N] [--layouts=paged,virtual-all,virtual-layer]
 //                        [--shapes=p4k,p16k,b4,extend] [--page=16] [--kernel=auto|mma|both]
+//                        [--chunk=512]
 // --kernel=both times the portable mma.sync kernel too (ExtendKernel::kMmaSync), beside
 // the one kAuto picks (wgmma on an H100). --seq-pages puts the paged pool's pages in
 // order (a diagnostic: the default shuffles them, a fragmented pool).
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -63,6 +65,9 @@ struct Settings {
   std::string kernel = "auto";  // auto | mma | both
   bool seq_pages = false;       // paged: pages in order instead of shuffled (diagnostic)
   int settle_ms = 500;          // idle before each figure's timing (the file's comment)
+  // virtual-all's chunk in tokens, a power of two (KvCacheConfig::chunk_tokens; 512 is
+  // what the cache picks for this shape on 2 MiB pages; 1: no chunks).
+  int chunk = 512;
 };
 
 struct Shape {
@@ -134,14 +139,19 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, Exten
     paged = (*ws)->Bind(paged);
   } else {
     const bool all = layout == "virtual-all";
-    // All layers: [row][token][layer][k|v][H][D] (layer 0 is timed); per layer: [row][token][H][D].
-    const int64_t token_stride = all ? int64_t{kLayers} * 2 * block : block;
-    const int64_t row_stride = ctx * token_stride;
+    // All layers: [row][chunk][layer][k|v][chunk token][H][D] (layer 0 is timed); per
+    // layer: [row][token][H][D].
+    const int64_t chunk = all ? s.chunk : 1;
+    const int64_t chunk_elems = (all ? 2 * int64_t{kLayers} : 1) * chunk * block;
+    const int64_t row_stride = (ctx + chunk - 1) / chunk * chunk_elems;
     kv_bytes = (all ? 1 : 2) * sh.batch * row_stride * 2;
     if (!kv_buf.Allocate(kv_bytes)) return false;
     virt.k = kv_buf.get();
-    virt.v = all ? kv_buf.get<uint16_t>() + block : kv_buf.get<uint16_t>() + sh.batch * row_stride;
-    virt.token_stride = token_stride;
+    virt.v = all ? kv_buf.get<uint16_t>() + chunk * block
+                 : kv_buf.get<uint16_t>() + sh.batch * row_stride;
+    virt.token_stride = block;
+    virt.chunk_shift = std::countr_zero(static_cast<uint64_t>(chunk));
+    virt.chunk_gap = chunk_elems - chunk * block;
     virt.row_stride = row_stride;
     virt.max_context = ctx;
     rows.resize(sh.batch);
@@ -177,9 +187,11 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, Exten
     return false;
   }
   *tflops = Flops(sh) / (ms * 1e-3) * 1e-12;
-  std::printf("%-8s B=%d prefix=%-5d new=%-5d %-14s %-9s %9.3f ms %7.1f TFLOP/s\n", sh.tag,
-              sh.batch, sh.prefix, sh.fresh,
-              layout == "paged" ? ("paged-" + std::to_string(s.page)).c_str() : layout.c_str(),
+  const std::string name = layout == "paged"         ? "paged-" + std::to_string(s.page)
+                           : layout == "virtual-all" ? "virtual-all/" + std::to_string(s.chunk)
+                                                     : layout;
+  std::printf("%-8s B=%d prefix=%-5d new=%-5d %-15s %-9s %9.3f ms %7.1f TFLOP/s\n", sh.tag,
+              sh.batch, sh.prefix, sh.fresh, name.c_str(),
               (*ws)->uses_wgmma() ? "wgmma" : "mma.sync", ms, *tflops);
   std::fflush(stdout);
   return true;
@@ -209,11 +221,19 @@ int Main(const std::vector<std::string>& args) {
       s.seq_pages = true;
     } else if (const char* v = value("--settle-ms=")) {
       s.settle_ms = std::max(0, std::atoi(v));
+    } else if (const char* v = value("--chunk=")) {
+      s.chunk = std::atoi(v);
+      if (s.chunk < 1 || (s.chunk & (s.chunk - 1)) != 0) {
+        std::fprintf(stderr, "prefill bench: --chunk=%s is not a power of two\n", v);
+        return 2;
+      }
     } else {
       std::fprintf(stderr,
                    "usage: kvbench prefill [--reps=N] [--warmup=N] [--page=N]\n"
                    "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n"
-                   "  [--kernel=auto|mma|both] [--seq-pages] [--settle-ms=N]\n");
+                   "  [--kernel=auto|mma|both] [--seq-pages] [--settle-ms=N] [--chunk=N]\n"
+                   "  --chunk=N: virtual-all's chunk in tokens (default 512, the cache's "
+                   "choice for this shape; 1: no chunks)\n");
       return 2;
     }
   }

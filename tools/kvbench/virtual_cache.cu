@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "allocators/virtual_kv_cache.h"
 #include "kvmem/kv_cache.h"
 #include "src/int_math.h"
 #include "src/status_macros.h"
@@ -14,7 +15,8 @@
 namespace kvbench {
 
 absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arrangement, int layers,
-                                                        int kv_heads, int head_dim,
+                                                        int chunk_tokens, int kv_heads,
+                                                        int head_dim,
                                                         const std::vector<int32_t>& lens,
                                                         int64_t max_context) {
   if (layers < 1)
@@ -26,18 +28,19 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
   c.dtype = kvmem::DType::kBFloat16;
   c.layout = kvmem::Layout::kVirtual;
   c.arrangement = arrangement;
+  c.chunk_tokens = chunk_tokens;
   c.max_requests = static_cast<int>(lens.size());
   c.max_context = max_context;
   c.device = kvmem::DeviceKind::kCuda;
-  // Exactly the pages the batch maps: per request, its bytes rounded up to 2 MiB pages,
-  // once for the all-layer row, once per layer and K/V for the per-layer tensors.
+  // Exactly the pages the batch maps: per request and segment (the all-layer row, or
+  // each layer's K and V), its whole chunks' bytes rounded up to 2 MiB pages.
   constexpr int64_t kPage = int64_t{2} << 20;
   const bool all = arrangement == kvmem::Arrangement::kAllLayers;
-  const int64_t per_token = all ? c.TokenBytes() : c.TokenLayerBytes();
-  const int64_t num_tensors = all ? 1 : 2 * int64_t{layers};
+  KVMEM_ASSIGN_OR_RETURN(const kvmem::internal::VirtualGeometry geo,
+                         kvmem::internal::VirtualGeometry::Make(c, kPage));
   int64_t pages = 0;
-  for (int32_t len : lens) pages += kvmem::internal::CeilDiv(len * per_token, kPage);
-  c.memory_budget_bytes = std::max<int64_t>(1, pages * num_tensors) * kPage;
+  for (int32_t len : lens) pages += geo.PagesFor(len);
+  c.memory_budget_bytes = std::max<int64_t>(1, pages * geo.segments) * kPage;
 
   VirtualCacheBatch out;
   KVMEM_ASSIGN_OR_RETURN(out.cache, kvmem::KvCache::Create(c));
@@ -53,8 +56,8 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
     KVMEM_ASSIGN_OR_RETURN(kvmem::VirtualKv v, out.cache->VirtualView(l, out.meta));
     out.views.push_back(v);
   }
-  // Fill what each row holds. All-layer: one tensor, the row's tokens from layer 0's K on
-  // cover every layer's K and V. Per-layer: each layer's K and V tensors.
+  // Fill what each row holds. All-layer: one tensor, the row's whole chunks from layer
+  // 0's K on cover every layer's K and V. Per-layer: each layer's K and V tensors.
   std::vector<void*> tensors;
   for (const kvmem::VirtualKv& v : out.views) {
     tensors.push_back(v.k);
@@ -65,7 +68,8 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
   constexpr int64_t kElem = 2;                   // bf16
   for (size_t t = 0; t < tensors.size(); ++t) {
     for (size_t i = 0; i < lens.size(); ++i) {
-      const int64_t bytes = int64_t{lens[i]} * shape.token_stride * kElem;
+      const int64_t chunk = int64_t{1} << shape.chunk_shift;
+      const int64_t bytes = shape.InRow(kvmem::internal::CeilDiv(lens[i], chunk) * chunk) * kElem;
       if (bytes == 0) continue;
       void* p = static_cast<char*>(tensors[t]) + out.meta.row_ids[i] * shape.row_stride * kElem;
       if (!FillRandom(p, bytes, static_cast<uint32_t>(7 + t + i), "virtual cache batch")) {

@@ -23,11 +23,13 @@ struct VirtualCacheBatch {
   std::vector<kvmem::VirtualKv> views;  // one per layer (row_ids point into meta)
 };
 
-// A CUDA virtual cache of `layers` layers of the given shape and arrangement, holding
-// one request per entry of `lens` at that length (rows mapped synchronously, no
-// mapper), every mapped K/V byte filled with random bf16 bits.
+// A CUDA virtual cache of `layers` layers of the given shape and arrangement (all
+// layers: in chunks of `chunk_tokens`, KvCacheConfig's meaning), holding one request per
+// entry of `lens` at that length (rows mapped synchronously, no mapper), every mapped K/V
+// byte filled with random bf16 bits.
 absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arrangement, int layers,
-                                                        int kv_heads, int head_dim,
+                                                        int chunk_tokens, int kv_heads,
+                                                        int head_dim,
                                                         const std::vector<int32_t>& lens,
                                                         int64_t max_context);
 

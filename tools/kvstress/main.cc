@@ -38,7 +38,7 @@ ABSL_FLAG(int64_t, max_requests, kDefaults.max_requests,
 ABSL_FLAG(int64_t, steps, kDefaults.steps, "stop after this many steps even if not drained");
 ABSL_FLAG(std::string, policies, kDefaults.policies,
           "comma-separated subset of static, paged-1, paged-16, paged-64, virtual, "
-          "virtual-layer; or all");
+          "virtual-chunk, virtual-layer; or all");
 ABSL_FLAG(std::string, json, kDefaults.json, "write everything, per-step series included, here");
 ABSL_FLAG(std::string, plot, kDefaults.plot, "write an SVG of bytes held and live per step here");
 ABSL_FLAG(int64_t, prefix_len, kDefaults.prefix_len,

@@ -16,6 +16,7 @@ std::vector<Policy> AllPolicies() {
       {PolicyKind::kPaged16, "paged-16", true},
       {PolicyKind::kPaged64, "paged-64", true},
       {PolicyKind::kVirtualAll, "virtual", true},
+      {PolicyKind::kVirtualChunked, "virtual-chunk", true},
       {PolicyKind::kVirtualPerLayer, "virtual-layer", true},
   };
 }
@@ -69,8 +70,17 @@ kvmem::KvCacheConfig PolicyConfig(const Policy& policy, const kvmem::KvCacheConf
       c.page_tokens = 64;
       break;
     case PolicyKind::kVirtualAll:
+      // All-layer pages, as shared/benchmarks.md's utilisation target names them: no
+      // chunks, so a request wastes under one page (the default chunk gives decode whole
+      // pages per layer and wastes up to a chunk of every layer; docs/layouts.md).
       c.layout = kvmem::Layout::kVirtual;
       c.arrangement = kvmem::Arrangement::kAllLayers;
+      c.chunk_tokens = 1;
+      break;
+    case PolicyKind::kVirtualChunked:
+      c.layout = kvmem::Layout::kVirtual;
+      c.arrangement = kvmem::Arrangement::kAllLayers;
+      c.chunk_tokens = 0;  // the library's default
       break;
     case PolicyKind::kVirtualPerLayer:
       c.layout = kvmem::Layout::kVirtual;

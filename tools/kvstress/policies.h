@@ -6,6 +6,9 @@
 //                  so the reservation is real kvmem memory, not arithmetic)
 //   paged-1/16/64  paged layout at that many tokens per page (SGLang / vLLM / large pages)
 //   virtual        virtual layout, all layers of a token together (one page of waste)
+//   virtual-chunk  virtual layout, all layers in KvCacheConfig's default chunks (a
+//                  layer's K and V fill a page: decode reads whole pages; up to one chunk
+//                  of every layer wasted)
 //   virtual-layer  virtual layout per layer (the vAttention paper's arrangement)
 #ifndef KVMEM_TOOLS_KVSTRESS_POLICIES_H_
 #define KVMEM_TOOLS_KVSTRESS_POLICIES_H_
@@ -19,7 +22,15 @@
 
 namespace kvstress {
 
-enum class PolicyKind { kStatic, kPaged1, kPaged16, kPaged64, kVirtualAll, kVirtualPerLayer };
+enum class PolicyKind {
+  kStatic,
+  kPaged1,
+  kPaged16,
+  kPaged64,
+  kVirtualAll,
+  kVirtualChunked,
+  kVirtualPerLayer
+};
 
 struct Policy {
   PolicyKind kind;
