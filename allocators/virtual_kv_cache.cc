@@ -151,9 +151,12 @@ absl::StatusOr<std::unique_ptr<VirtualKvCache>> VirtualKvCache::Create(const KvC
     return absl::InvalidArgumentError(absl::StrFormat(
         "virtual layout: memory budget %d bytes holds %d pages of %d bytes (the backend's "
         "granularity), but one request at max_context %d needs %d pages (%d segment(s) x %d "
-        "pages of %d tokens' bytes); raise memory_budget_bytes to at least %d",
+        "pages of %d tokens' bytes: max_context in whole chunks of %d); raise "
+        "memory_budget_bytes to at least %d",
         config.memory_budget_bytes, available, geo.granularity, config.max_context, needed,
-        geo.segments, geo.pages_per_segment, config.max_context, needed * geo.granularity));
+        geo.segments, geo.pages_per_segment,
+        geo.ChunkStart(config.max_context + geo.chunk_tokens - 1), geo.chunk_tokens,
+        needed * geo.granularity));
   }
   if (available > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -997,7 +1000,7 @@ absl::Status VirtualKvCache::UndoCopyOnWrite(uintptr_t addr, PhysHandle old_phys
 absl::StatusOr<std::vector<int32_t>> VirtualKvCache::BlockTable(int32_t row, int64_t len) const {
   return absl::FailedPreconditionError(
       "BlockTable: the virtual layout has no block table (token pos of a row is at row * "
-      "row_stride + pos * token_stride)");
+      "row_stride + VirtualKv::InRow(pos))");
 }
 
 absl::StatusOr<PagedKv> VirtualKvCache::PagedView(int layer) const {

@@ -29,8 +29,10 @@
 // after a Shrink, or kept from the row's previous request) or be in flight.
 //
 // Sharing: Share maps the parent's handles of the prefix under the child row. Copy on
-// write is LAZY: the shared, partly filled last page is copied only when one side
-// writes into it (Grow on a page with ref count > 1): a new handle is mapped at a
+// write is LAZY: the shared, partly filled last chunk's pages (a page without chunks;
+// with the default chunk every page of the chunk, since each holds a layer's part of it:
+// 32 pages for Llama-3-8B) are copied only when one side writes into them (Grow on a page
+// with ref count > 1): a new handle is mapped at a
 // one-granule scratch reservation, the page is copied, and the new handle replaces the
 // old one under the writing row. If every other owner of the page is an idle row past
 // its fence, their aliases are unmapped instead (no copy). Shrink unmaps shared pages
@@ -103,7 +105,8 @@ struct VirtualGeometry {
     const int64_t bytes = ChunkStart(tokens + chunk_tokens - 1) * segment_token_bytes;
     return (bytes + granularity - 1) / granularity;
   }
-  // The first page that token `token`'s bytes touch (its chunk's first page).
+  // The first page of the chunk holding `token`: where a write of it may need a page (a
+  // chunk's pages are mapped together); at or before the first page its own bytes touch.
   int64_t PageOf(int64_t token) const {
     return ChunkStart(token) * segment_token_bytes / granularity;
   }

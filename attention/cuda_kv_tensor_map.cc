@@ -107,11 +107,15 @@ absl::StatusOr<KvTensorMaps> EncodeKvTensorMaps(const PagedKv& kv, DType dtype, 
 absl::StatusOr<KvTensorMaps> EncodeKvTensorMaps(const VirtualKv& kv, DType dtype, int head_dim,
                                                 int num_kv_heads, int box_rows) {
   // Chunks of 2^chunk_shift tokens, each chunk_gap elements past the previous one's last
-  // token; without chunks the row is one chunk of max_context tokens.
-  const int64_t chunk = kv.chunk_shift > 0 ? int64_t{1} << kv.chunk_shift : kv.max_context;
-  const int64_t strides[] = {chunk * kv.token_stride + kv.chunk_gap, kv.row_stride};
-  const int64_t extents[] = {(kv.max_context + chunk - 1) / chunk, kMaxIndex};
-  return EncodePair(kv.k, kv.v, dtype, head_dim, num_kv_heads, chunk, kv.token_stride, strides,
+  // token. With shift 0 every token is a chunk (token_stride + chunk_gap apart), and the
+  // row is described as one chunk of max_context tokens at that stride.
+  const bool chunked = kv.chunk_shift > 0;
+  const int64_t chunk = chunked ? int64_t{1} << kv.chunk_shift : kv.max_context;
+  const int64_t token_stride = chunked ? kv.token_stride : kv.token_stride + kv.chunk_gap;
+  const int64_t strides[] = {chunked ? chunk * kv.token_stride + kv.chunk_gap : kv.row_stride,
+                             kv.row_stride};
+  const int64_t extents[] = {chunked ? (kv.max_context + chunk - 1) / chunk : 1, kMaxIndex};
+  return EncodePair(kv.k, kv.v, dtype, head_dim, num_kv_heads, chunk, token_stride, strides,
                     extents, box_rows);
 }
 

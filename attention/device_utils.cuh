@@ -132,8 +132,8 @@ __device__ __forceinline__ float FastExp2(float x) {
 // ForRequest() sets up what every token of request b shares. Fetch() loads a token's index
 // entry (page id or row id); Finish() turns an entry and a position into the offset. For
 // per-token entries (not kPerRequest), Entry() is which entry of the request a position
-// uses and EntryAddress() where it lives. InEntry() is a position's index within its
-// entry (in-page position, or the position itself for a row). The same math as Kv::Offset (the
+// uses and EntryAddress() where it lives. BoxCoords() gives a position's TMA coordinates
+// above head and dim (kv_tensor_map.h). The same math as Kv::Offset (the
 // tests compare against the reference, which uses Offset), in 32-bit where positions allow it:
 // plans bound positions by max_context < 2^30.
 template <typename Kv>

@@ -473,13 +473,7 @@ absl::Status ValidateView(const ExtendWorkspace::Impl& w, const PagedKv& kv) {
 absl::Status ValidateView(const ExtendWorkspace::Impl& w, const VirtualKv& kv) {
   KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualBinding(w, kv));
   const int64_t row = int64_t{w.num_kv_heads} * w.head_dim;
-  KVMEM_RETURN_IF_ERROR(internal::ValidateVirtualStrides(kv, row));
-  if (kv.row_stride < kv.InRow(kv.max_context)) {
-    return absl::InvalidArgumentError(absl::StrCat("virtual row stride ", kv.row_stride, " < the ",
-                                                   kv.InRow(kv.max_context),
-                                                   " elements of max_context tokens"));
-  }
-  return absl::OkStatus();
+  return internal::ValidateVirtualStrides(kv, row);
 }
 
 }  // namespace

@@ -13,11 +13,11 @@
 //   * warpgroup 0, the producer, keeps 40 registers per thread (setmaxnreg) and fills a
 //     kStages-deep ring of K and V stages. A tile of kBlockN tokens that lies wholly in
 //     the request's range arrives by bulk tensor copies (TMA, kv_tensor_map.h): one box
-//     per slab for the virtual layout, one per tma_rows tokens of a page for the paged
-//     one, each landing already 128-byte swizzled. The last, partial tile (rows past the
-//     end zero-filled: a box would read past the request, into unmapped virtual memory
-//     or another request's page, and stale V rows could hold NaNs that 0 * V keeps), and
-//     every tile of pages whose size has no multiple-of-8 power-of-two divisor, go by
+//     per slab for an unchunked virtual row, one per tma_rows tokens of a page (a chunk
+//     of a chunked virtual row) otherwise, each landing already 128-byte swizzled. The last,
+//     partial tile (rows past the end zero-filled: a box would read past the request, into unmapped
+//     virtual memory or another request's page, and stale V rows could hold NaNs that 0 * V keeps),
+//     and every tile of pages (chunks) whose size has no multiple-of-8 power-of-two divisor, go by
 //     16-byte cp.async, one token row per producer thread. Every producer thread arrives
 //     on the stage's "full" mbarrier (tma.cuh): by its own TMA transaction bytes, or once
 //     its cp.async copies have landed.
@@ -30,7 +30,7 @@
 //     two consumers take turns issuing products (FA3's pingpong), so one's softmax also runs under
 //     the other's tensor-core work.
 // The key range starts at a multiple of kBlockN (a window's first tile is masked), so a
-// full tile's boxes start page-aligned.
+// full tile's boxes start page- (chunk-) aligned.
 // Why not the mma.sync kernel: on Hopper mma.sync reaches about half of the tensor
 // cores' rate, and its operand traffic through ldmatrix limits it before that
 // (docs/prefill.md).
@@ -167,9 +167,9 @@ class ExtendProducer {
   __device__ __forceinline__ void Load(int t) {
     const int start = lo_ + t * kBlockN;
     if (UsesTma(wp_.tma_rows, lo_, hi_, t)) {
-      // Box `box_` covers tokens [start + box_ * rows, + rows): one page (rows divides the
-      // page size and the start is a multiple of it) or the row. Its coordinates were
-      // fetched while the previous tile's copies were issued, unless that one had none.
+      // Box `box_` covers tokens [start + box_ * rows, + rows): inside one page or chunk
+      // (rows divides its size and the start is a multiple of rows) or the row. Its coordinates
+      // were fetched while the previous tile's copies were issued, unless that one had none.
       const bool issues = box_ < kBlockN / wp_.tma_rows;
       if (issues && (t == 0 || !UsesTma(wp_.tma_rows, lo_, hi_, t - 1))) FetchBox(start);
       for (int kind = 0; kind < 2; ++kind) {
@@ -339,7 +339,8 @@ __global__ void __launch_bounds__(384, 1)
   if (tid == 0) bars.Init();
   __syncthreads();
 
-  // Each pair's key range starts at a tile boundary, so TMA boxes start page-aligned.
+  // Each pair's key range starts at a tile boundary, so TMA boxes start page- (chunk-)
+  // aligned.
   if (wg == 0) {
     WarpgroupRegsDec<Smem::kProducerRegs>();
     if (wp.tma_rows > 0 && tid == 0) {

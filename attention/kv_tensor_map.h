@@ -8,8 +8,9 @@
 //   (head_dim, kv_heads, tokens, chunks, rows)   virtual: tokens = 2^chunk_shift, stride
 //                                                         token_stride; chunks stride
 //                                                         tokens * token_stride + chunk_gap;
-//                                                         rows stride row_stride. Without
-//                                                         chunks: one chunk of max_context
+//                                                         rows stride row_stride. Shift 0:
+//                                                         one chunk of max_context tokens,
+//                                                         token_stride + chunk_gap apart
 // and a box is 64 elements (128 bytes) x 1 head x box_rows tokens x 1 page / chunk, stored
 // with the 128-byte swizzle the wgmma tiles use (wgmma.cuh), so a box lands as one
 // box_rows x 64 slab of a K or V stage. The outermost extent (pages, rows) is not known

@@ -103,7 +103,8 @@ absl::Status ValidateVirtualBinding(const Impl& w, const VirtualKv& kv) {
 }
 
 // Checks the strides of a virtual view (elements) for the kernels' 16-byte copies: a
-// token holds `row` elements, and token, row and chunk steps are multiples of 8.
+// token holds `row` elements, token, row and chunk steps are multiples of 8, and a row
+// holds max_context tokens.
 inline absl::Status ValidateVirtualStrides(const VirtualKv& kv, int64_t row) {
   if (kv.token_stride < row || kv.token_stride % 8 != 0 || kv.row_stride % 8 != 0 ||
       kv.chunk_gap < 0 || kv.chunk_gap % 8 != 0 || kv.chunk_shift < 0 || kv.chunk_shift > 30) {
@@ -112,6 +113,11 @@ inline absl::Status ValidateVirtualStrides(const VirtualKv& kv, int64_t row) {
         kv.chunk_gap, ", chunk shift ", kv.chunk_shift,
         ") must cover kv_heads * head_dim per token and be multiples of 8 elements (shift "
         "0..30)"));
+  }
+  if (kv.row_stride < kv.InRow(kv.max_context)) {
+    return absl::InvalidArgumentError(absl::StrCat("virtual row stride ", kv.row_stride, " < the ",
+                                                   kv.InRow(kv.max_context),
+                                                   " elements of max_context tokens"));
   }
   return absl::OkStatus();
 }

@@ -56,7 +56,7 @@ TEST_P(VirtualShapes, GrowWriteReadBackPageCountsAndRegrowth) {
       if (h->len(row) + n > config.max_context) continue;
       ASSERT_OK(h->Grow(row, n, tag++));
       ASSERT_OK(h->Check());
-      // Exactly the pages the bytes of the tokens touch are mapped, nothing more.
+      // Exactly the pages of the tokens' whole chunks are mapped, nothing more.
       EXPECT_EQ(h->vmm().counters().mapped_granules,
                 h->PagesFor(h->len(a)) + h->PagesFor(h->len(b)));
       const Stats s = h->GetStats();
@@ -101,15 +101,21 @@ INSTANTIATE_TEST_SUITE_P(
                   64, 1},
         ShapeCase{"PerLayer4K", Arrangement::kPerLayer, k4K, 2, 2, 64, DType::kBFloat16, 64},
         ShapeCase{"AllLayers2M", Arrangement::kAllLayers, k2M, 2, 2, 64, DType::kBFloat16, 4096},
+        // Unchunked on 2 MiB: growth page by page (the default chunk is the whole row here).
+        ShapeCase{"AllLayersUnchunked2M", Arrangement::kAllLayers, k2M, 2, 2, 64, DType::kBFloat16,
+                  4096, 1},
         ShapeCase{"PerLayer2M", Arrangement::kPerLayer, k2M, 2, 2, 64, DType::kBFloat16, 64},
         // 3 x 3 x 40 x bf16: 1440 B per token: tokens straddle 4 KiB pages.
         ShapeCase{"OddAllLayers4K", Arrangement::kAllLayers, k4K, 3, 3, 40, DType::kBFloat16, 50},
         ShapeCase{"OddAllLayersUnchunked4K", Arrangement::kAllLayers, k4K, 3, 3, 40,
                   DType::kBFloat16, 50, 1},
         ShapeCase{"OddPerLayer4K", Arrangement::kPerLayer, k4K, 3, 3, 40, DType::kFloat32, 50},
-        // 28 layers x 4 heads x 128 x bf16 = 56 KiB per token, 36.6 tokens per 2 MiB.
+        // 28 layers x 4 heads x 128 x bf16 = 56 KiB per token, 36.6 tokens per 2 MiB
+        // unchunked (the default chunk, capped at 128 tokens here, is the whole row).
         ShapeCase{"Llama28AllLayers2M", Arrangement::kAllLayers, k2M, 28, 4, 128, DType::kBFloat16,
                   80},
+        ShapeCase{"Llama28AllLayersUnchunked2M", Arrangement::kAllLayers, k2M, 28, 4, 128,
+                  DType::kBFloat16, 80, 1},
         ShapeCase{"Llama28AllLayers4K", Arrangement::kAllLayers, k4K, 28, 4, 128, DType::kBFloat16,
                   40},
         ShapeCase{"Llama28PerLayer4K", Arrangement::kPerLayer, k4K, 28, 4, 128, DType::kBFloat16,

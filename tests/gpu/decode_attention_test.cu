@@ -214,8 +214,9 @@ TEST(DecodeAttentionTest, VirtualArrangements) {
     c.lens = BoundaryLens(16);
     RunCase(c);
   }
-  // Chunks smaller than, equal to and larger than a 64-token tile.
-  for (int chunk : {2, 16, 64, 512}) {
+  // Chunks of one token (shift 0 with a gap), smaller than, equal to and larger than a
+  // 64-token tile.
+  for (int chunk : {1, 2, 16, 64, 512}) {
     Case c;
     c.kind = Kind::kVirtualChunked;
     c.page_tokens = chunk;

@@ -325,9 +325,10 @@ TEST(ExtendAttentionTest, VirtualArrangements) {
     c.reqs = BoundaryReqs(16);
     RunCase(c);
   }
-  // Chunks below a TMA box (cp.async only), of 16 and 64 tokens (boxes of one chunk), and
-  // of 512 (128-token boxes inside a chunk).
-  for (int chunk : {4, 16, 64, 512}) {
+  // Chunks of one token (shift 0 with a gap: whole-tile boxes at the gapped stride), below
+  // a TMA box (cp.async only), of 16 and 64 tokens (boxes of one chunk), and of 512
+  // (128-token boxes inside a chunk).
+  for (int chunk : {1, 4, 16, 64, 512}) {
     Case c;
     c.kind = Kind::kVirtualChunked;
     c.page_tokens = chunk;

@@ -294,11 +294,13 @@ struct LayoutCase {
   Layout layout;
   Arrangement arrangement;
   int page_tokens;
+  int chunk_tokens = 0;  // virtual all-layer: KvCacheConfig::chunk_tokens
 };
 
 // 4 layers, 4 KV heads, head_dim 128, bf16: 1 KiB per token and layer, 8 KiB per token
-// over all layers; with 2 MiB granules a virtual all-layer page holds 256 tokens, a
-// per-layer page 2048; a paged chunk (one granule of each of the 8 pools) 2048 tokens.
+// over all layers; with 2 MiB granules a virtual all-layer row maps chunks of 1024 tokens
+// (8 MiB, each page one layer's K and V), a per-layer page holds 2048 tokens; a paged
+// chunk (one granule of each of the 8 pools) 2048 tokens.
 KvCacheConfig DeviceConfig(const LayoutCase& c, int64_t budget) {
   KvCacheConfig config;
   config.num_layers = 4;
@@ -308,6 +310,7 @@ KvCacheConfig DeviceConfig(const LayoutCase& c, int64_t budget) {
   config.layout = c.layout;
   config.arrangement = c.arrangement;
   config.page_tokens = c.page_tokens;
+  config.chunk_tokens = c.chunk_tokens;
   config.max_requests = 16;
   config.max_context = 2048;
   config.memory_budget_bytes = budget;
@@ -739,7 +742,7 @@ TEST_P(KvCacheGpuTest, FencedReuseWaitsForTheReadersEvent) {
   } else {
     for (int l = 0; l < config_.num_layers; ++l) {
       ASSERT_OK_AND_ASSIGN(VirtualKv v, cache_->VirtualView(l, meta));
-      const int64_t row_bytes = config_.max_context * v.token_stride * 2;
+      const int64_t row_bytes = v.row_stride * 2;  // the whole row, chunked or not
       for (void* base : {v.k, v.v}) {
         const uintptr_t b = reinterpret_cast<uintptr_t>(base) +
                             static_cast<uintptr_t>(int64_t{meta.row_ids[0]} * v.row_stride * 2);
@@ -865,6 +868,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(LayoutCase{"Paged16", Layout::kPaged, Arrangement::kAllLayers, 16},
                       LayoutCase{"Paged1", Layout::kPaged, Arrangement::kAllLayers, 1},
                       LayoutCase{"VirtualAllLayers", Layout::kVirtual, Arrangement::kAllLayers, 16},
+                      LayoutCase{"VirtualAllLayersUnchunked", Layout::kVirtual,
+                                 Arrangement::kAllLayers, 16, 1},
                       LayoutCase{"VirtualPerLayer", Layout::kVirtual, Arrangement::kPerLayer, 16}),
     [](const ::testing::TestParamInfo<LayoutCase>& info) { return info.param.name; });
 

@@ -149,9 +149,10 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, Exten
     virt.k = kv_buf.get();
     virt.v = all ? kv_buf.get<uint16_t>() + chunk * block
                  : kv_buf.get<uint16_t>() + sh.batch * row_stride;
-    virt.token_stride = block;
+    // As KvCache::VirtualView gives it: a chunk of one token is a plain token stride.
+    virt.token_stride = chunk == 1 ? chunk_elems : block;
     virt.chunk_shift = std::countr_zero(static_cast<uint64_t>(chunk));
-    virt.chunk_gap = chunk_elems - chunk * block;
+    virt.chunk_gap = chunk == 1 ? 0 : chunk_elems - chunk * block;
     virt.row_stride = row_stride;
     virt.max_context = ctx;
     rows.resize(sh.batch);
