@@ -1,6 +1,8 @@
 // kvbench mapper (benchmark V2): is mapping hidden behind decode? A virtual-layout KvCache
-// on the GPU (all-layer arrangement, Llama-3-8B shape by default: 16 tokens per 2 MiB
-// page) holds `requests` requests with random prompt lengths; every decode step grows each
+// on the GPU (all-layer arrangement, Llama-3-8B shape by default; --chunk=N sets
+// KvCacheConfig::chunk_tokens: 0, the library's 512-token chunks, each growth into a new
+// chunk mapping its 32 pages; 1, 16 tokens per 2 MiB page) holds `requests` requests with
+// random prompt lengths; every decode step grows each
 // request by one token (KvCache::ExtendInto on the host), writes the new tokens' K/V with a
 // kernel and reads every live token's K/V with another (a decode step's memory traffic,
 // a few milliseconds), then waits for the GPU, as an engine's step does. Run with the
@@ -23,6 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "allocators/virtual_kv_cache.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
@@ -52,29 +55,47 @@ using Clock = std::chrono::steady_clock;
     }                                                                                        \
   } while (0)
 
-// Writes each new token's K/V over all layers (token_bytes from the slot's start).
-__global__ void AppendTokensKernel(kvmem::VirtualKv kv, const int64_t* slots, int64_t token_bytes,
+// Where the K and V of every layer of a token lie, from layer 0's view: 2 * layers
+// blocks (layer l's K is block 2l, V 2l + 1) of `block_bytes` apart (a chunk's tokens of
+// one layer; without chunks one token), `token_layer_bytes` per token in each.
+struct TokenBlocks {
+  int blocks;
+  int64_t block_bytes;
+  int64_t token_layer_bytes;
+};
+
+// Writes each new token's K/V over all layers.
+__global__ void AppendTokensKernel(kvmem::VirtualKv kv, const int64_t* slots, TokenBlocks t,
                                    uint32_t step) {
-  const int64_t off = kv.SlotOffset(slots[blockIdx.x]) * 2;  // bf16 elements -> bytes
-  uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(kv.k) + off);
+  char* const token = static_cast<char*>(kv.k) + kv.SlotOffset(slots[blockIdx.x]) * 2;  // bf16
   const uint32_t x = step * 0x9E3779B1u + blockIdx.x;
-  for (int64_t i = threadIdx.x; i < token_bytes / 16; i += blockDim.x) {
-    dst[i] = make_uint4(x, x ^ static_cast<uint32_t>(i), x + 1, ~x);
+  const int64_t per_block = t.token_layer_bytes / 16;
+  for (int64_t i = threadIdx.x; i < t.blocks * per_block; i += blockDim.x) {
+    uint4* dst = reinterpret_cast<uint4*>(token + i / per_block * t.block_bytes) + i % per_block;
+    *dst = make_uint4(x, x ^ static_cast<uint32_t>(i), x + 1, ~x);
   }
 }
 
-// Reads every live token of every request (all layers, K and V), 16 bytes at a time.
+// Reads every live token of every request (all layers, K and V), 16 bytes at a time: the
+// row's whole chunks in one run, then each block's part of the partial chunk.
 // gridDim.y = batch entries; gridDim.x blocks share one entry's bytes.
-__global__ void ReadLiveKvKernel(kvmem::VirtualKv kv, const int32_t* seq_lens, int64_t token_bytes,
+__global__ void ReadLiveKvKernel(kvmem::VirtualKv kv, const int32_t* seq_lens, TokenBlocks t,
                                  uint32_t* sink) {
   const int b = blockIdx.y;
   const char* row = static_cast<const char*>(kv.k) + kv.Offset(b, 0) * 2;
-  const int64_t n = seq_lens[b] * token_bytes / 16;
-  const uint4* p = reinterpret_cast<const uint4*>(row);
+  const int64_t chunk = int64_t{1} << kv.chunk_shift;
+  const int64_t full = seq_lens[b] / chunk * chunk;  // tokens of whole chunks
+  const int64_t n_full = kv.InRow(full) * 2 / 16;
+  const int64_t per_block = (seq_lens[b] - full) * t.token_layer_bytes / 16;
+  const int64_t n = n_full + t.blocks * per_block;
   uint32_t acc = 0;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
+    const int64_t j = i - n_full;
+    const char* at = i < n_full
+                         ? row + i * 16
+                         : row + n_full * 16 + j / per_block * t.block_bytes + j % per_block * 16;
+    const uint4 v = *reinterpret_cast<const uint4*>(at);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   if (acc == 0x9E3779B1u) sink[0] = acc;  // keeps the loads; practically never true
@@ -86,6 +107,7 @@ struct Options {
   int warmup = 32;
   int prompt_max = 512;
   int64_t map_ahead = 32;
+  int chunk = 0;  // KvCacheConfig::chunk_tokens
   int layers = 32;
   int kv_heads = 8;
   int head_dim = 128;
@@ -109,6 +131,8 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o) {
       o->prompt_max = static_cast<int>(v);
     } else if (key == "--map_ahead") {
       o->map_ahead = v;
+    } else if (key == "--chunk") {
+      o->chunk = static_cast<int>(v);
     } else if (key == "--layers") {
       o->layers = static_cast<int>(v);
     } else if (key == "--kv_heads") {
@@ -123,7 +147,8 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o) {
       std::fprintf(stderr,
                    "usage: kvbench mapper [--requests=256] [--steps=256] [--warmup=32] "
                    "[--prompt_max=512] [--map_ahead=32] [--layers=32] [--kv_heads=8] "
-                   "[--head_dim=128] [--modes=off,on] [--device=0]\n  unknown argument '%s'\n",
+                   "[--head_dim=128] [--modes=off,on] [--device=0] [--chunk=0]\n  unknown argument "
+                   "'%s'\n",
                    a.c_str());
       return false;
     }
@@ -163,14 +188,19 @@ ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
   config.dtype = kvmem::DType::kBFloat16;
   config.layout = kvmem::Layout::kVirtual;
   config.arrangement = kvmem::Arrangement::kAllLayers;
+  config.chunk_tokens = o.chunk;
   config.max_requests = o.requests;
   const int64_t longest = o.prompt_max + o.warmup + o.steps;
   config.max_context = (longest + o.map_ahead + 255) / 256 * 256;
-  const int64_t token_bytes = config.TokenBytes();
-  // Every request at its longest, mapped ahead, plus one page of slack per request.
-  const int64_t per_request =
-      ((longest + o.map_ahead) * token_bytes + granularity - 1) / granularity + 1;
+  // Every request at its longest, mapped ahead (whole chunks), plus one page of slack.
+  absl::StatusOr<kvmem::internal::VirtualGeometry> geo =
+      kvmem::internal::VirtualGeometry::Make(config, granularity);
+  MAPPER_CHECK_OK(geo.status());
+  const int64_t per_request = geo->PagesFor(longest + o.map_ahead) + 1;
   config.memory_budget_bytes = o.requests * per_request * granularity;
+  const TokenBlocks blocks = {
+      geo->chunk_tokens == 1 ? 1 : 2 * o.layers, geo->chunk_tokens * config.TokenLayerBytes(),
+      geo->chunk_tokens == 1 ? config.TokenBytes() : config.TokenLayerBytes()};
   config.device = kvmem::DeviceKind::kCuda;
   config.device_ordinal = o.device;
   config.map_ahead_tokens = map_ahead;
@@ -236,8 +266,8 @@ ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
     kvmem::VirtualKv kv = *view;
     kv.row_ids = d_rows;
     MAPPER_CHECK_CUDA(cudaEventRecord(ev0, stream));
-    AppendTokensKernel<<<o.requests, 256, 0, stream>>>(kv, d_slots, token_bytes, step);
-    ReadLiveKvKernel<<<dim3(16, o.requests), 256, 0, stream>>>(kv, d_lens, token_bytes, d_sink);
+    AppendTokensKernel<<<o.requests, 256, 0, stream>>>(kv, d_slots, blocks, step);
+    ReadLiveKvKernel<<<dim3(16, o.requests), 256, 0, stream>>>(kv, d_lens, blocks, d_sink);
     MAPPER_CHECK_CUDA(cudaGetLastError());
     MAPPER_CHECK_CUDA(cudaEventRecord(ev1, stream));
     MAPPER_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -292,10 +322,11 @@ int RunMapperBench(const std::vector<std::string>& args) {
   std::printf(
       "kvbench mapper (V2): %s, granularity %lld, %d requests (prompts 1..%d), "
       "%d decode steps (+%d warm-up), %d layers x %d KV heads x %d bf16 = %lld KiB per "
-      "token, %lld tokens per page\n",
+      "token, %s\n",
       prop.name, static_cast<long long>(granularity), o.requests, o.prompt_max, o.steps, o.warmup,
       o.layers, o.kv_heads, o.head_dim, static_cast<long long>(shape.TokenBytes() >> 10),
-      static_cast<long long>(granularity / shape.TokenBytes()));
+      o.chunk == 1 ? (std::to_string(granularity / shape.TokenBytes()) + " tokens per page").c_str()
+                   : ("rows in chunks (chunk_tokens " + std::to_string(o.chunk) + ")").c_str());
   std::vector<ModeResult> results;
   for (const char* mode : {"off", "on"}) {
     if (o.modes.find(mode) == std::string::npos) continue;
