@@ -146,6 +146,28 @@ TEST(VirtualKvTest, HandComputedOffsetsPerLayerPaddedRows) {
   EXPECT_EQ(kv.SlotOffset(37), 384 + 56);
 }
 
+// All-layer rows in chunks of 4 tokens, 3 layers, 8 elements per token and layer: a chunk
+// is 3 x 2 blocks of 4 x 8 = 32 elements (192), so 160 elements separate a block's last
+// token from the next chunk. Token 6 of row 2 is token 2 of chunk 1: 2 * 480 (rows of
+// 2.5 chunks) + 192 + 2 * 8 = 1168 from the view's base.
+TEST(VirtualKvTest, HandComputedOffsetsInChunks) {
+  const std::vector<int32_t> rows = {2, 0};
+  VirtualKv kv;
+  kv.token_stride = 8;
+  kv.chunk_shift = 2;
+  kv.chunk_gap = 192 - 4 * 8;
+  kv.row_stride = 480;  // max_context 10: chunks 0, 1 and half of 2
+  kv.max_context = 10;
+  kv.row_ids = rows.data();
+  EXPECT_EQ(kv.InRow(0), 0);
+  EXPECT_EQ(kv.InRow(3), 24);
+  EXPECT_EQ(kv.InRow(4), 192);
+  EXPECT_EQ(kv.InRow(9), 2 * 192 + 8);
+  EXPECT_EQ(kv.Offset(0, 6), 1168);
+  EXPECT_EQ(kv.SlotOffset(2 * 10 + 6), 1168);
+  EXPECT_EQ(kv.Offset(1, 9), 2 * 192 + 8);
+}
+
 // Llama-3-8B all-layer rows at max_context 32768: token_stride 32 x 2 x 8 x 128 = 65536,
 // row_stride 2^31; row 255 sits at 255 * 2^31 ~ 5.5e11 elements.
 TEST(VirtualKvTest, SixtyFourBitOffsets) {
