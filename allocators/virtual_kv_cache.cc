@@ -111,7 +111,7 @@ absl::StatusOr<VirtualGeometry> VirtualGeometry::Make(const KvCacheConfig& c, in
     if (g.chunk_tokens > 1) g.chunk_blocks = 2 * int64_t{c.num_layers};
   }
   // Whole chunks: the last one may reach past max_context.
-  const int64_t row_tokens = g.ChunkStart(c.max_context + g.chunk_tokens - 1);
+  const int64_t row_tokens = g.WholeChunks(c.max_context);
   if (!MulOk(row_tokens, g.segment_token_bytes, &row_bytes) || row_bytes > kLimit) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "virtual layout: %d tokens (max_context %d in chunks of %d) x %d bytes per token "
@@ -154,8 +154,7 @@ absl::StatusOr<std::unique_ptr<VirtualKvCache>> VirtualKvCache::Create(const KvC
         "pages of %d tokens' bytes: max_context in whole chunks of %d); raise "
         "memory_budget_bytes to at least %d",
         config.memory_budget_bytes, available, geo.granularity, config.max_context, needed,
-        geo.segments, geo.pages_per_segment,
-        geo.ChunkStart(config.max_context + geo.chunk_tokens - 1), geo.chunk_tokens,
+        geo.segments, geo.pages_per_segment, geo.WholeChunks(config.max_context), geo.chunk_tokens,
         needed * geo.granularity));
   }
   if (available > std::numeric_limits<int32_t>::max()) {

@@ -100,9 +100,11 @@ struct VirtualGeometry {
   int64_t block_token_bytes() const { return segment_token_bytes / chunk_blocks; }
   // The first token of the chunk holding `token`.
   int64_t ChunkStart(int64_t token) const { return token & ~(chunk_tokens - 1); }
+  // `tokens` rounded up to whole chunks.
+  int64_t WholeChunks(int64_t tokens) const { return ChunkStart(tokens + chunk_tokens - 1); }
   // Pages of each segment that hold tokens [0, tokens): whole chunks.
   int64_t PagesFor(int64_t tokens) const {
-    const int64_t bytes = ChunkStart(tokens + chunk_tokens - 1) * segment_token_bytes;
+    const int64_t bytes = WholeChunks(tokens) * segment_token_bytes;
     return (bytes + granularity - 1) / granularity;
   }
   // The first page of the chunk holding `token`: where a write of it may need a page (a
