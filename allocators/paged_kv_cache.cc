@@ -369,10 +369,14 @@ absl::Status PagedKvCache::Grow(int32_t row, int64_t len, int64_t n, std::vector
   }
   if (n == 0) return absl::OkStatus();
 
-  // Plan: the pages to add, plus one when the partly filled last page is shared.
+  // Plan: the pages to add, plus one when the partly filled last page is shared, by
+  // another row or by a freed one whose fence is pending (its kernel may still read the
+  // slots this write would overwrite).
   const int64_t fill = len % pt_;
   const int32_t old_tail = fill != 0 ? r.pages.back() : -1;
-  const bool cow = old_tail >= 0 && pool_.refcount(old_tail) > 1;
+  const bool cow = old_tail >= 0 && pool_.WriteNeedsCopy(old_tail, [this](const Fence& f) {
+    return vmm_->FenceComplete(f);
+  });
   const int64_t count = PagesFor(len + n) - static_cast<int64_t>(r.pages.size()) + (cow ? 1 : 0);
   const int64_t chunks_before = mapped_chunks();
   std::vector<int32_t> fresh;

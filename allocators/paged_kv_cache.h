@@ -13,8 +13,8 @@
 // while a mapped page is free.
 //
 // Sharing: pages are ref-counted (PagePool). A row writing into its partly filled last
-// page while that page is shared first copies the filled slots to a new page (copy on
-// write). Freed pages wait in the pool's quarantine until their fence completes;
+// page while that page is shared, or while a row that shared it was freed under a fence
+// still pending, first copies the filled slots to a new page (copy on write). Freed pages wait in the pool's quarantine until their fence completes;
 // Shrink frees at once (the engine has synchronised before rewinding a request).
 //
 // Error model: every mutating call is all-or-nothing (see src/kv_layout.h).

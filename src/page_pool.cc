@@ -202,6 +202,15 @@ bool PagePool::Unref(int32_t page, const Fence& fence) {
   return true;
 }
 
+bool PagePool::WriteNeedsCopy(int32_t page,
+                              const std::function<bool(const Fence&)>& complete) const {
+  if (refcount_[page] > 1) return true;
+  if (pending_fences_.empty()) return false;  // the common case: one hash probe saved
+  const auto it = pending_fences_.find(page);
+  return it != pending_fences_.end() &&
+         !std::all_of(it->second.begin(), it->second.end(), complete);
+}
+
 int64_t PagePool::Reclaim(const std::function<bool(const Fence&)>& complete, bool scan_all) {
   int64_t freed = 0;
   for (auto it = quarantine_.begin(); it != quarantine_.end();) {

@@ -102,6 +102,12 @@ class PagePool {
   // given for it completes. Pages dropped with the same single fence in a row share one
   // quarantine entry. Returns whether the count reached 0. REQUIRES: page is used.
   bool Unref(int32_t page, const Fence& fence = {});
+  // Whether a write into `page` in place could change what someone else reads: another
+  // request holds it, or a request that dropped it under a fence that `complete` does
+  // not report finished yet (its kernel may still be reading the page). Such a page
+  // counts as shared until that fence completes, so a writer must copy it first.
+  // REQUIRES: page is used.
+  bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete) const;
 
   // Frees quarantined pages whose fence `complete` reports finished. With
   // scan_all = false stops at the first entry still pending (fences of one stream

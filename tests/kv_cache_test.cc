@@ -47,6 +47,35 @@ class KvCacheTest : public ::testing::TestWithParam<LayoutCase> {
     KVMEM_EXPECT_OK((cache)->CheckInvariants());                                        \
   } while (0)
 
+// The bytes of the K and V of every layer of the tokens at `slots`, read through the
+// cache's views (so they can be compared after their request is gone).
+std::vector<std::string> TokenBytes(const KvCache& cache, const std::vector<int32_t>& slots) {
+  const KvCacheConfig& config = cache.config();
+  const int64_t elem = DTypeBytes(config.dtype);
+  const int64_t token_bytes = TokenElems(config) * elem;
+  const BatchMetadata empty;
+  std::vector<std::string> out;
+  auto read = [&](const auto& view) {
+    for (int32_t slot : slots) {
+      const int64_t at = view.SlotOffset(slot) * elem;
+      out.emplace_back(static_cast<const char*>(view.k) + at, token_bytes);
+      out.emplace_back(static_cast<const char*>(view.v) + at, token_bytes);
+    }
+  };
+  for (int layer = 0; layer < config.num_layers; ++layer) {
+    if (config.layout == Layout::kPaged) {
+      absl::StatusOr<PagedKv> v = cache.PagedView(layer, empty);
+      EXPECT_TRUE(v.ok()) << v.status();
+      if (v.ok()) read(*v);
+    } else {
+      absl::StatusOr<VirtualKv> v = cache.VirtualView(layer, empty);
+      EXPECT_TRUE(v.ok()) << v.status();
+      if (v.ok()) read(*v);
+    }
+  }
+  return out;
+}
+
 TEST_P(KvCacheTest, CreateReportsConfig) {
   const KvCacheConfig config = Config();
   auto cache = MustCreate(config);
@@ -770,31 +799,10 @@ TEST_P(KvCacheTest, FencedFreeIsNotReusedEarly) {
   KVMEM_ASSERT_OK_AND_ASSIGN(std::vector<int64_t> a_slots, model.Extend(1, 2 * tpp + 1));
   KVMEM_ASSERT_OK_AND_ASSIGN(std::vector<float> a_data, ReadRequest(*cache, 1));
   const int32_t a_row = *cache->Row(1);
-  // Where A's tokens live, so they can be read after A is gone.
-  std::vector<const char*> a_addr;
+  // A's tokens, to be read again after A is gone.
   std::vector<int32_t> a_r2t;
   KVMEM_ASSERT_OK(cache->ReqToToken(1, &a_r2t));
-  const BatchMetadata empty;
-  const int64_t token_bytes = TokenElems(config) * DTypeBytes(config.dtype);
-  for (int layer = 0; layer < config.num_layers; ++layer) {
-    for (int32_t slot : a_r2t) {
-      if (paged()) {
-        KVMEM_ASSERT_OK_AND_ASSIGN(PagedKv v, cache->PagedView(layer, empty));
-        a_addr.push_back(static_cast<const char*>(v.k) +
-                         v.SlotOffset(slot) * DTypeBytes(config.dtype));
-        a_addr.push_back(static_cast<const char*>(v.v) +
-                         v.SlotOffset(slot) * DTypeBytes(config.dtype));
-      } else {
-        KVMEM_ASSERT_OK_AND_ASSIGN(VirtualKv v, cache->VirtualView(layer, empty));
-        a_addr.push_back(static_cast<const char*>(v.k) +
-                         v.SlotOffset(slot) * DTypeBytes(config.dtype));
-        a_addr.push_back(static_cast<const char*>(v.v) +
-                         v.SlotOffset(slot) * DTypeBytes(config.dtype));
-      }
-    }
-  }
-  std::vector<std::string> a_bytes;
-  for (const char* p : a_addr) a_bytes.emplace_back(p, token_bytes);
+  const std::vector<std::string> a_bytes = TokenBytes(*cache, a_r2t);
 
   KVMEM_ASSERT_OK(model.Free(1, HostFence(&done)));
   EXPECT_GT(cache->GetStats().pages_quarantined, 0);
@@ -818,21 +826,59 @@ TEST_P(KvCacheTest, FencedFreeIsNotReusedEarly) {
     }
   }
   KVMEM_EXPECT_OK(model.VerifyAll());
-  for (size_t i = 0; i < a_addr.size(); ++i) {
-    ASSERT_EQ(std::string(a_addr[i], token_bytes), a_bytes[i])
-        << "memory freed under a pending fence was overwritten";
-  }
+  ASSERT_EQ(TokenBytes(*cache, a_r2t), a_bytes)
+      << "memory freed under a pending fence was overwritten";
   KVMEM_EXPECT_OK(cache->CheckInvariants());
   // Trim must not give quarantined memory back either.
   KVMEM_ASSERT_OK(cache->Trim());
-  for (size_t i = 0; i < a_addr.size(); ++i) {
-    ASSERT_EQ(std::string(a_addr[i], token_bytes), a_bytes[i]);
-  }
+  ASSERT_EQ(TokenBytes(*cache, a_r2t), a_bytes);
 
   done.store(true);
   for (RequestId id = 2; id <= 4; ++id) KVMEM_ASSERT_OK(model.Free(id));
   KVMEM_ASSERT_OK(model.Add(5));
   KVMEM_ASSERT_OK(model.Extend(5, config.max_context));
+  KVMEM_EXPECT_OK(model.VerifyAll());
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+}
+
+// A request forked from one that is then freed under a pending fence must not write
+// into the pages they shared in place: the freed request's kernel may still be reading
+// them (beam search or parallel sampling, then a speculative rewind of the survivor).
+TEST_P(KvCacheTest, SiblingOfARequestFreedUnderAPendingFenceCopiesBeforeWriting) {
+  const KvCacheConfig config = Config();
+  const int64_t tpp = TokensPerPage(config);
+  std::atomic<bool> done{false};  // outlives the cache
+  auto cache = MustCreate(config);
+  ASSERT_NE(cache, nullptr);
+  CacheModel model(cache.get());
+  KVMEM_ASSERT_OK(model.Add(1));
+  KVMEM_ASSERT_OK(model.Extend(1, 2 * tpp));  // two full pages
+  KVMEM_ASSERT_OK(model.Fork(1, 2));
+  std::vector<int32_t> parent_slots;
+  KVMEM_ASSERT_OK(cache->ReqToToken(1, &parent_slots));
+  const std::vector<std::string> parent_bytes = TokenBytes(*cache, parent_slots);
+  KVMEM_ASSERT_OK(model.Free(1, HostFence(&done)));
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+  // Rewind the sibling into the first page and write the rest of that page anew.
+  const int64_t keep = std::max<int64_t>(1, tpp / 2);
+  KVMEM_ASSERT_OK(model.Truncate(2, keep));
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+  KVMEM_ASSERT_OK(model.Extend(2, tpp - keep + 1));
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+  KVMEM_EXPECT_OK(model.VerifyAll());
+  EXPECT_EQ(TokenBytes(*cache, parent_slots), parent_bytes)
+      << "a page still read under a pending fence was written in place";
+  if (paged() && tpp > 1) {
+    EXPECT_EQ(cache->GetStats().cow_copies, 1);
+  }
+  // Once the fence completes the page is the sibling's alone: no copy needed.
+  done.store(true);
+  KVMEM_ASSERT_OK(model.Truncate(2, keep));
+  const int64_t copies = cache->GetStats().cow_copies;
+  KVMEM_ASSERT_OK(model.Extend(2, 1));
+  if (paged()) {
+    EXPECT_EQ(cache->GetStats().cow_copies, copies);
+  }
   KVMEM_EXPECT_OK(model.VerifyAll());
   KVMEM_EXPECT_OK(cache->CheckInvariants());
 }

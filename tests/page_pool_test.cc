@@ -120,6 +120,28 @@ TEST(PagePoolTest, QuarantinedPagesWaitForTheirFence) {
   EXPECT_TRUE(pool.CheckConsistency().ok()) << pool.CheckConsistency();
 }
 
+// A page one owner dropped under a pending fence counts as shared for writers until the
+// fence completes, even when the remaining owner is alone on it.
+TEST(PagePoolTest, WriteNeedsCopyWhileADroppedOwnersFenceIsPending) {
+  PagePool pool(4);
+  std::atomic<bool> done{false};
+  auto complete = [](const Fence& f) { return static_cast<std::atomic<bool>*>(f.event)->load(); };
+  const int32_t p = pool.Allocate();
+  EXPECT_FALSE(pool.WriteNeedsCopy(p, complete));
+  pool.AddRef(p);
+  EXPECT_TRUE(pool.WriteNeedsCopy(p, complete));
+  pool.Unref(p, Fence{&done});
+  EXPECT_EQ(pool.refcount(p), 1);
+  EXPECT_TRUE(pool.WriteNeedsCopy(p, complete));
+  done = true;
+  EXPECT_FALSE(pool.WriteNeedsCopy(p, complete));
+  // Dropped without a fence: nothing to wait for.
+  pool.AddRef(p);
+  pool.Unref(p);
+  EXPECT_FALSE(pool.WriteNeedsCopy(p, complete));
+  EXPECT_TRUE(pool.CheckConsistency().ok());
+}
+
 TEST(PagePoolTest, HighestNonFreeCountsQuarantine) {
   PagePool pool(130);
   for (int i = 0; i < 100; ++i) pool.Allocate();
