@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/device_utils.cuh"
 #include "kvmem/attention.h"
-#include "src/status_macros.h"
+#include "src/core/status_macros.h"
 
 namespace kvmem {
 namespace internal {

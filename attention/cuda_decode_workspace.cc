@@ -1,7 +1,7 @@
 // DecodeWorkspace: the host-side split-KV plan of a decode step and the fixed-capacity
 // device buffers it is uploaded to. The plan is made from host lengths only, so no
 // launch waits on device data, and a captured CUDA graph replays with whatever the last
-// Plan() uploaded (docs/decode.md). Host code (CUDA runtime API, no kernels); built only
+// Plan() uploaded (docs/kernels.md). Host code (CUDA runtime API, no kernels); built only
 // with CUDA (cuda_*.cc).
 #include <cuda_runtime_api.h>
 
@@ -18,9 +18,9 @@
 #include "attention/cuda_status.h"
 #include "attention/decode_plan.h"
 #include "kvmem/attention.h"
-#include "src/int_math.h"
-#include "src/logging.h"
-#include "src/status_macros.h"
+#include "src/core/int_math.h"
+#include "src/core/logging.h"
+#include "src/core/status_macros.h"
 
 namespace kvmem {
 

@@ -18,8 +18,8 @@
 #include "attention/device_utils.cuh"
 #include "attention/launch_util.cuh"
 #include "kvmem/attention.h"
-#include "kvmem/decode_trace.h"
-#include "src/status_macros.h"
+#include "kvmem/debug/decode_trace.h"
+#include "src/core/status_macros.h"
 
 namespace kvmem {
 namespace internal {
@@ -109,9 +109,15 @@ absl::Status SetDecodeTrace(DecodeTraceRecord* device_buffer, int capacity) {
     return absl::InvalidArgumentError(
         absl::StrCat("decode trace capacity ", capacity, " must be positive"));
   }
+#if KVMEM_DECODE_TRACE
   const internal::DecodeTraceTarget target{device_buffer, device_buffer == nullptr ? 0 : capacity};
   return internal::CudaStatus(cudaMemcpyToSymbol(internal::g_decode_trace, &target, sizeof(target)),
                               "cudaMemcpyToSymbol(g_decode_trace)");
+#else
+  if (device_buffer == nullptr) return absl::OkStatus();  // off, as asked
+  return absl::FailedPreconditionError(
+      "the decode trace is not built in: configure kvmem with -DKVMEM_DECODE_TRACE=ON");
+#endif
 }
 
 namespace {

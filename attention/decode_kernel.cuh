@@ -10,7 +10,7 @@
 // per token and staged in shared memory, the page-table entries arriving with an earlier
 // tile's copies (tile_offsets.cuh); then every thread issues 16-byte copies. Warp w owns tokens
 // [16w, 16w + 16) of each tile and keeps its own online-softmax state; warps are merged at the end.
-// Why this shape: docs/decode.md. Thread 0 can time its CTA (decode_trace.h).
+// Why this shape: docs/kernels.md. Thread 0 can time its CTA (decode_trace.h).
 #ifndef KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 #define KVMEM_ATTENTION_DECODE_KERNEL_CUH_
 
@@ -21,7 +21,9 @@
 #include "attention/decode_plan.h"
 #include "attention/device_utils.cuh"
 #include "attention/tile_offsets.cuh"
-#include "kvmem/decode_trace.h"
+#if KVMEM_DECODE_TRACE
+#include "kvmem/debug/decode_trace.h"
+#endif
 
 namespace kvmem::internal {
 
@@ -48,9 +50,8 @@ struct DecodeParams {
 // the long contexts; on the H200 (1.5x the bandwidth per SM) three beat two by 0.5-1.4 % at
 // batch 128. Both are built; the workspace picks one per device (kDeepStages above
 // kDeepStagesGbpsPerSm of peak bandwidth per SM) or as DecodeOptions::pipeline_stages says
-// (session 9 in docs/decode.md). Two CTAs of 4 warps per SM measured slower than one of 8
-// (sessions 5 and 9). The other head_dims keep 16-32 KiB stages, two or more CTAs per SM,
-// one depth.
+// (docs/kernels.md). Two CTAs of 4 warps per SM measured slower than one of 8. The other head_dims
+// keep 16-32 KiB stages, two or more CTAs per SM, one depth.
 template <int kHeadDim>
 struct DecodeConfig;
 template <>
@@ -96,6 +97,7 @@ __device__ __forceinline__ void StoreOut(void* out, int64_t i, float4 v) {
   *reinterpret_cast<uint2*>(static_cast<T*>(out) + i) = make_uint2(lo, hi);
 }
 
+#if KVMEM_DECODE_TRACE
 // Where SetDecodeTrace (decode_attention.cu) points the CTAs' trace records; records null,
 // as at module load: off. Aligned so both fields come in one memory transaction.
 struct alignas(16) DecodeTraceTarget {
@@ -159,6 +161,14 @@ class DecodeTraceScope {
     return traced;
   }
 };
+#else
+// Built without the profiling hook (KVMEM_DECODE_TRACE=OFF, the default): the scope is
+// empty and the kernel carries no trace code at all.
+class DecodeTraceScope {
+ public:
+  __device__ __forceinline__ DecodeTraceScope() {}
+};
+#endif  // KVMEM_DECODE_TRACE
 
 template <typename Kv, typename T, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kWarps * 32)

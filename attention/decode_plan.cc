@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "src/int_math.h"
+#include "src/core/int_math.h"
 
 namespace kvmem::internal {
 namespace {

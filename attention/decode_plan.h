@@ -65,7 +65,7 @@ absl::StatusOr<DecodeKernelInfo> PrepareDecodeKernel(Layout layout, DType dtype,
                                                      int stages);
 
 // How BuildDecodePlan cuts the requests of a batch that fills the device (see there).
-// The default is the measured one (docs/decode.md); the field exists for tests and
+// The default is the measured one (docs/kernels.md); the field exists for tests and
 // comparisons.
 struct DecodeSplitPolicy {
   // No piece longer than this share of a resident slot's average load (0: no cap; at

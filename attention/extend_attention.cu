@@ -26,8 +26,8 @@
 #include "attention/kv_tensor_map.h"
 #include "attention/launch_util.cuh"
 #include "kvmem/extend_attention.h"
-#include "src/int_math.h"
-#include "src/status_macros.h"
+#include "src/core/int_math.h"
+#include "src/core/status_macros.h"
 
 namespace kvmem {
 

@@ -57,7 +57,7 @@ struct ExtendParams {
 // Per head_dim: warps, m16 row blocks per warp, KV tile tokens, pipeline depth, CTAs per
 // SM asked of the register allocator. 32 rows per warp (kMAtoms 2) halves the smem reads
 // of K/V fragments per MMA, which on Hopper's mma.sync path is the tighter limit; head_dim
-// 256 keeps 16 rows (its O alone is 128 registers). docs/prefill.md has the numbers.
+// 256 keeps 16 rows (its O alone is 128 registers). docs/kernels.md has the numbers.
 template <int kHeadDim>
 struct ExtendConfig;
 template <>

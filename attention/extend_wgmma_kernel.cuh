@@ -33,7 +33,7 @@
 // full tile's boxes start page- (chunk-) aligned.
 // Why not the mma.sync kernel: on Hopper mma.sync reaches about half of the tensor
 // cores' rate, and its operand traffic through ldmatrix limits it before that
-// (docs/prefill.md).
+// (docs/kernels.md).
 #ifndef KVMEM_ATTENTION_EXTEND_WGMMA_KERNEL_CUH_
 #define KVMEM_ATTENTION_EXTEND_WGMMA_KERNEL_CUH_
 

@@ -14,7 +14,7 @@
 // cp.async costs a shared-memory wavefront per thread). Page and in-page position come
 // from a multiply-high (fast_divmod.h), not a division. The resolving happens after the
 // barrier, while the tile's math runs. The virtual layout's index (the row id) is the
-// same for every token of a request: it is read once. docs/prefill.md has the measured
+// same for every token of a request: it is read once. docs/kernels.md has the measured
 // history (a plain load a tile ahead; a 4-byte copy per token).
 //
 // The schedule every kernel follows (kStages >= 2; tiles past the range resolve to 0 and

@@ -3,7 +3,7 @@
 // the virtual layout with map_ahead_tokens > 0 (decode steps find their pages mapped,
 // invariants hold while the mapper runs, failing jobs are retried, map-ahead pages never
 // make another row run out of memory).
-#include "allocators/background_mapper.h"
+#include "allocators/virtual/background_mapper.h"
 
 #include <atomic>
 #include <cstdint>
@@ -15,7 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
-#include "allocators/virtual_kv_cache.h"
+#include "allocators/virtual/virtual_layout.h"
 #include "gtest/gtest.h"
 #include "tests/virtual_layout_harness.h"
 
@@ -152,7 +152,7 @@ class MapperLayout : public ::testing::TestWithParam<Arrangement> {};
 
 TEST_P(MapperLayout, DecodeStepsFindTheirPagesMappedOnceTheMapperCaughtUp) {
   auto h = *Harness::Make(MapperConfig(GetParam(), 2));
-  VirtualKvCache& layout = h->layout();
+  VirtualLayout& layout = h->layout();
   const int32_t a = *h->Add();
   const int32_t b = *h->Add();
   ASSERT_TRUE(layout.WaitForMapperIdle());
@@ -188,7 +188,7 @@ TEST_P(MapperLayout, DecodeStepsFindTheirPagesMappedOnceTheMapperCaughtUp) {
 
 TEST_P(MapperLayout, InvariantsHoldWhileTheMapperRuns) {
   auto h = *Harness::Make(MapperConfig(GetParam(), 3));
-  VirtualKvCache& layout = h->layout();
+  VirtualLayout& layout = h->layout();
   std::vector<int32_t> rows = {*h->Add(), *h->Add()};
   int tag = 1;
   for (int step = 0; step < 200; ++step) {
@@ -240,7 +240,7 @@ TEST_P(MapperLayout, FailedMapperJobsAreRetried) {
 TEST_P(MapperLayout, PagesMappedAheadGoToARowThatNeedsThem) {
   // One request's worth of pages: the mapper maps ahead for a, then b needs them.
   auto h = *Harness::Make(MapperConfig(GetParam(), 1));
-  VirtualKvCache& layout = h->layout();
+  VirtualLayout& layout = h->layout();
   const int32_t a = *h->Add();
   ASSERT_OK(h->Grow(a, 400, 1));
   ASSERT_TRUE(layout.WaitForMapperIdle());

@@ -24,7 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/types/span.h"
-#include "allocators/virtual_kv_cache.h"
+#include "allocators/virtual/virtual_layout.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/dtype.h"
@@ -33,7 +33,7 @@
 #include "kvmem/reference_attention.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
-#include "src/status_macros.h"
+#include "src/core/status_macros.h"
 
 namespace kvmem::test {
 

@@ -1,6 +1,8 @@
 // Tests of FaultInjectingVmm: exactly the armed call fails (and is not forwarded),
 // every other call reaches the inner backend, counts are exact, and arming is
 // thread-safe.
+#include "kvmem/testing/fault_injecting_vmm.h"
+
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -142,7 +144,7 @@ TEST_F(FaultInjectingVmmTest, FailFromFailsEveryLaterCallUntilDisarmed) {
 }
 
 TEST_F(FaultInjectingVmmTest, FailNthAnyCountsAcrossOpsExceptFences) {
-  absl::StatusOr<uintptr_t> r = vmm_->Reserve(kGran);  // call 1 overall
+  absl::StatusOr<uintptr_t> r = vmm_->Reserve(kGran);  // the first call overall
   ASSERT_TRUE(r.ok());
   vmm_->FailNthAny(3, absl::StatusCode::kAborted);
   absl::StatusOr<PhysHandle> h = vmm_->Create();  // any #1

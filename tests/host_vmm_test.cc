@@ -3,7 +3,7 @@
 // the physical cap, counters, scale and concurrency. Page protections are probed by
 // letting the kernel copy through a pipe (EFAULT instead of a signal), so no test
 // ever touches an inaccessible address itself.
-#include "allocators/host_vmm.h"
+#include "allocators/vmm/host_vmm.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -28,7 +28,7 @@
 #include "gtest/gtest.h"
 #include "kvmem/vmm.h"
 #include "spdlog/sinks/ostream_sink.h"
-#include "src/logging.h"
+#include "src/core/logging.h"
 
 namespace kvmem {
 namespace {

@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 #include "tests/cache_test_util.h"
 

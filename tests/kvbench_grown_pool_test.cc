@@ -52,7 +52,7 @@ TEST(GrownPoolTest, DeterministicForASeed) {
   EXPECT_NE(a->table, c->table);
 }
 
-// What docs/decode.md reports for the default pool (a fixed one): 98.9 % of consecutive
+// What docs/kernels.md reports for the default pool (a fixed one): 98.9 % of consecutive
 // pages adjacent under kContiguous at B=16..128, 10-18 % under kLowestFirst.
 TEST(GrownPoolTest, ContiguousPlacementKeepsRequestsPagesAdjacent) {
   absl::StatusOr<GrownPool> contiguous =

@@ -1,6 +1,6 @@
 // The default chat workload, scaled down (--scale=0.05: 100 requests, 3.2 GiB, 51 rows,
 // same model shape and pressure), ranks the policies as the design expects and meets
-// the utilisation targets of shared/benchmarks.md: paged-16 >= 97 % and virtual
+// the project's utilisation targets: paged-16 >= 97 % and virtual
 // (all-layer) >= 95 % of held bytes live; static reservation far below.
 #include <map>
 #include <string>

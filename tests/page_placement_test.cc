@@ -10,7 +10,7 @@
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_cache.h"
-#include "src/page_pool.h"
+#include "src/core/page_pool.h"
 #include "tests/cache_test_util.h"
 
 namespace kvmem {

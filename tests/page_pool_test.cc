@@ -1,6 +1,6 @@
 // Tests of the page bookkeeping (src/page_pool.h): the id bitmap, lowest-first
 // allocation, ref counts and the fenced quarantine. Plain C++, no memory backend.
-#include "src/page_pool.h"
+#include "src/core/page_pool.h"
 
 #include <atomic>
 #include <random>

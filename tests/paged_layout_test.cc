@@ -3,6 +3,8 @@
 // written and read back through the PagedView; elastic growth and Trim; copy on write;
 // Truncate; all-or-nothing failures (out of pages and injected backend faults); fenced
 // frees. CheckInvariants runs after every operation.
+#include "allocators/paged/paged_layout.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -15,12 +17,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "allocators/paged_kv_cache.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/stats.h"
+#include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 
 namespace kvmem {
@@ -777,10 +779,10 @@ TEST(PagedLayoutTest, BudgetThatCannotHoldOneRequestIsInvalidArgument) {
 TEST(PagedLayoutTest, PagesStraddlingGranulesAreUsableOnlyWhenWhollyMapped) {
   KvCacheConfig config = SmallConfig(3, 256 << 10, 192);
   std::shared_ptr<Vmm> vmm = HostVmm();
-  absl::StatusOr<std::unique_ptr<internal::PagedKvCache>> layout =
-      internal::PagedKvCache::Create(config, vmm);
+  absl::StatusOr<std::unique_ptr<internal::PagedLayout>> layout =
+      internal::PagedLayout::Create(config, vmm);
   ASSERT_TRUE(layout.ok()) << layout.status();
-  internal::PagedKvCache& l = **layout;
+  internal::PagedLayout& l = **layout;
   // 64 KiB per pool of 192-byte pages: 341 pages; 4096 / 192 = 21.33 pages per granule.
   EXPECT_EQ(l.geometry().num_pages, std::min<int64_t>(341, 8 * 64));
   EXPECT_EQ(l.geometry().pool_page_bytes, 192);

@@ -1,5 +1,5 @@
 // Tests of the request-to-token index (src/token_index.h).
-#include "src/token_index.h"
+#include "src/core/token_index.h"
 
 #include <sys/mman.h>
 #include <unistd.h>

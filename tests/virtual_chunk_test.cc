@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "allocators/virtual_kv_cache.h"
+#include "allocators/virtual/virtual_layout.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"

@@ -1,5 +1,5 @@
 // Test harness of the virtual layout (tests/virtual_layout_test.cc and
-// tests/background_mapper_test.cc): a VirtualKvCache on the host backend driven as
+// tests/background_mapper_test.cc): a VirtualLayout on the host backend driven as
 // KvCache would drive it, with a model of every live row's tokens, a K/V pattern written
 // through VirtualView and read back, and small configs.
 #ifndef KVMEM_TESTS_VIRTUAL_LAYOUT_HARNESS_H_
@@ -14,11 +14,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "allocators/virtual_kv_cache.h"
+#include "allocators/virtual/virtual_layout.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/dtype.h"
 #include "kvmem/stats.h"
+#include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 
 namespace kvmem::internal::testing_virtual {
@@ -60,13 +61,13 @@ class Harness {
       vmm = std::move(*host);
     }
     h->vmm_ = vmm;
-    absl::StatusOr<std::unique_ptr<VirtualKvCache>> layout = VirtualKvCache::Create(config, vmm);
+    absl::StatusOr<std::unique_ptr<VirtualLayout>> layout = VirtualLayout::Create(config, vmm);
     if (!layout.ok()) return layout.status();
     h->layout_ = std::move(*layout);
     return h;
   }
 
-  VirtualKvCache& layout() { return *layout_; }
+  VirtualLayout& layout() { return *layout_; }
   Vmm& vmm() { return *vmm_; }
   const KvCacheConfig& config() const { return config_; }
   int64_t len(int32_t row) const { return tags_.at(row).size(); }
@@ -183,7 +184,7 @@ class Harness {
   Harness() = default;
   KvCacheConfig config_;
   std::shared_ptr<Vmm> vmm_;
-  std::unique_ptr<VirtualKvCache> layout_;
+  std::unique_ptr<VirtualLayout> layout_;
   std::map<int32_t, std::vector<int>> tags_;
 };
 

@@ -4,6 +4,8 @@
 // read back, aliasing after a fork, copy on write, deferred reclamation, reclamation
 // from idle rows, fenced frees, and all-or-nothing behaviour on out-of-memory and on
 // every failing backend call. CheckInvariants runs after every operation.
+#include "allocators/virtual/virtual_layout.h"
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -16,12 +18,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
-#include "allocators/virtual_kv_cache.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/dtype.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/stats.h"
+#include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 #include "tests/virtual_layout_harness.h"
 
@@ -177,7 +179,7 @@ TEST(VirtualLayout, ViewsStridesAndSlots) {
     c.chunk_tokens = 1;  // chunks: tests/virtual_chunk_test.cc
     c.memory_budget_bytes = BudgetFor(c, k4K, 1);
     auto h = *Harness::Make(c);
-    VirtualKvCache& layout = h->layout();
+    VirtualLayout& layout = h->layout();
     const VirtualGeometry& g = layout.geometry();
     const uintptr_t base = layout.base();
     for (int l = 0; l < c.num_layers; ++l) {

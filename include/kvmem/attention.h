@@ -1,6 +1,6 @@
 // CUDA attention entry points over the KV accessor: AppendKv (write the K/V of new tokens
 // to their slots) and batch decode (one query token per request, split-KV), for both
-// layouts. Built only with CUDA (KVMEM_WITH_CUDA); docs/decode.md has the design, the
+// layouts. Built only with CUDA (KVMEM_WITH_CUDA); docs/kernels.md has the design, the
 // CUDA-graph rule and the measured figures.
 //
 // A decode step:
@@ -21,9 +21,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvmem/batch_metadata.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
-#include "kvmem/kv_cache.h"
 #include "kvmem/reference_attention.h"
 
 // The runtime's stream type, declared here so that this header needs no CUDA headers:
@@ -79,7 +79,7 @@ struct DecodeOptions {
   // K/V tiles the kernel keeps in its pipeline (one is read while the others load). 0: the
   // measured choice for the device; head_dim 128 also takes 2 (chosen where the peak
   // memory bandwidth per SM is up to 30 GB/s, as on the H100) or 3 (above, as on the
-  // H200). docs/decode.md has the measurements. Other values are InvalidArgument.
+  // H200). docs/kernels.md has the measurements. Other values are InvalidArgument.
   int pipeline_stages = 0;
 };
 

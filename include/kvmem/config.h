@@ -26,9 +26,9 @@ enum class Layout : uint8_t { kPaged = 0, kVirtual = 1 };
 //              covers a few tokens of every layer and a request wastes at most one page,
 //              but decode, which reads one layer, then touches many pages per byte; on an
 //              H100 with 32 layers (16 tokens per 2 MiB page) it ran 3-5 % slower than
-//              kPerLayer and paged-16 (docs/decode.md, session 12). The default chunk
+//              kPerLayer and paged-16 (docs/kernels.md). The default chunk
 //              gives one layer's K and V of a chunk a whole page: decode then runs as fast
-//              as kPerLayer and paged-16 (docs/decode.md, session 13), but a request wastes
+//              as kPerLayer and paged-16 (docs/benchmarks.md), but a request wastes
 //              up to 64 MiB for Llama-3-8B, and on kvstress's chat mix 80.5 % of held bytes
 //              are live against 99.3 % with chunk_tokens = 1 (docs/kvstress.md).
 //  kPerLayer:  2 * layers tensors [row][token][kv_head][head_dim] (the vAttention paper);
@@ -43,7 +43,7 @@ enum class DeviceKind : uint8_t { kHost = 0, kCuda = 1 };
 //                with the most free pages (PagePool::AllocateNear). A request's pages
 //                stay adjacent, so a decode kernel's reads share 2 MiB address-
 //                translation entries: on an H100, a pool mapped whole after serving
-//                churn decodes 0.5-1.7 % faster than with kLowestFirst (docs/decode.md).
+//                churn decodes 0.5-1.7 % faster than with kLowestFirst (docs/kernels.md).
 //                An elastic pool still interleaves the requests that grow while it
 //                grows (they share each chunk it maps for them) until churn frees groups.
 //  kLowestFirst: the lowest free page: requests growing together interleave their

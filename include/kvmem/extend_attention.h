@@ -2,7 +2,7 @@
 // whose request b has prefix_lens[b] cached tokens and new_lens[b] new tokens (their K/V
 // already appended, e.g. by AppendKv); the new tokens' queries attend causally to the
 // prefix and to each other. Semantics are exactly ReferenceExtend's
-// (reference_attention.h); built only with CUDA (KVMEM_WITH_CUDA). docs/prefill.md has
+// (reference_attention.h); built only with CUDA (KVMEM_WITH_CUDA). docs/kernels.md has
 // the design, the CUDA-graph rule and the measured figures.
 //
 // A chunked-prefill step:

@@ -30,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvmem/batch_metadata.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/stats.h"
@@ -42,16 +43,6 @@ using RequestId = uint64_t;
 namespace internal {
 class KvLayout;
 }
-
-// Host-side metadata of a batch, in the order of the ids given. Paged: page_table rows
-// of page_table_stride entries (padded with 0). Virtual: row_ids.
-struct BatchMetadata {
-  std::vector<int32_t> seq_lens;  // cache_seqlens: tokens of each entry
-  std::vector<int32_t> row_ids;   // index row of each entry
-  std::vector<int32_t> page_table;
-  int64_t page_table_stride = 0;
-  int32_t max_seq_len = 0;
-};
 
 class KvCache {
  public:

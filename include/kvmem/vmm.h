@@ -2,7 +2,7 @@
 // management API (reserve / create / map / set access / unmap / release), which
 // kvmem's layouts are written against. HostVmm implements it with real virtual
 // memory on the CPU (PROT_NONE reservations, memfd pages mapped MAP_FIXED), CudaVmm
-// with the driver API, and FaultInjectingVmm wraps either to fail chosen calls.
+// with the driver API (kvmem/testing/fault_injecting_vmm.h wraps either to fail chosen calls).
 //
 // Units: every address and size is in bytes and a multiple of granularity(); one
 // physical handle is exactly one granule. The same handle may be mapped at several
@@ -104,47 +104,6 @@ absl::StatusOr<std::unique_ptr<Vmm>> MakeHostVmm(int64_t granularity,
 // The CUDA driver backend on device `ordinal`. Unavailable where the library was
 // built without CUDA or where no driver / GPU is found (the status says which).
 absl::StatusOr<std::unique_ptr<Vmm>> MakeCudaVmm(int ordinal);
-
-// Wraps `inner`, forwarding every call, except that the chosen calls fail.
-// Thread-safe.
-class FaultInjectingVmm : public Vmm {
- public:
-  explicit FaultInjectingVmm(std::shared_ptr<Vmm> inner);
-  ~FaultInjectingVmm() override;
-
-  // The n-th call of `op` from now (1-based) fails with `code`; 0 disarms.
-  void FailNth(VmmOp op, int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
-  // Every call of `op` fails from the n-th on, until disarmed.
-  void FailFrom(VmmOp op, int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
-  void DisarmAll();
-  // Calls of `op` seen since construction (failed ones included).
-  int64_t calls(VmmOp op) const;
-  // Total calls of all ops that can fail (every op except FenceComplete).
-  int64_t total_calls() const;
-  // The n-th call of any op from now fails (counts across ops).
-  void FailNthAny(int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
-  int64_t injected_failures() const;
-
-  std::string_view name() const override;
-  int64_t granularity() const override;
-  bool is_device() const override;
-  absl::StatusOr<uintptr_t> Reserve(int64_t bytes) override;
-  absl::Status FreeReservation(uintptr_t addr, int64_t bytes) override;
-  absl::StatusOr<PhysHandle> Create() override;
-  absl::Status Release(PhysHandle handle) override;
-  absl::Status Map(uintptr_t addr, PhysHandle handle) override;
-  absl::Status SetAccess(uintptr_t addr, int64_t bytes) override;
-  absl::Status Unmap(uintptr_t addr, int64_t bytes) override;
-  absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) override;
-  bool FenceComplete(const Fence& fence) override;
-  VmmCounters counters() const override;
-
- private:
-  struct State;
-  absl::Status Tick(VmmOp op);
-  std::shared_ptr<Vmm> inner_;
-  std::unique_ptr<State> state_;
-};
 
 }  // namespace kvmem
 

@@ -18,7 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "allocators/cuda_driver.h"
+#include "allocators/vmm/cuda_driver.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvmem/vmm.h"

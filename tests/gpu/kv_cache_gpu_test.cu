@@ -30,6 +30,7 @@
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/stats.h"
+#include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 #include "tests/gpu/gpu_test_util.h"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Anchors for `kvbench decode`: torch SDPA decode on contiguous KV, same machine, same run.
 
-Shapes D1 of shared/benchmarks.md with the default model shape (32 query heads / 8 KV
+Shapes D1 of docs/benchmarks.md with the default model shape (32 query heads / 8 KV
 heads, head_dim 128, bf16): q [B, 32, 1, 128], k / v [B, 8, ctx, 128] (GQA through
 enable_gqa, so the bytes read are those of kvmem's kernels). Backends: cuDNN and flash.
 Median of CUDA-event-timed runs after a warm-up, rotating over enough input copies

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Anchors for kvbench prefill: torch SDPA causal attention on contiguous tensors.
 
-Runs the P1 shapes of shared/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new
+Runs the P1 shapes of docs/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new
 tokens on a 4096 cached prefix) with 32 q / 8 KV heads, head_dim 128, bf16, through the
 flash (FA2) and cuDNN backends, and prints ms and TFLOP/s with the same FLOP convention
 as kvbench prefill: 2 x B x q_heads x L x L x head_dim for a prefill; for the extend,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds GPU binaries on this (Debian) machine and bundles them, with the non-system
-# shared libraries they link (absl, spdlog, fmt, benchmark), into a folder that the
-# device tool carries to the GPU machine, which has none of those libraries.
+# shared libraries they link (absl, spdlog, fmt, benchmark), into a folder to copy to
+# the GPU machine, which need not have those libraries.
 #
 # usage: tools/gpu/bundle.sh BUILD_DIR BUNDLE_DIR TARGET...
 #   then on the GPU machine: BUNDLE_DIR/run.sh BINARY [ARGS...]

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU suite, the same way every session: build and bundle here, then on the GPU machine
-# run every GPU test, every GPU test again under compute-sanitizer memcheck, and every
-# kvbench subcommand, with logs under $OUT. docs/gpu.md shows the device tool call.
+# The GPU suite: build and bundle on a build machine, then on the GPU machine run every
+# GPU test, every GPU test again under compute-sanitizer memcheck, and every kvbench
+# subcommand, with logs under $KVMEM_GPU_OUT (docs/gpu.md).
 #
 #   here:         tools/gpu/run_gpu_suite.sh build [BUILD_DIR]      (default build-gpu)
 #   GPU machine:  tools/gpu/run_gpu_suite.sh run [tests] [memcheck] [bench]   (default: all)
 #
 # What `build` bundles: every tests/gpu/*_test.{cc,cu} binary and kvbench, into
-# $KVMEM_GPU_BUNDLE (default .gpu_bundle_cuda, ignored by git; name it in `carry`).
-# `run` writes to $OUT (default ./out): summary.txt (one line per binary / benchmark, the
+# $KVMEM_GPU_BUNDLE (default .gpu_bundle_cuda, ignored by git; copy it to the GPU machine).
+# `run` writes to $KVMEM_GPU_OUT (default ./out): summary.txt (one line per binary / benchmark, the
 # part to paste in an issue), tests.log, memcheck.log, bench.log.
 # Knobs for `run` (environment):
 #   KVMEM_GPU_ONLY="cuda_vmm_test kv_cache_gpu_test"   only these test binaries
@@ -55,7 +55,7 @@ esac
 
 [ -x "$bundle/run.sh" ] || { echo "no bundle at $bundle: run '$0 build' first" >&2; exit 2; }
 steps=${*:-tests memcheck bench}
-out=${OUT:-out}
+out=${KVMEM_GPU_OUT:-out}
 mkdir -p "$out"
 summary=$out/summary.txt
 export LD_LIBRARY_PATH="$PWD/$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

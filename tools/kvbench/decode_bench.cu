@@ -1,19 +1,19 @@
 // kvbench decode: decode attention (kvmem/attention.h) on the shapes of
-// shared/benchmarks.md, D1 (batch / context sweep) and D2 (page-size sensitivity), against
+// docs/benchmarks.md, D1 (batch / context sweep) and D2 (page-size sensitivity), against
 // the device's read-bandwidth ceiling measured in the same run by a streaming-read kernel.
 //
 // Each figure is the median of many launches timed with CUDA events after a warm-up,
 // rotating over enough copies of the inputs (>= 200 MB) that L2 (50 MB) never holds them.
 // Bytes = 2 (K, V) x B x ctx x kv_heads x head_dim x 2. tools/gpu/anchor_decode.py runs
-// torch SDPA on the same shapes for the anchors; docs/decode.md has the figures.
+// torch SDPA on the same shapes for the anchors; docs/benchmarks.md has the figures.
 //
 // The virtual shapes read K/V from kvmem's own CUDA virtual KvCache of the model's 32
 // layers (virtual_cache.h; --virtual=tensor: a cudaMalloc'd tensor of that shape, whose
 // 2 MiB pages the driver places differently). The layer count matters for the all-layer
 // arrangement without chunks (--chunk=1): a 2 MiB page holds 16 tokens of 32 layers, so
 // one layer's read uses 64 KiB of each page it translates, and decode runs 3-4 % slower
-// than with the 2 layers that sessions 3-11 measured (docs/decode.md, session 12). The
-// cache's default chunk (512 tokens) gives each layer whole pages (session 13).
+// than with 2 layers (docs/kernels.md). The cache's default chunk (512 tokens) gives each
+// layer whole pages.
 //
 // The paged shapes read page tables taken from kvmem's own paged cache after serving
 // churn (--pool=grown, grown_pool.h): where a request's pages lie decides how many 2 MiB
@@ -50,7 +50,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvmem/attention.h"
 #include "kvmem/config.h"
-#include "kvmem/decode_trace.h"
+#include "kvmem/debug/decode_trace.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
 #include "tools/kvbench/bench_util.h"
@@ -127,11 +127,11 @@ struct Settings {
   // a reservation; virtual_cache.h), or (false) in a cudaMalloc'd tensor of that shape.
   bool virtual_cache = true;
   // The cache's layers, each launch reading the next one as a decode step does. The
-  // default is the model's (32, as in shared/benchmarks.md): virtual-all's token stride is
+  // default is the model's (32, as in docs/benchmarks.md): virtual-all's token stride is
   // then 128 KiB and a 2 MiB page holds 16 tokens. With --virtual=tensor it sets
   // virtual-all's layers only (the per-layer tensors rotate over as many copies as the L2
   // rotation needs), and 0 gives virtual-all that count too (2 from B=16 up, an 8 KiB
-  // stride: the figures of sessions 3-11); 0 with the cache: 32.
+  // stride); 0 with the cache: 32.
   int layers = 32;
   // The cache's all-layer chunk (KvCacheConfig::chunk_tokens; 0, the default, picks one
   // that gives a layer's K and V whole 2 MiB pages: 512 tokens here; 1: no chunks).

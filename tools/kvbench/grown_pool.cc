@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/stats.h"
-#include "src/status_macros.h"
+#include "src/core/status_macros.h"
 
 namespace kvbench {
 namespace {

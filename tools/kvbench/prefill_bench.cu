@@ -1,5 +1,5 @@
 // kvbench prefill: extend / prefill attention (kvmem/extend_attention.h) on the P1 shapes
-// of shared/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new tokens on a 4096
+// of docs/benchmarks.md (B=1 L in {4096, 16384}; B=4 L=8192; 512 new tokens on a 4096
 // cached prefix), default model shape 32 q / 8 KV heads, head_dim 128, bf16, over the
 // paged layout (page 16, pages shuffled) and the virtual layout (all-layer arrangement,
 // 32 layers in chunks of --chunk tokens, and per-layer).
@@ -9,7 +9,7 @@
 // extend counts its attended pairs exactly: 4 x q_heads x head_dim x
 // (new x prefix + new x (new + 1) / 2). Each figure is the median of event-timed launches
 // after a warm-up. tools/gpu/anchor_prefill.py runs torch SDPA on the same shapes for the
-// anchors; docs/prefill.md has the figures.
+// anchors; docs/kernels.md has the figures.
 //
 // usage: kvbench prefill [--reps=N] [--warmup=N] [--layouts=paged,virtual-all,virtual-layer]
 //                        [--shapes=p4k,p16k,b4,extend] [--page=16] [--kernel=auto|mma|both]

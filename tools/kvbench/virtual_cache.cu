@@ -5,10 +5,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "allocators/virtual_kv_cache.h"
+#include "allocators/virtual/virtual_layout.h"
 #include "kvmem/kv_cache.h"
-#include "src/int_math.h"
-#include "src/status_macros.h"
+#include "src/core/int_math.h"
+#include "src/core/status_macros.h"
 #include "tools/kvbench/bench_util.h"
 #include "tools/kvbench/virtual_cache.h"
 

@@ -29,7 +29,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
-#include "allocators/cuda_driver.h"
+#include "allocators/vmm/cuda_driver.h"
 #endif
 
 namespace kvbench {

@@ -70,7 +70,7 @@ kvmem::KvCacheConfig PolicyConfig(const Policy& policy, const kvmem::KvCacheConf
       c.page_tokens = 64;
       break;
     case PolicyKind::kVirtualAll:
-      // All-layer pages, as shared/benchmarks.md's utilisation target names them: no
+      // All-layer pages, as the utilisation target of docs/benchmarks.md names them: no
       // chunks, so a request wastes under one page (the default chunk gives decode whole
       // pages per layer and wastes up to a chunk of every layer; docs/layouts.md).
       c.layout = kvmem::Layout::kVirtual;

@@ -1,0 +1,71 @@
+// internal::KvLayout: what KvCache needs from a layout (paged or virtual). KvCache owns
+// request ids, lengths, validation and locking; a layout owns rows, pages, mappings and
+// the token index. Layouts are not thread-safe: KvCache calls them under its mutex.
+//
+// Every mutating call is all-or-nothing: on error the layout is exactly as before
+// (partial page grabs returned, partial maps unmapped, out-vectors restored).
+// KvCache has already validated arguments (lengths within [0, max_context], rows live).
+#ifndef KVMEM_ALLOCATORS_LAYOUT_KV_LAYOUT_H_
+#define KVMEM_ALLOCATORS_LAYOUT_KV_LAYOUT_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvmem/config.h"
+#include "kvmem/kv_accessor.h"
+#include "kvmem/kv_cache.h"
+#include "kvmem/stats.h"
+#include "kvmem/vmm.h"
+
+namespace kvmem::internal {
+
+class KvLayout {
+ public:
+  virtual ~KvLayout() = default;
+
+  // Picks a free row for a new request (virtual prefers rows that kept their pages).
+  // ResourceExhausted when all max_requests rows are live.
+  virtual absl::StatusOr<int32_t> AcquireRow() = 0;
+
+  // Row `row` holds `len` tokens; make room for `n` more and append their slots to *locs.
+  virtual absl::Status Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) = 0;
+  // Row `row` goes from `len` to `new_len` <= len tokens.
+  virtual absl::Status Shrink(int32_t row, int64_t len, int64_t new_len) = 0;
+  // Empty row `child` (from AcquireRow) takes the first `len` tokens of `parent`, shared.
+  virtual absl::Status Share(int32_t parent, int64_t len, int32_t child) = 0;
+  // Ends the request in `row` (holding `len` tokens); its memory is reusable after
+  // `fence`. Also how KvCache gives back a row from AcquireRow that it did not use (len 0).
+  virtual absl::Status Release(int32_t row, int64_t len, Fence fence) = 0;
+  // Gives unused physical memory back to the backend; returns bytes released.
+  virtual absl::StatusOr<int64_t> Trim() = 0;
+
+  // Slot of token `pos` of `row` (pos < the row's length).
+  virtual int64_t SlotOf(int32_t row, int64_t pos) const = 0;
+  // Paged: page ids of the first ceil(len / page_tokens) pages of `row`.
+  virtual absl::StatusOr<std::vector<int32_t>> BlockTable(int32_t row, int64_t len) const = 0;
+  // Fills page_table / page_table_stride (paged) or nothing beyond row_ids (virtual).
+  virtual void FillBatch(BatchMetadata* meta) const = 0;
+
+  virtual absl::StatusOr<PagedKv> PagedView(int layer) const = 0;
+  virtual absl::StatusOr<VirtualKv> VirtualView(int layer) const = 0;
+
+  // Fills the memory and page fields of *stats, including peaks and backend counters.
+  virtual void FillStats(Stats* stats) const = 0;
+  // `live`: (row, length) of every live request.
+  virtual absl::Status CheckInvariants(
+      const std::vector<std::pair<int32_t, int64_t>>& live) const = 0;
+};
+
+// Budget too small for one request at max_context, or a shape that does not fit the
+// backend: InvalidArgument with the numbers in the message.
+absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& config,
+                                                          std::shared_ptr<Vmm> vmm);
+absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
+                                                            std::shared_ptr<Vmm> vmm);
+
+}  // namespace kvmem::internal
+
+#endif  // KVMEM_ALLOCATORS_LAYOUT_KV_LAYOUT_H_

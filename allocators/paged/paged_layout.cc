@@ -1,0 +1,724 @@
+#include "allocators/paged/paged_layout.h"
+
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "src/core/int_math.h"
+#include "src/core/logging.h"
+#include "src/core/status_macros.h"
+
+namespace kvmem::internal {
+namespace {
+
+// The error of a backend call, with what kvmem was doing in front of its message.
+absl::Status WithContext(const absl::Status& s, absl::string_view context) {
+  return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
+}
+
+// A broken invariant found by CheckInvariants.
+template <typename... Args>
+absl::Status Corrupt(const absl::FormatSpec<Args...>& format, const Args&... args) {
+  return absl::InternalError(absl::StrCat("paged layout: ", absl::StrFormat(format, args...)));
+}
+
+}  // namespace
+
+absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
+                                                   int64_t granularity) {
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  if (granularity <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("granularity %d", granularity));
+  }
+  PagedGeometry g;
+  g.num_pools = 2 * int64_t{config.num_layers};
+  g.granularity = granularity;
+  const int64_t pt = config.page_tokens;
+  const int64_t token_layer = config.TokenLayerBytes();
+  if (token_layer > std::numeric_limits<int64_t>::max() / pt ||
+      g.num_pools > std::numeric_limits<int64_t>::max() / granularity) {
+    return absl::InvalidArgumentError("paged layout: page size overflows 64 bits");
+  }
+  g.pool_page_bytes = pt * token_layer;
+  // Every pool is mapped in whole granules, so the budget buys granules per pool.
+  const int64_t granules_per_pool = config.memory_budget_bytes / (g.num_pools * granularity);
+  const int64_t budget_pages = granules_per_pool * granularity / g.pool_page_bytes;
+  const int64_t pages_per_request = CeilDiv(config.max_context, pt);
+  if (budget_pages < pages_per_request) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "paged layout: memory budget %d bytes holds %d pages of %d bytes (%d tokens x %d bytes "
+        "per token; %d pools of %d bytes per page, each rounded to whole granules of %d bytes), "
+        "but one request at max_context %d needs %d pages (%d bytes); the smallest budget "
+        "that fits is %d bytes",
+        config.memory_budget_bytes, budget_pages, pt * config.TokenBytes(), pt, config.TokenBytes(),
+        g.num_pools, g.pool_page_bytes, granularity, config.max_context, pages_per_request,
+        pages_per_request * pt * config.TokenBytes(),
+        g.num_pools * CeilDiv(pages_per_request * g.pool_page_bytes, granularity) * granularity));
+  }
+  // Slots (page * page_tokens + offset) are int32 in the token index. Pages beyond
+  // every row at max_context could never be used together, so they are not tracked
+  // (that bounds the host bookkeeping when the budget is far larger than needed).
+  const int64_t slot_cap = std::numeric_limits<int32_t>::max() / pt;
+  const int64_t rows_cap = int64_t{config.max_requests} * pages_per_request;
+  const int64_t pages = std::min({budget_pages, slot_cap, rows_cap});
+  if (pages < pages_per_request) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "paged layout: one request needs %d pages of %d tokens, but int32 slots allow %d",
+        pages_per_request, pt, slot_cap));
+  }
+  g.num_pages = static_cast<int32_t>(pages);
+  g.chunks_total = CeilDiv(pages * g.pool_page_bytes, granularity);
+  g.region_bytes = g.chunks_total * granularity;
+  return g;
+}
+
+absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& config,
+                                                          std::shared_ptr<Vmm> vmm) {
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<PagedLayout> layout,
+                         PagedLayout::Create(config, std::move(vmm)));
+  return std::unique_ptr<KvLayout>(std::move(layout));
+}
+
+absl::StatusOr<std::unique_ptr<PagedLayout>> PagedLayout::Create(const KvCacheConfig& config,
+                                                                 std::shared_ptr<Vmm> vmm) {
+  if (vmm == nullptr) return absl::InvalidArgumentError("paged layout: no memory backend");
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry geo, ComputePagedGeometry(config, vmm->granularity()));
+  KVMEM_ASSIGN_OR_RETURN(TokenIndex index,
+                         TokenIndex::Make(config.max_requests, config.max_context));
+  const int64_t reserve_bytes = geo.num_pools * geo.region_bytes;
+  absl::StatusOr<Reservation> reservation = Reservation::Make(vmm.get(), reserve_bytes);
+  if (!reservation.ok()) {
+    return WithContext(reservation.status(),
+                       absl::StrFormat("paged layout: reserving %d bytes for %d pools of %d pages",
+                                       reserve_bytes, geo.num_pools, geo.num_pages));
+  }
+  std::unique_ptr<PagedLayout> layout(
+      new PagedLayout(config, std::move(vmm), geo, std::move(index), std::move(*reservation)));
+  if (!config.elastic_pool) {
+    absl::Status s = layout->MapChunks(geo.chunks_total);
+    if (!s.ok()) {
+      return WithContext(
+          s, absl::StrFormat("paged layout: mapping the whole pool (%d chunks)", geo.chunks_total));
+    }
+  }
+  return layout;
+}
+
+PagedLayout::PagedLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm, PagedGeometry geo,
+                         TokenIndex index, Reservation reservation)
+    : config_(config),
+      vmm_(std::move(vmm)),
+      geo_(geo),
+      pt_(config.page_tokens),
+      reservation_(std::move(reservation)),
+      pool_(geo.num_pages),
+      index_(std::move(index)),
+      rows_(config.max_requests),
+      free_rows_(config.max_requests),
+      partial_refs_(geo.num_pages, 0),
+      partial_sum_(geo.num_pages, 0) {
+  for (int32_t r = 0; r < config.max_requests; ++r) free_rows_.Insert(r);
+}
+
+PagedLayout::~PagedLayout() {
+  if (pool_.quarantined_count() > 0) {
+    // Nothing can wait here: a fence that never completes would hang the destructor.
+    Logger()->warn("paged layout destroyed with {} pages still waiting on fences",
+                   pool_.quarantined_count());
+  }
+  absl::Status s = UnmapChunks(0);
+  if (!s.ok()) Logger()->error("paged layout: unmapping the pools: {}", s.ToString());
+  chunks_.clear();
+  reservation_.Reset();
+}
+
+int64_t PagedLayout::UsablePagesFor(int64_t chunks) const {
+  return std::min<int64_t>(geo_.num_pages, chunks * geo_.granularity / geo_.pool_page_bytes);
+}
+
+// ---- memory -------------------------------------------------------------------
+
+absl::Status PagedLayout::MapChunks(int64_t target) {
+  const int64_t c0 = static_cast<int64_t>(chunks_.size());
+  const int64_t k = target - c0;
+  if (k <= 0) return absl::OkStatus();
+  const int64_t gran = geo_.granularity;
+  const int64_t pools = geo_.num_pools;
+
+  std::vector<std::vector<PhysicalPage>> fresh(k);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t j = 0; j < k; ++j) {
+    fresh[j].reserve(pools);
+    for (int64_t i = 0; i < pools; ++i) {
+      absl::StatusOr<PhysicalPage> page = PhysicalPage::Make(vmm_.get());
+      if (!page.ok()) {  // handles made so far are released by their destructors
+        return WithContext(page.status(), absl::StrFormat("creating memory for chunk %d of "
+                                                          "pool %d",
+                                                          c0 + j, i));
+      }
+      fresh[j].push_back(std::move(*page));
+    }
+  }
+  pool_create_nanos_ +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
+
+  // Unmaps what this call mapped: whole pools before `pool`, `mapped_in_pool` chunks of it.
+  auto unwind = [&](int64_t pool, int64_t mapped_in_pool, const absl::Status& cause) {
+    absl::Status undo = absl::OkStatus();
+    for (int64_t i = 0; i <= pool && i < pools; ++i) {
+      const int64_t m = i < pool ? k : mapped_in_pool;
+      if (m == 0) continue;
+      absl::Status u = vmm_->Unmap(PoolBase(i) + c0 * gran, m * gran);
+      if (!u.ok() && undo.ok()) undo = u;
+    }
+    if (!undo.ok()) {
+      return absl::InternalError(
+          absl::StrCat(cause.message(), "; rolling back the maps failed too: ", undo.ToString()));
+    }
+    return cause;
+  };
+
+  for (int64_t i = 0; i < pools; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      absl::Status s = vmm_->Map(PoolBase(i) + (c0 + j) * gran, fresh[j][i].handle());
+      if (!s.ok()) {
+        return unwind(i, j,
+                      WithContext(s, absl::StrFormat("mapping chunk %d of pool %d", c0 + j, i)));
+      }
+    }
+  }
+  // One SetAccess per pool for the whole new range: its cost is per call, not per granule.
+  for (int64_t i = 0; i < pools; ++i) {
+    absl::Status s = vmm_->SetAccess(PoolBase(i) + c0 * gran, k * gran);
+    if (!s.ok()) {
+      return unwind(pools, 0,
+                    WithContext(s, absl::StrFormat("enabling access to chunks [%d, %d) of pool %d",
+                                                   c0, target, i)));
+    }
+  }
+  for (auto& chunk : fresh) chunks_.push_back(std::move(chunk));
+  usable_pages_ = UsablePagesFor(target);
+  return absl::OkStatus();
+}
+
+absl::Status PagedLayout::UnmapChunks(int64_t target) {
+  const int64_t c1 = static_cast<int64_t>(chunks_.size());
+  const int64_t k = c1 - target;
+  if (k <= 0) return absl::OkStatus();
+  const int64_t gran = geo_.granularity;
+  for (int64_t i = 0; i < geo_.num_pools; ++i) {
+    absl::Status s = vmm_->Unmap(PoolBase(i) + target * gran, k * gran);
+    if (s.ok()) continue;
+    absl::Status cause =
+        WithContext(s, absl::StrFormat("unmapping chunks [%d, %d) of pool %d", target, c1, i));
+    // Map the pools already unmapped back (the handles still hold their contents).
+    for (int64_t r = 0; r < i; ++r) {
+      absl::Status m = absl::OkStatus();
+      for (int64_t j = 0; j < k && m.ok(); ++j) {
+        m = vmm_->Map(PoolBase(r) + (target + j) * gran, chunks_[target + j][r].handle());
+      }
+      if (m.ok()) m = vmm_->SetAccess(PoolBase(r) + target * gran, k * gran);
+      if (!m.ok()) {
+        return absl::InternalError(
+            absl::StrCat(cause.message(), "; remapping pool ", r, " failed too: ", m.ToString()));
+      }
+    }
+    return cause;
+  }
+  // The chunks are unmapped and their pages gone from the pool. A handle the backend
+  // fails to release is kept (counted in physical bytes) and retried by the next Trim
+  // and the destructor, rather than dropped and leaked.
+  for (int64_t c = target; c < c1; ++c) {
+    for (PhysicalPage& page : chunks_[c]) unreleased_.push_back(std::move(page));
+  }
+  chunks_.resize(target);
+  usable_pages_ = UsablePagesFor(target);
+  ReleasePending();
+  return absl::OkStatus();
+}
+
+void PagedLayout::ReleasePending() {
+  std::vector<PhysicalPage> kept;
+  for (PhysicalPage& page : unreleased_) {
+    absl::Status s = page.Release();
+    if (!s.ok()) {
+      Logger()->warn("paged layout: releasing a trimmed chunk failed (retried later): {}",
+                     s.ToString());
+      kept.push_back(std::move(page));
+    }
+  }
+  unreleased_ = std::move(kept);
+}
+
+void PagedLayout::ReclaimQuarantine(bool scan_all) {
+  if (pool_.quarantined_count() == 0) return;
+  pool_.Reclaim([this](const Fence& f) { return vmm_->FenceComplete(f); }, scan_all);
+}
+
+absl::StatusOr<std::vector<int32_t>> PagedLayout::TakePages(int64_t count, int32_t near) {
+  std::vector<int32_t> pages;
+  if (count <= 0) return pages;
+  ReclaimQuarantine(/*scan_all=*/pool_.free_count() < count);
+  if (pool_.free_count() < count) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "paged layout: need %d pages of %d bytes but %d are free (%d used, %d quarantined "
+        "waiting on a fence, %d total)",
+        count, pt_ * config_.TokenBytes(), pool_.free_count(), pool_.used_count(),
+        pool_.quarantined_count(), geo_.num_pages));
+  }
+  pages.reserve(count);
+  const bool contiguous = config_.page_placement == PagePlacement::kContiguous;
+  const int64_t mapped_pages = UsablePagesFor(mapped_chunks());
+  int32_t highest = -1;
+  for (int64_t i = 0; i < count; ++i) {
+    pages.push_back(contiguous ? pool_.AllocateNear(near, mapped_pages) : pool_.Allocate());
+    near = pages.back();
+    highest = std::max(highest, near);
+  }
+  const int64_t need_chunks =
+      CeilDiv((int64_t{highest} + 1) * geo_.pool_page_bytes, geo_.granularity);
+  if (need_chunks > mapped_chunks()) {
+    const int64_t before = mapped_chunks();
+    absl::Status s = MapChunks(need_chunks);
+    if (!s.ok()) {
+      for (int32_t p : pages) pool_.Unref(p);
+      return WithContext(
+          s, absl::StrFormat("paged layout: growing the pool from %d to %d chunks (for %d pages)",
+                             before, need_chunks, count));
+    }
+  }
+  return pages;
+}
+
+absl::Status PagedLayout::UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before) {
+  for (int32_t p : pages) pool_.Unref(p);
+  return UnmapChunks(chunks_before);
+}
+
+// ---- accounting ---------------------------------------------------------------
+
+int64_t PagedLayout::PageFill(int32_t page) const {
+  const int32_t rc = pool_.refcount(page);
+  if (rc == 0) return 0;
+  const int32_t partial = partial_refs_[page];
+  if (rc > partial) return pt_;  // some owner holds the page whole
+  if (partial == 1) return partial_sum_[page];
+  // Several rows end partway through this page (a fork, then a truncation): rare.
+  int64_t best = 0;
+  for (const Row& r : rows_) {
+    if (r.live && r.len % pt_ != 0 && r.pages.back() == page) best = std::max(best, r.len % pt_);
+  }
+  return best;
+}
+
+void PagedLayout::DetachTail(const Row& r) {
+  const int64_t fill = r.len % pt_;
+  if (fill == 0) return;
+  --partial_refs_[r.pages.back()];
+  partial_sum_[r.pages.back()] -= fill;
+}
+
+void PagedLayout::AttachTail(const Row& r) {
+  const int64_t fill = r.len % pt_;
+  if (fill == 0) return;
+  ++partial_refs_[r.pages.back()];
+  partial_sum_[r.pages.back()] += fill;
+}
+
+void PagedLayout::UpdatePeaks() {
+  peak_held_bytes_ = std::max(peak_held_bytes_, pool_.used_count() * pt_ * config_.TokenBytes());
+  peak_live_bytes_ = std::max(peak_live_bytes_, stored_tokens_ * config_.TokenBytes());
+}
+
+// ---- rows ---------------------------------------------------------------------
+
+absl::StatusOr<int32_t> PagedLayout::AcquireRow() {
+  const int64_t row = free_rows_.Lowest();
+  if (row < 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("paged layout: all %d request rows are live", config_.max_requests));
+  }
+  free_rows_.Erase(row);
+  rows_[row] = Row{.live = true, .len = 0, .pages = {}};
+  return static_cast<int32_t>(row);
+}
+
+namespace {
+absl::Status BadRow(absl::string_view op, int32_t row, int64_t len, int64_t have) {
+  return absl::InternalError(
+      absl::StrFormat("paged layout %s: row %d with %d tokens, but the layout has it %s with %d",
+                      op, row, len, have < 0 ? "idle" : "live", have < 0 ? 0 : have));
+}
+}  // namespace
+
+absl::Status PagedLayout::Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) {
+  if (row < 0 || row >= config_.max_requests) return BadRow("Grow", row, len, -1);
+  Row& r = rows_[row];
+  if (!r.live || r.len != len) return BadRow("Grow", row, len, r.live ? r.len : -1);
+  if (n < 0 || n > config_.max_context - len) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("paged layout: row %d cannot grow from %d by %d tokens (max_context %d)",
+                        row, len, n, config_.max_context));
+  }
+  if (n == 0) return absl::OkStatus();
+
+  // Plan: the pages to add, plus one when the partly filled last page is shared, by
+  // another row or by a freed one whose fence is pending (its kernel may still read the
+  // slots this write would overwrite).
+  const int64_t fill = len % pt_;
+  const int32_t old_tail = fill != 0 ? r.pages.back() : -1;
+  const bool cow = old_tail >= 0 && pool_.WriteNeedsCopy(old_tail, [this](const Fence& f) {
+    return vmm_->FenceComplete(f);
+  });
+  const int64_t count = PagesFor(len + n) - static_cast<int64_t>(r.pages.size()) + (cow ? 1 : 0);
+  const int64_t chunks_before = mapped_chunks();
+  std::vector<int32_t> fresh;
+  if (count > 0) {
+    absl::StatusOr<std::vector<int32_t>> taken =
+        TakePages(count, r.pages.empty() ? -1 : r.pages.back());
+    if (!taken.ok()) {
+      return WithContext(taken.status(),
+                         absl::StrFormat("row %d growing from %d by %d tokens", row, len, n));
+    }
+    fresh = std::move(*taken);
+  }
+  if (cow) {
+    const int64_t bytes = fill * config_.TokenLayerBytes();
+    for (int64_t i = 0; i < geo_.num_pools; ++i) {
+      absl::Status s = vmm_->Copy(PageAddr(i, fresh[0]), PageAddr(i, old_tail), bytes);
+      if (!s.ok()) {
+        absl::Status cause = WithContext(
+            s, absl::StrFormat("row %d: copy on write of shared page %d to page %d (pool %d)", row,
+                               old_tail, fresh[0], i));
+        absl::Status undo = UndoTake(fresh, chunks_before);
+        if (!undo.ok()) {
+          return absl::InternalError(
+              absl::StrCat(cause.message(), "; rollback failed: ", undo.ToString()));
+        }
+        return cause;
+      }
+    }
+  }
+
+  // Commit: nothing below can fail.
+  const int64_t before = old_tail >= 0 ? PageFill(old_tail) : 0;
+  DetachTail(r);
+  size_t next = 0;
+  if (cow) {
+    const int32_t copy = fresh[next++];
+    r.pages.back() = copy;
+    pool_.Unref(old_tail);  // still held by the other owners
+    ++cow_copies_;
+    for (int64_t pos = len - fill; pos < len; ++pos) {
+      index_.Set(row, pos, static_cast<int32_t>(Slot(copy, pos % pt_)));
+    }
+  }
+  for (; next < fresh.size(); ++next) r.pages.push_back(fresh[next]);
+  locs->reserve(locs->size() + n);
+  for (int64_t pos = len; pos < len + n; ++pos) {
+    const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
+    index_.Set(row, pos, static_cast<int32_t>(slot));
+    locs->push_back(slot);
+  }
+  r.len = len + n;
+  AttachTail(r);
+  int64_t after = old_tail >= 0 ? PageFill(old_tail) : 0;
+  for (int32_t p : fresh) after += PageFill(p);
+  stored_tokens_ += after - before;
+  UpdatePeaks();
+  return absl::OkStatus();
+}
+
+absl::Status PagedLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
+  if (row < 0 || row >= config_.max_requests) return BadRow("Shrink", row, len, -1);
+  Row& r = rows_[row];
+  if (!r.live || r.len != len) return BadRow("Shrink", row, len, r.live ? r.len : -1);
+  if (new_len < 0 || new_len > len) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "paged layout: row %d cannot shrink from %d to %d tokens", row, len, new_len));
+  }
+  if (new_len == len) return absl::OkStatus();
+  // Pages whose fill may change: the new last page and every dropped one.
+  const int64_t keep = PagesFor(new_len);
+  const std::vector<int32_t> touched(r.pages.begin() + std::max<int64_t>(keep - 1, 0),
+                                     r.pages.end());
+  int64_t before = 0;
+  for (int32_t p : touched) before += PageFill(p);
+  DetachTail(r);
+  // Dropped pages are free at once: the engine synchronised before rewinding.
+  for (size_t i = keep; i < r.pages.size(); ++i) pool_.Unref(r.pages[i]);
+  r.pages.resize(keep);
+  index_.Fill(row, new_len, len, -1);
+  r.len = new_len;
+  AttachTail(r);
+  int64_t after = 0;
+  for (int32_t p : touched) after += PageFill(p);
+  stored_tokens_ += after - before;
+  UpdatePeaks();
+  return absl::OkStatus();
+}
+
+absl::Status PagedLayout::Share(int32_t parent, int64_t len, int32_t child) {
+  if (parent < 0 || parent >= config_.max_requests) return BadRow("Share", parent, len, -1);
+  if (child < 0 || child >= config_.max_requests || child == parent) {
+    return BadRow("Share (child)", child, 0, -1);
+  }
+  const Row& p = rows_[parent];
+  Row& c = rows_[child];
+  if (!p.live || len < 0 || len > p.len) return BadRow("Share", parent, len, p.live ? p.len : -1);
+  if (!c.live || c.len != 0) return BadRow("Share (child)", child, 0, c.live ? c.len : -1);
+  const int64_t n = PagesFor(len);
+  int64_t before = 0;
+  for (int64_t i = 0; i < n; ++i) before += PageFill(p.pages[i]);
+  c.pages.assign(p.pages.begin(), p.pages.begin() + n);
+  for (int32_t page : c.pages) pool_.AddRef(page);
+  c.len = len;
+  index_.CopyPrefix(parent, child, len);
+  AttachTail(c);
+  // The child fills no page further than the parent does, so this is 0; kept exact anyway.
+  int64_t after = 0;
+  for (int32_t page : c.pages) after += PageFill(page);
+  stored_tokens_ += after - before;
+  UpdatePeaks();
+  return absl::OkStatus();
+}
+
+absl::Status PagedLayout::Release(int32_t row, int64_t len, Fence fence) {
+  if (row < 0 || row >= config_.max_requests) return BadRow("Release", row, len, -1);
+  Row& r = rows_[row];
+  if (!r.live || r.len != len) return BadRow("Release", row, len, r.live ? r.len : -1);
+  int64_t before = 0;
+  for (int32_t p : r.pages) before += PageFill(p);
+  DetachTail(r);
+  for (int32_t p : r.pages) pool_.Unref(p, fence);
+  index_.Fill(row, 0, len, -1);
+  const std::vector<int32_t> pages = std::move(r.pages);
+  r = Row{};
+  free_rows_.Insert(row);
+  int64_t after = 0;
+  for (int32_t p : pages) after += PageFill(p);
+  stored_tokens_ += after - before;
+  UpdatePeaks();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> PagedLayout::Trim() {
+  if (!config_.elastic_pool) return 0;  // a fixed pool keeps the whole budget mapped
+  ReleasePending();
+  ReclaimQuarantine(/*scan_all=*/true);
+  const int64_t highest = pool_.HighestNonFree();
+  const int64_t keep =
+      highest < 0 ? 0 : CeilDiv((highest + 1) * geo_.pool_page_bytes, geo_.granularity);
+  const int64_t before = mapped_chunks();
+  if (keep >= before) return 0;
+  absl::Status s = UnmapChunks(keep);
+  if (!s.ok()) return WithContext(s, "paged layout: Trim");
+  return (before - keep) * geo_.num_pools * geo_.granularity;
+}
+
+// ---- queries ------------------------------------------------------------------
+
+int64_t PagedLayout::SlotOf(int32_t row, int64_t pos) const { return index_.Get(row, pos); }
+
+absl::StatusOr<std::vector<int32_t>> PagedLayout::BlockTable(int32_t row, int64_t len) const {
+  if (row < 0 || row >= config_.max_requests || !rows_[row].live) {
+    return BadRow("BlockTable", row, len, -1);
+  }
+  const Row& r = rows_[row];
+  const int64_t n = PagesFor(len);
+  if (len < 0 || n > static_cast<int64_t>(r.pages.size())) {
+    return BadRow("BlockTable", row, len, r.len);
+  }
+  return std::vector<int32_t>(r.pages.begin(), r.pages.begin() + n);
+}
+
+void PagedLayout::FillBatch(BatchMetadata* meta) const {
+  const size_t batch = meta->row_ids.size();
+  int64_t stride = 1;
+  for (size_t b = 0; b < batch; ++b) stride = std::max(stride, PagesFor(meta->seq_lens[b]));
+  meta->page_table_stride = stride;
+  meta->page_table.assign(batch * stride, 0);
+  for (size_t b = 0; b < batch; ++b) {
+    const Row& r = rows_[meta->row_ids[b]];
+    const int64_t n = std::min<int64_t>(PagesFor(meta->seq_lens[b]), r.pages.size());
+    std::copy(r.pages.begin(), r.pages.begin() + n, meta->page_table.begin() + b * stride);
+  }
+}
+
+absl::StatusOr<PagedKv> PagedLayout::PagedView(int layer) const {
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("layer %d out of range [0, %d)", layer, config_.num_layers));
+  }
+  PagedKv view;
+  view.k = reinterpret_cast<void*>(PoolBase(2 * int64_t{layer}));
+  view.v = reinterpret_cast<void*>(PoolBase(2 * int64_t{layer} + 1));
+  view.token_stride = int64_t{config_.num_kv_heads} * config_.head_dim;
+  view.page_stride = pt_ * view.token_stride;
+  view.page_tokens = static_cast<int32_t>(pt_);
+  return view;
+}
+
+absl::StatusOr<VirtualKv> PagedLayout::VirtualView(int layer) const {
+  return absl::FailedPreconditionError("VirtualView of a paged KV cache: use PagedView");
+}
+
+void PagedLayout::FillStats(Stats* s) const {
+  const int64_t page_bytes = pt_ * config_.TokenBytes();
+  const int64_t mapped = mapped_chunks() * geo_.num_pools * geo_.granularity;
+  s->page_bytes = page_bytes;
+  s->pages_total = geo_.num_pages;
+  s->pages_free = pool_.free_count();
+  s->pages_used = pool_.used_count();
+  s->pages_shared = pool_.shared_count();
+  s->pages_quarantined = pool_.quarantined_count();
+  s->stored_tokens = stored_tokens_;
+  s->live_bytes = stored_tokens_ * config_.TokenBytes();
+  s->held_bytes = pool_.used_count() * page_bytes;
+  s->idle_bytes = (usable_pages_ - pool_.used_count()) * page_bytes;
+  s->mapped_bytes = mapped;
+  // Every handle is mapped exactly once, but for trimmed ones whose release failed.
+  s->physical_bytes = mapped + static_cast<int64_t>(unreleased_.size()) * geo_.granularity;
+  s->peak_held_bytes = peak_held_bytes_;
+  s->peak_live_bytes = peak_live_bytes_;
+  s->cow_copies = cow_copies_;
+  s->pool_create_nanos = pool_create_nanos_;
+  s->vmm = vmm_->counters();
+}
+
+absl::Status PagedLayout::CheckInvariants(
+    const std::vector<std::pair<int32_t, int64_t>>& live) const {
+  const int32_t num_rows = config_.max_requests;
+  std::vector<int64_t> want(num_rows, -1);
+  for (const auto& [row, len] : live) {
+    if (row < 0 || row >= num_rows) return Corrupt("live row %d out of range", row);
+    if (want[row] >= 0) return Corrupt("row %d listed twice", row);
+    want[row] = len;
+  }
+  std::vector<int32_t> owners(geo_.num_pages, 0);
+  std::vector<int32_t> partial(geo_.num_pages, 0);
+  std::vector<int64_t> partial_sum(geo_.num_pages, 0);
+  std::vector<int64_t> fill(geo_.num_pages, 0);
+  int64_t live_rows = 0;
+  for (int32_t row = 0; row < num_rows; ++row) {
+    const Row& r = rows_[row];
+    if (want[row] < 0) {
+      if (r.live) return Corrupt("row %d is live in the layout but no request holds it", row);
+      if (r.len != 0 || !r.pages.empty()) {
+        return Corrupt("idle row %d owns %d tokens in %d pages", row, r.len, r.pages.size());
+      }
+      if (!free_rows_.Contains(row)) return Corrupt("idle row %d is not in the free row set", row);
+      for (int64_t pos = 0; pos < index_.high_water(row); ++pos) {
+        if (index_.Get(row, pos) != -1) {
+          return Corrupt("idle row %d has slot %d at position %d", row, index_.Get(row, pos), pos);
+        }
+      }
+      continue;
+    }
+    ++live_rows;
+    if (!r.live) return Corrupt("row %d holds a request but the layout has it idle", row);
+    if (free_rows_.Contains(row)) return Corrupt("live row %d is in the free row set", row);
+    if (r.len != want[row]) {
+      return Corrupt("row %d has %d tokens in the layout, %d in the cache", row, r.len, want[row]);
+    }
+    if (static_cast<int64_t>(r.pages.size()) != PagesFor(r.len)) {
+      return Corrupt("row %d with %d tokens has %d pages, want %d", row, r.len, r.pages.size(),
+                     PagesFor(r.len));
+    }
+    for (size_t i = 0; i < r.pages.size(); ++i) {
+      const int32_t p = r.pages[i];
+      if (p < 0 || p >= geo_.num_pages) return Corrupt("row %d holds page %d out of range", row, p);
+      if (p >= usable_pages_) {
+        return Corrupt("row %d holds page %d beyond the %d mapped pages", row, p, usable_pages_);
+      }
+      ++owners[p];
+      const bool last = i + 1 == r.pages.size();
+      const int64_t f = last && r.len % pt_ != 0 ? r.len % pt_ : pt_;
+      fill[p] = std::max(fill[p], f);
+      if (f != pt_) {
+        ++partial[p];
+        partial_sum[p] += f;
+      }
+    }
+    for (int64_t pos = 0; pos < r.len; ++pos) {
+      const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
+      if (index_.Get(row, pos) != slot) {
+        return Corrupt("row %d position %d: index has slot %d, block table gives %d", row, pos,
+                       index_.Get(row, pos), slot);
+      }
+    }
+    for (int64_t pos = r.len; pos < std::max(index_.high_water(row), r.len + 1); ++pos) {
+      if (pos >= config_.max_context) break;
+      if (index_.Get(row, pos) != -1) {
+        return Corrupt("row %d with %d tokens has slot %d at position %d", row, r.len,
+                       index_.Get(row, pos), pos);
+      }
+    }
+  }
+  if (live_rows + free_rows_.count() != num_rows) {
+    return Corrupt("%d live rows + %d free rows != %d rows", live_rows, free_rows_.count(),
+                   num_rows);
+  }
+  KVMEM_RETURN_IF_ERROR(pool_.CheckConsistency());
+  int64_t stored = 0;
+  for (int32_t p = 0; p < geo_.num_pages; ++p) {
+    if (owners[p] != pool_.refcount(p)) {
+      return Corrupt("page %d has refcount %d but %d live rows hold it", p, pool_.refcount(p),
+                     owners[p]);
+    }
+    if (partial[p] != partial_refs_[p] || partial_sum[p] != partial_sum_[p]) {
+      return Corrupt("page %d: %d rows end in it filling %d slots; tracked %d rows, %d slots", p,
+                     partial[p], partial_sum[p], partial_refs_[p], partial_sum_[p]);
+    }
+    stored += fill[p];
+  }
+  if (stored != stored_tokens_) {
+    return Corrupt("stored tokens %d, recount %d", stored_tokens_, stored);
+  }
+  const int64_t highest = pool_.HighestNonFree();
+  if (highest >= usable_pages_) {
+    return Corrupt("page %d is used or quarantined beyond the %d mapped pages", highest,
+                   usable_pages_);
+  }
+  // Pages beyond the mapped ones must all be free; the rest are free, used or quarantined.
+  int64_t free_mapped = 0, free_unmapped = 0;
+  for (int32_t p = 0; p < geo_.num_pages; ++p) {
+    if (pool_.is_free(p)) (p < usable_pages_ ? free_mapped : free_unmapped)++;
+  }
+  const int64_t unmapped = geo_.num_pages - usable_pages_;
+  if (free_unmapped != unmapped) {
+    return Corrupt("%d of the %d unmapped pages are free", free_unmapped, unmapped);
+  }
+  if (free_mapped + pool_.used_count() + pool_.quarantined_count() + unmapped != geo_.num_pages) {
+    return Corrupt("free %d + used %d + quarantined %d + unmapped %d != %d pages", free_mapped,
+                   pool_.used_count(), pool_.quarantined_count(), unmapped, geo_.num_pages);
+  }
+  if (mapped_chunks() > geo_.chunks_total) {
+    return Corrupt("%d chunks mapped, the pool has %d", mapped_chunks(), geo_.chunks_total);
+  }
+  if (!config_.elastic_pool && mapped_chunks() != geo_.chunks_total) {
+    return Corrupt("fixed pool has %d of its %d chunks mapped", mapped_chunks(), geo_.chunks_total);
+  }
+  if (usable_pages_ != UsablePagesFor(mapped_chunks())) {
+    return Corrupt("%d usable pages but %d chunks map %d", usable_pages_, mapped_chunks(),
+                   UsablePagesFor(mapped_chunks()));
+  }
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    if (static_cast<int64_t>(chunks_[c].size()) != geo_.num_pools) {
+      return Corrupt("chunk %d has %d handles, want %d", c, chunks_[c].size(), geo_.num_pools);
+    }
+    for (const PhysicalPage& h : chunks_[c]) {
+      if (!h.valid()) return Corrupt("chunk %d holds a released handle", c);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvmem::internal

@@ -1,0 +1,153 @@
+// PagedLayout: the paged layout (vLLM / SGLang / FlashInfer style) behind
+// internal::MakePagedLayout. A page holds page_tokens tokens of every layer: per layer,
+// K and V pools [num_pages, page_tokens, kv_heads, head_dim] (2 * num_layers pools),
+// each in its own region of one VMM reservation. Page p of pool i starts at
+// base + i * region_bytes + p * pool_page_bytes (64-bit byte offsets throughout).
+//
+// Memory: the pools are backed in chunks; chunk c is granule c of every pool (2L
+// physical handles). An elastic pool maps chunks only when an allocation needs a page
+// beyond what is mapped, and Trim() gives back trailing chunks whose pages are all
+// free; page p is usable only when all its bytes in every pool are mapped (pages may
+// straddle granules). Pages are placed by config.page_placement (next to the request's
+// last page by default, PagePool::AllocateNear); either way none beyond the mapped ones
+// while a mapped page is free.
+//
+// Sharing: pages are ref-counted (PagePool). A row writing into its partly filled last
+// page while that page is shared, or while a row that shared it was freed under a fence
+// still pending, first copies the filled slots to a new page (copy on write). Freed pages wait in
+// the pool's quarantine until their fence completes; Shrink frees at once (the engine has
+// synchronised before rewinding a request).
+//
+// Error model: every mutating call is all-or-nothing (see src/kv_layout.h).
+// Thread safety: none; KvCache calls it under its mutex.
+// Ownership: owns its reservation, physical handles and token index; keeps the backend
+// alive through a shared_ptr.
+#ifndef KVMEM_ALLOCATORS_PAGED_PAGED_LAYOUT_H_
+#define KVMEM_ALLOCATORS_PAGED_PAGED_LAYOUT_H_
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocators/layout/kv_layout.h"
+#include "allocators/vmm/vmm_resources.h"
+#include "kvmem/config.h"
+#include "kvmem/vmm.h"
+#include "src/core/page_pool.h"
+#include "src/core/token_index.h"
+
+namespace kvmem::internal {
+
+// How many pages a budget holds, with the granularity rounding of what gets mapped:
+// 2L pools x ceil(num_pages * pool_page_bytes / granularity) granules <= budget.
+struct PagedGeometry {
+  int64_t num_pools = 0;        // 2 * num_layers
+  int64_t pool_page_bytes = 0;  // page_tokens * TokenLayerBytes
+  int64_t granularity = 0;
+  int32_t num_pages = 0;
+  int64_t region_bytes = 0;  // one pool's region, a multiple of granularity
+  int64_t chunks_total = 0;  // region_bytes / granularity
+};
+// InvalidArgument (with the numbers) when one request at max_context does not fit.
+absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
+                                                   int64_t granularity);
+
+class PagedLayout final : public KvLayout {
+ public:
+  static absl::StatusOr<std::unique_ptr<PagedLayout>> Create(const KvCacheConfig& config,
+                                                             std::shared_ptr<Vmm> vmm);
+  ~PagedLayout() override;
+  PagedLayout(const PagedLayout&) = delete;
+  PagedLayout& operator=(const PagedLayout&) = delete;
+
+  absl::StatusOr<int32_t> AcquireRow() override;
+  absl::Status Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) override;
+  absl::Status Shrink(int32_t row, int64_t len, int64_t new_len) override;
+  absl::Status Share(int32_t parent, int64_t len, int32_t child) override;
+  absl::Status Release(int32_t row, int64_t len, Fence fence) override;
+  absl::StatusOr<int64_t> Trim() override;
+
+  int64_t SlotOf(int32_t row, int64_t pos) const override;
+  absl::StatusOr<std::vector<int32_t>> BlockTable(int32_t row, int64_t len) const override;
+  void FillBatch(BatchMetadata* meta) const override;
+  absl::StatusOr<PagedKv> PagedView(int layer) const override;
+  absl::StatusOr<VirtualKv> VirtualView(int layer) const override;
+  void FillStats(Stats* stats) const override;
+  absl::Status CheckInvariants(const std::vector<std::pair<int32_t, int64_t>>& live) const override;
+
+  const PagedGeometry& geometry() const { return geo_; }
+  int64_t mapped_chunks() const { return static_cast<int64_t>(chunks_.size()); }
+  // Pages whose bytes are mapped in every pool.
+  int64_t usable_pages() const { return usable_pages_; }
+  const TokenIndex& token_index() const { return index_; }
+
+ private:
+  struct Row {
+    bool live = false;
+    int64_t len = 0;
+    std::vector<int32_t> pages;  // block table: ceil(len / page_tokens) page ids
+  };
+
+  PagedLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm, PagedGeometry geo,
+              TokenIndex index, Reservation reservation);
+
+  uintptr_t PoolBase(int64_t pool) const {
+    return reservation_.addr() + static_cast<uintptr_t>(pool * geo_.region_bytes);
+  }
+  uintptr_t PageAddr(int64_t pool, int32_t page) const {
+    return PoolBase(pool) + static_cast<uintptr_t>(int64_t{page} * geo_.pool_page_bytes);
+  }
+  int64_t Slot(int32_t page, int64_t offset) const { return int64_t{page} * pt_ + offset; }
+  int64_t PagesFor(int64_t len) const { return (len + pt_ - 1) / pt_; }
+  int64_t UsablePagesFor(int64_t chunks) const;
+
+  // Takes `count` pages for a request whose last page is `near` (-1: none), placed by
+  // config_.page_placement, reclaiming quarantine and mapping chunks as needed. On error
+  // nothing is taken or mapped.
+  absl::StatusOr<std::vector<int32_t>> TakePages(int64_t count, int32_t near);
+  // Undoes TakePages: frees `pages` and unmaps chunks beyond `chunks_before`.
+  absl::Status UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before);
+  // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool.
+  absl::Status MapChunks(int64_t target);
+  // Unmaps and releases chunks [target, mapped). On error every chunk stays mapped.
+  // Retries the release of handles in unreleased_.
+  void ReleasePending();
+  absl::Status UnmapChunks(int64_t target);
+  void ReclaimQuarantine(bool scan_all);
+
+  // Distinct live tokens of page p: the most any owner fills it.
+  int64_t PageFill(int32_t page) const;
+  // A row's partly filled last page is tracked in partial_refs_ / partial_sum_ so that
+  // PageFill is O(1) unless several rows end partway through the same page.
+  void DetachTail(const Row& r);
+  void AttachTail(const Row& r);
+  void UpdatePeaks();
+
+  const KvCacheConfig config_;
+  const std::shared_ptr<Vmm> vmm_;
+  const PagedGeometry geo_;
+  const int64_t pt_;  // page_tokens
+  Reservation reservation_;
+  std::vector<std::vector<PhysicalPage>> chunks_;  // [chunk][pool]
+  std::vector<PhysicalPage> unreleased_;  // trimmed, but the backend failed to release them
+  int64_t usable_pages_ = 0;
+  PagePool pool_;
+  TokenIndex index_;
+  std::vector<Row> rows_;
+  IdBitmap free_rows_;
+  std::vector<int32_t> partial_refs_;  // [page] rows whose partly filled last page it is
+  std::vector<int64_t> partial_sum_;   // [page] sum of those rows' fills
+
+  int64_t stored_tokens_ = 0;
+  int64_t cow_copies_ = 0;
+  int64_t peak_held_bytes_ = 0;
+  int64_t peak_live_bytes_ = 0;
+  int64_t pool_create_nanos_ = 0;
+};
+
+}  // namespace kvmem::internal
+
+#endif  // KVMEM_ALLOCATORS_PAGED_PAGED_LAYOUT_H_

@@ -1,0 +1,60 @@
+// RAII owners of backend resources: a reservation and a physical handle. Their
+// destructors give the resource back and log (never throw) if the backend fails.
+// Mapped ranges are tracked by the layouts, which unmap before these are destroyed.
+#ifndef KVMEM_ALLOCATORS_VMM_VMM_RESOURCES_H_
+#define KVMEM_ALLOCATORS_VMM_VMM_RESOURCES_H_
+
+#include <cstdint>
+#include <utility>
+
+#include "absl/status/statusor.h"
+#include "kvmem/vmm.h"
+
+namespace kvmem::internal {
+
+class Reservation {
+ public:
+  Reservation() = default;
+  static absl::StatusOr<Reservation> Make(Vmm* vmm, int64_t bytes);
+  ~Reservation() { Reset(); }
+  Reservation(Reservation&& o) noexcept { *this = std::move(o); }
+  Reservation& operator=(Reservation&& o) noexcept;
+  Reservation(const Reservation&) = delete;
+  Reservation& operator=(const Reservation&) = delete;
+
+  uintptr_t addr() const { return addr_; }
+  int64_t size() const { return size_; }
+  bool valid() const { return vmm_ != nullptr; }
+  void Reset();
+
+ private:
+  Vmm* vmm_ = nullptr;
+  uintptr_t addr_ = 0;
+  int64_t size_ = 0;
+};
+
+class PhysicalPage {
+ public:
+  PhysicalPage() = default;
+  static absl::StatusOr<PhysicalPage> Make(Vmm* vmm);
+  ~PhysicalPage() { Reset(); }
+  PhysicalPage(PhysicalPage&& o) noexcept { *this = std::move(o); }
+  PhysicalPage& operator=(PhysicalPage&& o) noexcept;
+  PhysicalPage(const PhysicalPage&) = delete;
+  PhysicalPage& operator=(const PhysicalPage&) = delete;
+
+  PhysHandle handle() const { return handle_; }
+  bool valid() const { return vmm_ != nullptr; }
+  // Releases the handle now. On failure the handle stays owned (and valid), so the
+  // caller can retry instead of leaking it; Reset() only logs.
+  absl::Status Release();
+  void Reset();
+
+ private:
+  Vmm* vmm_ = nullptr;
+  PhysHandle handle_ = 0;
+};
+
+}  // namespace kvmem::internal
+
+#endif  // KVMEM_ALLOCATORS_VMM_VMM_RESOURCES_H_

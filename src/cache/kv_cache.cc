@@ -1,0 +1,311 @@
+// KvCache: request ids, lengths, argument checks and locking over a KvLayout.
+#include "kvmem/kv_cache.h"
+
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "allocators/layout/kv_layout.h"
+#include "src/core/status_macros.h"
+
+namespace kvmem {
+
+struct KvCache::Impl {
+  struct Request {
+    int32_t row;
+    int64_t length;
+  };
+
+  KvCacheConfig config;
+  std::shared_ptr<Vmm> vmm;
+  mutable absl::Mutex mu;
+  std::unique_ptr<internal::KvLayout> layout ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<RequestId, Request> requests ABSL_GUARDED_BY(mu);
+  int64_t logical_tokens ABSL_GUARDED_BY(mu) = 0;
+  int64_t peak_requests ABSL_GUARDED_BY(mu) = 0;
+  int64_t extends ABSL_GUARDED_BY(mu) = 0;
+  int64_t forks ABSL_GUARDED_BY(mu) = 0;
+
+  absl::StatusOr<Request*> Find(RequestId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto it = requests.find(id);
+    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
+    return &it->second;
+  }
+  absl::StatusOr<const Request*> Find(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    auto it = requests.find(id);
+    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
+    return &it->second;
+  }
+  absl::Status CheckNew(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    if (requests.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrFormat("request %d already exists", id));
+    }
+    return absl::OkStatus();
+  }
+  void Admitted() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    peak_requests = std::max<int64_t>(peak_requests, requests.size());
+  }
+};
+
+namespace {
+
+absl::StatusOr<std::shared_ptr<Vmm>> SelectBackend(const KvCacheConfig& config) {
+  if (config.vmm != nullptr) return config.vmm;
+  if (config.device == DeviceKind::kHost) {
+    KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Vmm> vmm, MakeHostVmm(config.host_granularity));
+    return std::shared_ptr<Vmm>(std::move(vmm));
+  }
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Vmm> vmm, MakeCudaVmm(config.device_ordinal));
+  return std::shared_ptr<Vmm>(std::move(vmm));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& config) {
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  KVMEM_ASSIGN_OR_RETURN(impl->vmm, SelectBackend(config));
+  impl->config.vmm = impl->vmm;
+  absl::StatusOr<std::unique_ptr<internal::KvLayout>> layout =
+      config.layout == Layout::kPaged ? internal::MakePagedLayout(impl->config, impl->vmm)
+                                      : internal::MakeVirtualLayout(impl->config, impl->vmm);
+  if (!layout.ok()) return layout.status();
+  {
+    absl::MutexLock lock(&impl->mu);
+    impl->layout = std::move(*layout);
+  }
+  return std::unique_ptr<KvCache>(new KvCache(std::move(impl)));
+}
+
+KvCache::KvCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+KvCache::~KvCache() {
+  if (impl_ == nullptr) return;
+  absl::MutexLock lock(&impl_->mu);
+  // Live requests' memory goes back before the layout (and its reservations) is destroyed.
+  for (const auto& [id, req] : impl_->requests) {
+    (void)impl_->layout->Release(req.row, req.length, Fence{});
+  }
+  impl_->requests.clear();
+  impl_->layout.reset();
+}
+
+const KvCacheConfig& KvCache::config() const { return impl_->config; }
+
+absl::StatusOr<int32_t> KvCache::AddRequest(RequestId id) {
+  absl::MutexLock lock(&impl_->mu);
+  KVMEM_RETURN_IF_ERROR(impl_->CheckNew(id));
+  KVMEM_ASSIGN_OR_RETURN(int32_t row, impl_->layout->AcquireRow());
+  impl_->requests.emplace(id, Impl::Request{row, 0});
+  impl_->Admitted();
+  return row;
+}
+
+absl::Status KvCache::ExtendInto(RequestId id, int64_t n, std::vector<int64_t>* out) {
+  absl::MutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
+  if (n < 0) return absl::InvalidArgumentError(absl::StrFormat("Extend by %d tokens", n));
+  if (n > impl_->config.max_context - req->length) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("request %d: %d + %d tokens exceeds max_context %d", id, req->length, n,
+                        impl_->config.max_context));
+  }
+  if (n == 0) return absl::OkStatus();
+  const size_t before = out->size();
+  absl::Status s = impl_->layout->Grow(req->row, req->length, n, out);
+  if (!s.ok()) {
+    out->resize(before);
+    return s;
+  }
+  req->length += n;
+  impl_->logical_tokens += n;
+  ++impl_->extends;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> KvCache::Extend(RequestId id, int64_t n) {
+  std::vector<int64_t> locs;
+  KVMEM_RETURN_IF_ERROR(ExtendInto(id, n, &locs));
+  return locs;
+}
+
+absl::Status KvCache::Truncate(RequestId id, int64_t new_length) {
+  absl::MutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
+  if (new_length < 0 || new_length > req->length) {
+    return absl::OutOfRangeError(absl::StrFormat("request %d: Truncate to %d tokens, but it has %d",
+                                                 id, new_length, req->length));
+  }
+  if (new_length == req->length) return absl::OkStatus();
+  KVMEM_RETURN_IF_ERROR(impl_->layout->Shrink(req->row, req->length, new_length));
+  impl_->logical_tokens -= req->length - new_length;
+  req->length = new_length;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
+  absl::MutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(const Impl::Request* p, impl_->Find(parent));
+  KVMEM_RETURN_IF_ERROR(impl_->CheckNew(child));
+  const Impl::Request parent_req = *p;
+  KVMEM_ASSIGN_OR_RETURN(int32_t row, impl_->layout->AcquireRow());
+  absl::Status s = impl_->layout->Share(parent_req.row, parent_req.length, row);
+  if (!s.ok()) {
+    absl::Status r = impl_->layout->Release(row, 0, Fence{});
+    if (!r.ok()) return absl::InternalError("Fork rollback failed: " + r.ToString());
+    return s;
+  }
+  impl_->requests.emplace(child, Impl::Request{row, parent_req.length});
+  impl_->logical_tokens += parent_req.length;
+  ++impl_->forks;
+  impl_->Admitted();
+  return row;
+}
+
+absl::Status KvCache::Free(RequestId id, Fence fence) {
+  absl::MutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
+  KVMEM_RETURN_IF_ERROR(impl_->layout->Release(req->row, req->length, fence));
+  impl_->logical_tokens -= req->length;
+  impl_->requests.erase(id);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> KvCache::Trim() {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->layout->Trim();
+}
+
+absl::StatusOr<int64_t> KvCache::Length(RequestId id) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
+  return req->length;
+}
+
+absl::StatusOr<int32_t> KvCache::Row(RequestId id) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
+  return req->row;
+}
+
+bool KvCache::Contains(RequestId id) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  return impl_->requests.contains(id);
+}
+
+absl::Status KvCache::ReqToToken(RequestId id, std::vector<int32_t>* out) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
+  // Slots are int32 in the index (SGLang's req_to_token); a slot that does not fit
+  // (virtual: row * max_context + pos past 2^31) is an error, never a truncated value.
+  std::vector<int32_t> slots(req->length);
+  for (int64_t pos = 0; pos < req->length; ++pos) {
+    const int64_t slot = impl_->layout->SlotOf(req->row, pos);
+    if (slot < 0 || slot > std::numeric_limits<int32_t>::max()) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "request %d: slot %d of token %d (row %d) does not fit the int32 token index; "
+          "use the int64 locations from Extend",
+          id, slot, pos, req->row));
+    }
+    slots[pos] = static_cast<int32_t>(slot);
+  }
+  *out = std::move(slots);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int32_t>> KvCache::BlockTable(RequestId id) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
+  return impl_->layout->BlockTable(req->row, req->length);
+}
+
+absl::Status KvCache::BuildBatchMetadata(absl::Span<const RequestId> ids,
+                                         BatchMetadata* out) const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  BatchMetadata meta;
+  meta.seq_lens.reserve(ids.size());
+  meta.row_ids.reserve(ids.size());
+  for (RequestId id : ids) {
+    KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
+    meta.seq_lens.push_back(static_cast<int32_t>(req->length));
+    meta.row_ids.push_back(req->row);
+    meta.max_seq_len = std::max<int32_t>(meta.max_seq_len, static_cast<int32_t>(req->length));
+  }
+  impl_->layout->FillBatch(&meta);
+  *out = std::move(meta);
+  return absl::OkStatus();
+}
+
+namespace {
+absl::Status CheckLayer(const KvCacheConfig& config, int layer) {
+  if (layer < 0 || layer >= config.num_layers) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("layer %d out of range [0, %d)", layer, config.num_layers));
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::StatusOr<PagedKv> KvCache::PagedView(int layer, const BatchMetadata& meta) const {
+  KVMEM_RETURN_IF_ERROR(CheckLayer(impl_->config, layer));
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(PagedKv view, impl_->layout->PagedView(layer));
+  view.page_table = meta.page_table.empty() ? nullptr : meta.page_table.data();
+  view.page_table_stride = meta.page_table_stride;
+  return view;
+}
+
+absl::StatusOr<VirtualKv> KvCache::VirtualView(int layer, const BatchMetadata& meta) const {
+  KVMEM_RETURN_IF_ERROR(CheckLayer(impl_->config, layer));
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(VirtualKv view, impl_->layout->VirtualView(layer));
+  view.row_ids = meta.row_ids.empty() ? nullptr : meta.row_ids.data();
+  return view;
+}
+
+Stats KvCache::GetStats() const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  Stats s;
+  impl_->layout->FillStats(&s);
+  s.num_requests = static_cast<int64_t>(impl_->requests.size());
+  s.logical_tokens = impl_->logical_tokens;
+  s.peak_requests = impl_->peak_requests;
+  s.extends = impl_->extends;
+  s.forks = impl_->forks;
+  s.budget_bytes = impl_->config.memory_budget_bytes;
+  return s;
+}
+
+absl::Status KvCache::CheckInvariants() const {
+  absl::ReaderMutexLock lock(&impl_->mu);
+  std::vector<std::pair<int32_t, int64_t>> live;
+  live.reserve(impl_->requests.size());
+  absl::flat_hash_map<int32_t, RequestId> rows;
+  int64_t tokens = 0;
+  for (const auto& [id, req] : impl_->requests) {
+    if (req.row < 0 || req.row >= impl_->config.max_requests) {
+      return absl::InternalError(absl::StrFormat("request %d has row %d", id, req.row));
+    }
+    if (req.length < 0 || req.length > impl_->config.max_context) {
+      return absl::InternalError(absl::StrFormat("request %d has length %d", id, req.length));
+    }
+    if (auto [it, inserted] = rows.emplace(req.row, id); !inserted) {
+      return absl::InternalError(
+          absl::StrFormat("row %d held by requests %d and %d", req.row, it->second, id));
+    }
+    tokens += req.length;
+    live.emplace_back(req.row, req.length);
+  }
+  if (tokens != impl_->logical_tokens) {
+    return absl::InternalError(absl::StrFormat("logical tokens %d, but requests sum to %d",
+                                               impl_->logical_tokens, tokens));
+  }
+  return impl_->layout->CheckInvariants(live);
+}
+
+}  // namespace kvmem
