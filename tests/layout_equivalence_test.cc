@@ -27,6 +27,7 @@
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/reference_attention.h"
+#include "tests/test_printers.h"
 
 namespace kvmem {
 namespace {

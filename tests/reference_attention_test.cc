@@ -24,6 +24,7 @@
 #include "absl/types/span.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_printers.h"
 
 namespace kvmem {
 namespace {
@@ -316,6 +317,15 @@ struct Case {
   float scale = 0.f;
 };
 
+// "q8_kv2_d64_bf16_wnone": the test name and how ctest shows the parameter.
+std::string CaseName(const Case& c) {
+  return "q" + std::to_string(c.q_heads) + "_kv" + std::to_string(c.kv_heads) + "_d" +
+         std::to_string(c.head_dim) + "_" + std::string(DTypeName(c.dtype)) + "_w" +
+         (c.window < 0 ? std::string("none") : std::to_string(c.window)) +
+         (c.scale != 0.f ? "_scaled" : "");
+}
+void PrintTo(const Case& c, std::ostream* os) { *os << CaseName(c); }
+
 class ReferenceVsDenseTest : public ::testing::TestWithParam<Case> {
  protected:
   AttentionShape Shape() const {
@@ -416,13 +426,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{8, 2, 64, DType::kBFloat16, 1000},
         // An explicit softmax scale.
         Case{8, 2, 64, DType::kFloat32, -1, 0.37f}, Case{28, 4, 128, DType::kFloat32, -1, 0.f}),
-    [](const ::testing::TestParamInfo<Case>& info) {
-      const Case& c = info.param;
-      return "q" + std::to_string(c.q_heads) + "_kv" + std::to_string(c.kv_heads) + "_d" +
-             std::to_string(c.head_dim) + "_" + std::string(DTypeName(c.dtype)) + "_w" +
-             (c.window < 0 ? std::string("none") : std::to_string(c.window)) +
-             (c.scale != 0.f ? "_scaled" : "");
-    });
+    [](const ::testing::TestParamInfo<Case>& info) { return CaseName(info.param); });
 
 // ---- hand-checkable cases ---------------------------------------------------------------
 

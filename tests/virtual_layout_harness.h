@@ -21,6 +21,7 @@
 #include "kvmem/stats.h"
 #include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
+#include "tests/test_printers.h"
 
 namespace kvmem::internal::testing_virtual {
 
@@ -219,6 +220,8 @@ struct ShapeCase {
   int64_t max_context;
   int chunk = 0;  // KvCacheConfig::chunk_tokens (all layers)
 };
+
+inline void PrintTo(const ShapeCase& c, std::ostream* os) { *os << c.name; }
 
 // SmallConfig in `p`'s shape, `rows` rows, a budget of `budget_requests` requests.
 inline KvCacheConfig ShapeConfig(const ShapeCase& p, int rows, int64_t budget_requests) {
