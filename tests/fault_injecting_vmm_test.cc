@@ -76,6 +76,28 @@ TEST_F(FaultInjectingVmmTest, ForwardsEverythingWhenDisarmed) {
   EXPECT_EQ(vmm_->injected_failures(), 0);
 }
 
+TEST_F(FaultInjectingVmmTest, QueryIsForwardedAndNeverFails) {
+  absl::StatusOr<uintptr_t> r = vmm_->Reserve(kGran);
+  ASSERT_TRUE(r.ok()) << r.status();
+  absl::StatusOr<PhysHandle> h = vmm_->Create();
+  ASSERT_TRUE(h.ok()) << h.status();
+  ASSERT_TRUE(vmm_->Map(*r, *h).ok());
+  vmm_->FailNthAny(1);
+  for (VmmOp op : {VmmOp::kMap, VmmOp::kSetAccess, VmmOp::kUnmap}) vmm_->FailFrom(op, 1);
+  const int64_t calls = vmm_->total_calls();
+  absl::StatusOr<MappingState> q = vmm_->Query(*r);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->mapped);
+  EXPECT_EQ(q->handle, *h);
+  EXPECT_FALSE(q->accessible);
+  EXPECT_EQ(vmm_->total_calls(), calls);
+  EXPECT_EQ(vmm_->injected_failures(), 0);
+  vmm_->DisarmAll();
+  ASSERT_TRUE(vmm_->Unmap(*r, kGran).ok());
+  ASSERT_TRUE(vmm_->Release(*h).ok());
+  ASSERT_TRUE(vmm_->FreeReservation(*r, kGran).ok());
+}
+
 TEST_F(FaultInjectingVmmTest, FailNthFailsExactlyThatCallAndDoesNotForwardIt) {
   vmm_->FailNth(VmmOp::kCreate, 3, absl::StatusCode::kUnavailable);
   std::vector<PhysHandle> hs;

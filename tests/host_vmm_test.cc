@@ -209,6 +209,39 @@ TEST_P(HostVmmTest, MapIsInaccessibleUntilSetAccessAndUnmapKeepsReservation) {
   ASSERT_TRUE(vmm_->FreeReservation(a, 2 * g_).ok());
 }
 
+// Query reports what the backend recorded: nothing, a mapping without access, with
+// access; an unaligned address is rejected. It is not a counted call.
+TEST_P(HostVmmTest, QueryReportsMappingAndAccess) {
+  const uintptr_t a = ReserveOrDie(2);
+  const PhysHandle h = CreateOrDie();
+  const VmmCounters before = vmm_->counters();
+  absl::StatusOr<MappingState> q = vmm_->Query(a);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_FALSE(q->mapped);
+  ASSERT_TRUE(vmm_->Map(a + g_, h).ok());
+  q = vmm_->Query(a + g_);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->mapped);
+  EXPECT_EQ(q->handle, h);
+  EXPECT_FALSE(q->accessible);
+  ASSERT_TRUE(vmm_->SetAccess(a + g_, g_).ok());
+  q = vmm_->Query(a + g_);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->accessible);
+  EXPECT_FALSE(vmm_->Query(a)->mapped);
+  EXPECT_EQ(vmm_->Query(a + 64).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(vmm_->Unmap(a + g_, g_).ok());
+  EXPECT_FALSE(vmm_->Query(a + g_)->mapped);
+  const VmmCounters after = vmm_->counters();
+  for (int i = 0; i < Op(VmmOp::kCount); ++i) {
+    const int64_t made =
+        i == Op(VmmOp::kMap) || i == Op(VmmOp::kSetAccess) || i == Op(VmmOp::kUnmap) ? 1 : 0;
+    EXPECT_EQ(after.calls[i], before.calls[i] + made) << VmmOpName(static_cast<VmmOp>(i));
+  }
+  ASSERT_TRUE(vmm_->Release(h).ok());
+  ASSERT_TRUE(vmm_->FreeReservation(a, 2 * g_).ok());
+}
+
 TEST_P(HostVmmTest, MapRejectsBadArgumentsAndChangesNothing) {
   const uintptr_t a = ReserveOrDie(2);
   const PhysHandle h = CreateOrDie();

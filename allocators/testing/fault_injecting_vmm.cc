@@ -173,4 +173,8 @@ bool FaultInjectingVmm::FenceComplete(const Fence& fence) { return inner_->Fence
 
 VmmCounters FaultInjectingVmm::counters() const { return inner_->counters(); }
 
+absl::StatusOr<MappingState> FaultInjectingVmm::Query(uintptr_t addr) const {
+  return inner_->Query(addr);
+}
+
 }  // namespace kvmem

@@ -188,6 +188,8 @@ class CudaVmm final : public Vmm {
   absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) override;
   bool FenceComplete(const Fence& fence) override;
   VmmCounters counters() const override;
+  // From the ledger, which records what the driver calls did (no driver call).
+  absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
 
  private:
   absl::Status Driver(CUresult r, std::string_view what) const {
@@ -432,6 +434,11 @@ VmmCounters CudaVmm::counters() const {
   absl::ReaderMutexLock lock(&mu_);
   ledger_.FillLive(&c);
   return c;
+}
+
+absl::StatusOr<MappingState> CudaVmm::Query(uintptr_t addr) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return ledger_.Query(addr);
 }
 
 }  // namespace

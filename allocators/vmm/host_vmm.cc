@@ -75,6 +75,7 @@ class HostVmm final : public Vmm {
   absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) override;
   bool FenceComplete(const Fence& fence) override;
   VmmCounters counters() const override;
+  absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
 
   int64_t ResidentBytes() const;
 
@@ -292,6 +293,11 @@ VmmCounters HostVmm::counters() const {
   absl::ReaderMutexLock lock(&mu_);
   ledger_.FillLive(&c);
   return c;
+}
+
+absl::StatusOr<MappingState> HostVmm::Query(uintptr_t addr) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return ledger_.Query(addr);
 }
 
 int64_t HostVmm::ResidentBytes() const {

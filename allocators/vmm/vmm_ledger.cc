@@ -163,6 +163,21 @@ void VmmLedger::RemoveMappings(uintptr_t addr, int64_t bytes) {
   }
 }
 
+absl::StatusOr<MappingState> VmmLedger::Query(uintptr_t addr) const {
+  if (addr % granularity_ != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s query: address %#x is not aligned to the granularity %d", backend_,
+                        addr, granularity_));
+  }
+  MappingState state;
+  if (auto it = mappings_.find(addr); it != mappings_.end()) {
+    state.mapped = true;
+    state.handle = it->second.handle;
+    state.accessible = it->second.accessible;
+  }
+  return state;
+}
+
 void VmmLedger::FillLive(VmmCounters* c) const {
   c->live_reservations = static_cast<int64_t>(reservations_.size());
   c->live_handles = static_cast<int64_t>(handles_.size());

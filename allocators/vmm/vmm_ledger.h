@@ -118,6 +118,9 @@ class VmmLedger {
   // Forgets the mappings of the granules of [addr, addr + bytes).
   void RemoveMappings(uintptr_t addr, int64_t bytes);
 
+  // What the granule at addr holds. InvalidArgument for an unaligned address.
+  absl::StatusOr<MappingState> Query(uintptr_t addr) const;
+
   // Fills the live counts of c.
   void FillLive(VmmCounters* c) const;
   bool empty() const { return reservations_.empty() && handles_.empty() && mappings_.empty(); }

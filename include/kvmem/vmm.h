@@ -57,6 +57,13 @@ struct VmmCounters {
   int64_t mapped_granules = 0;    // granules mapped now (an aliased handle counts per mapping)
 };
 
+// What one granule of address space holds, as the backend itself records it.
+struct MappingState {
+  bool mapped = false;
+  PhysHandle handle = 0;    // when mapped
+  bool accessible = false;  // SetAccess covered it since it was mapped
+};
+
 class Vmm {
  public:
   virtual ~Vmm() = default;
@@ -93,6 +100,13 @@ class Vmm {
   virtual bool FenceComplete(const Fence& fence) = 0;
 
   virtual VmmCounters counters() const = 0;
+
+  // What is mapped at the granule at `addr` (granule-aligned), so that a layout's
+  // CheckInvariants can compare its records with the backend's. Not a backend call (not
+  // counted, never injected to fail). Unimplemented where a backend cannot tell.
+  virtual absl::StatusOr<MappingState> Query(uintptr_t addr) const {
+    return absl::UnimplementedError("this memory backend cannot be queried");
+  }
 };
 
 // Real virtual memory on the CPU. `granularity` is a power of two and a multiple of

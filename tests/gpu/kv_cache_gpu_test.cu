@@ -231,6 +231,7 @@ class RecordingVmm : public Vmm {
   }
   bool FenceComplete(const Fence& fence) override { return inner_->FenceComplete(fence); }
   VmmCounters counters() const override { return inner_->counters(); }
+  absl::StatusOr<MappingState> Query(uintptr_t addr) const override { return inner_->Query(addr); }
 
  private:
   void Record(uintptr_t addr, int64_t bytes) {

@@ -48,6 +48,8 @@ class FaultInjectingVmm : public Vmm {
   absl::Status Copy(uintptr_t dst, uintptr_t src, int64_t bytes) override;
   bool FenceComplete(const Fence& fence) override;
   VmmCounters counters() const override;
+  // Forwarded; never fails by injection (it is not a backend call).
+  absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
 
  private:
   struct State;
