@@ -1,5 +1,6 @@
-// The virtual layout: rows, pages, sharing and reclamation. Stats and invariants are in
-// virtual_kv_cache_check.cc, the background mapper's steps at the end of this file.
+// The virtual layout's KvLayout operations, composed of the handle pool, the row table,
+// the reclamation policy and transactions (see virtual_layout.h). Stats and invariants
+// are in virtual_layout_check.cc, the background mapper's steps at the end of this file.
 #include "allocators/virtual/virtual_layout.h"
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -18,11 +20,6 @@
 namespace kvmem::internal {
 namespace {
 
-// a * b, or false when it overflows int64 or either is negative.
-bool MulOk(int64_t a, int64_t b, int64_t* out) {
-  return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out);
-}
-
 // Keeps the backend's code, adds what the layout was doing.
 absl::Status WithContext(const absl::Status& s, const std::string& what) {
   if (s.ok()) return s;
@@ -30,104 +27,6 @@ absl::Status WithContext(const absl::Status& s, const std::string& what) {
 }
 
 }  // namespace
-
-// A broken internal invariant (a kvmem bug, never bad input): log and abort.
-#define KVMEM_VIRTUAL_CHECK(cond, ...)                                             \
-  do {                                                                             \
-    if (!(cond)) {                                                                 \
-      Logger()->critical("virtual layout: check failed: " #cond ": " __VA_ARGS__); \
-      std::abort();                                                                \
-    }                                                                              \
-  } while (0)
-
-namespace {
-
-// KvCacheConfig::chunk_tokens resolved: 0 gives the smallest power of two whose one
-// layer's K and V (2 * chunk * layer_bytes) fill a page, at most max_context rounded up
-// to a power of two. Why a page: decode reads one layer, and every page it touches costs
-// an address-translation entry; with whole pages per layer it touches as few as the
-// per-layer arrangement does (docs/kernels.md).
-int64_t ChunkTokens(const KvCacheConfig& c, int64_t layer_bytes, int64_t granularity) {
-  if (c.chunk_tokens > 0) return c.chunk_tokens;
-  int64_t chunk = 1;
-  while (2 * chunk * layer_bytes < granularity && chunk < c.max_context) chunk *= 2;
-  return chunk;
-}
-
-}  // namespace
-
-int64_t VirtualGeometry::CoveredBytes(int64_t tokens, int64_t page) const {
-  const int64_t lo = page * granularity;
-  const int64_t hi = lo + granularity;
-  auto overlap = [&](int64_t a, int64_t b) {  // |[a, b) n [lo, hi)|
-    return std::max<int64_t>(0, std::min(b, hi) - std::max(a, lo));
-  };
-  const int64_t full = ChunkStart(tokens);  // tokens of whole chunks
-  int64_t bytes = overlap(0, full * segment_token_bytes);
-  const int64_t partial = tokens - full;
-  if (partial == 0) return bytes;
-  // The partial chunk: the first `partial` tokens of each block that meets the page.
-  const int64_t start = full * segment_token_bytes;
-  const int64_t bb = block_bytes();
-  const int64_t first = std::max<int64_t>(0, (lo - start) / bb);
-  for (int64_t j = first; j < chunk_blocks && start + j * bb < hi; ++j) {
-    const int64_t a = start + j * bb;
-    bytes += overlap(a, a + partial * block_token_bytes());
-  }
-  return bytes;
-}
-
-absl::StatusOr<VirtualGeometry> VirtualGeometry::Make(const KvCacheConfig& c, int64_t granularity) {
-  if (granularity <= 0 || (granularity & (granularity - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "virtual layout: backend granularity %d is not a power of two", granularity));
-  }
-  VirtualGeometry g;
-  g.granularity = granularity;
-  g.rows = c.max_requests;
-  g.max_context = c.max_context;
-  // Keep every product below 2^62 so that sums of two offsets cannot overflow either.
-  constexpr int64_t kLimit = int64_t{1} << 62;
-  int64_t layer_bytes = 0;
-  int64_t token_bytes = 0;
-  int64_t row_bytes = 0;
-  int64_t total = 0;
-  if (!MulOk(int64_t{c.num_kv_heads} * c.head_dim, DTypeBytes(c.dtype), &layer_bytes) ||
-      !MulOk(layer_bytes, 2 * int64_t{c.num_layers}, &token_bytes) || token_bytes > kLimit) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "virtual layout: %d layers x %d kv heads x %d head_dim overflows 64-bit byte offsets",
-        c.num_layers, c.num_kv_heads, c.head_dim));
-  }
-  const bool all = c.arrangement == Arrangement::kAllLayers;
-  const int64_t segments = all ? 1 : 2 * int64_t{c.num_layers};
-  if (segments > std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("virtual layout: %d layers is too many segments", c.num_layers));
-  }
-  g.segments = static_cast<int32_t>(segments);
-  g.segment_token_bytes = all ? token_bytes : layer_bytes;
-  if (all) {
-    g.chunk_tokens = ChunkTokens(c, layer_bytes, granularity);
-    if (g.chunk_tokens > 1) g.chunk_blocks = 2 * int64_t{c.num_layers};
-  }
-  // Whole chunks: the last one may reach past max_context.
-  const int64_t row_tokens = g.WholeChunks(c.max_context);
-  if (!MulOk(row_tokens, g.segment_token_bytes, &row_bytes) || row_bytes > kLimit) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "virtual layout: %d tokens (max_context %d in chunks of %d) x %d bytes per token "
-        "overflows 64-bit byte offsets",
-        row_tokens, c.max_context, g.chunk_tokens, g.segment_token_bytes));
-  }
-  g.segment_row_stride = (row_bytes + granularity - 1) / granularity * granularity;
-  g.pages_per_segment = g.segment_row_stride / granularity;
-  if (!MulOk(segments * g.rows, g.segment_row_stride, &total) || total > kLimit) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "virtual layout: %d rows x %d segments x %d bytes of address space overflows 64-bit "
-        "byte offsets",
-        g.rows, segments, g.segment_row_stride));
-  }
-  return g;
-}
 
 absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
                                                             std::shared_ptr<Vmm> vmm) {
@@ -138,7 +37,12 @@ absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig&
 
 VirtualLayout::VirtualLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm,
                              VirtualGeometry geo)
-    : config_(config), vmm_(std::move(vmm)), geo_(geo), token_bytes_(config.TokenBytes()) {}
+    : config_(config),
+      vmm_(std::move(vmm)),
+      geo_(geo),
+      token_bytes_(config.TokenBytes()),
+      rows_(geo, config.TokenBytes(), &pool_, vmm_.get()),
+      reclaim_(geo, &rows_, &pool_) {}
 
 absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCacheConfig& config,
                                                                      std::shared_ptr<Vmm> vmm) {
@@ -181,25 +85,17 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
   }
   absl::MutexLock lock(&cache->mu_);
   const auto start = std::chrono::steady_clock::now();
-  cache->handles_.reserve(static_cast<size_t>(available));
-  cache->free_.reserve(static_cast<size_t>(available));
-  for (int64_t i = 0; i < available; ++i) {
-    absl::StatusOr<PhysicalPage> page = PhysicalPage::Make(vmm.get());
-    if (!page.ok()) {
-      return WithContext(
-          page.status(),
-          absl::StrFormat("creating physical page %d of %d (%d bytes each) for "
-                          "a budget of %d bytes",
-                          i, available, geo.granularity, config.memory_budget_bytes));
-    }
-    cache->handles_.emplace_back().page = std::move(*page);
+  int64_t created = 0;
+  if (absl::Status s = cache->pool_.Create(vmm.get(), available, &created); !s.ok()) {
+    return WithContext(
+        s, absl::StrFormat("creating physical page %d of %d (%d bytes each) for "
+                           "a budget of %d bytes",
+                           created, available, geo.granularity, config.memory_budget_bytes));
   }
   cache->pool_create_nanos_ =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
-  // Handed out from the back: low indices first.
-  for (int64_t i = available - 1; i >= 0; --i) cache->free_.push_back(static_cast<int32_t>(i));
-  cache->rows_.resize(static_cast<size_t>(geo.rows));
+  cache->rows_.Init(cache->reservation_.addr());
   cache->queued_.assign(static_cast<size_t>(geo.rows), false);
   if (config.map_ahead_tokens > 0) {
     VirtualLayout* self = cache.get();
@@ -216,387 +112,122 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
 VirtualLayout::~VirtualLayout() {
   mapper_.reset();  // joins: no job in flight from here on
   absl::MutexLock lock(&mu_);
-  // rows_ is empty when Create failed half-way.
-  for (int32_t row = 0; row < static_cast<int32_t>(rows_.size()); ++row) {
-    Row& r = rows_[row];
-    if (!r.live && !FenceDone(r) && r.mapped > 0) {
+  // Rows do not exist when Create failed half-way.
+  for (int32_t row = 0; row < rows_.size(); ++row) {
+    const Row& r = rows_.row(row);
+    if (!r.live && !rows_.FenceDoneConst(row) && r.mapped > 0) {
       Logger()->warn("virtual layout destroyed while row {} waits for its fence", row);
     }
     std::vector<Granule> granules;
-    for (size_t i = 0; i < r.entries.size(); ++i) {
-      const int32_t h = r.entries[i];
-      if (h == kNoHandle) continue;
-      granules.push_back({Addr(row, static_cast<int64_t>(i) / geo_.segments,
-                               static_cast<int32_t>(i % geo_.segments)),
-                          handles_[h].page.handle()});
+    for (const RowMapping& m : rows_.Mappings(row, 0, /*only_shared=*/false)) {
+      if (rows_.DamageAt(m) == Damage::kUnmapped) continue;  // nothing in the backend
+      granules.push_back({rows_.Addr(m), pool_.phys(m.handle)});
     }
     SortGranules(&granules);
-    if (absl::Status s = UnmapGranules(*vmm_, geo_.granularity, granules); !s.ok()) {
+    if (absl::Status s = UnmapRuns(*vmm_, geo_.granularity, granules); !s.ok()) {
       Logger()->error("virtual layout: unmapping row {} on destruction: {}", row, s.ToString());
     }
   }
-  handles_.clear();  // releases the handles (logged by PhysicalPage on failure)
-}
-
-int32_t& VirtualLayout::MutableEntry(Row& r, int64_t page, int32_t seg) {
-  const size_t i = static_cast<size_t>(page * geo_.segments + seg);
-  if (i >= r.entries.size()) {
-    size_t n = std::max<size_t>(r.entries.size() * 2, static_cast<size_t>(geo_.segments) * 4);
-    n = std::max(n, (i / geo_.segments + 1) * geo_.segments);
-    n = std::min(n, static_cast<size_t>(geo_.pages_per_request()));
-    r.entries.resize(n, kNoHandle);
-  }
-  return r.entries[i];
-}
-
-absl::Status VirtualLayout::CheckLiveRow(int32_t row, int64_t len, const char* op) const {
-  if (row < 0 || row >= geo_.rows) {
-    return absl::InternalError(
-        absl::StrFormat("virtual layout %s: row %d out of [0, %d)", op, row, geo_.rows));
-  }
-  const Row& r = rows_[row];
-  if (!r.live || r.len != len) {
-    return absl::InternalError(absl::StrFormat(
-        "virtual layout %s: row %d is %s with %d tokens, the cache says live with %d", op, row,
-        r.live ? "live" : "idle", r.len, len));
-  }
-  return absl::OkStatus();
-}
-
-bool VirtualLayout::FenceDone(Row& r) {
-  if (r.fence.event == nullptr) return true;
-  if (!vmm_->FenceComplete(r.fence)) return false;
-  r.fence = Fence{};
-  return true;
-}
-
-bool VirtualLayout::FenceDoneConst(const Row& r) const {
-  return r.fence.event == nullptr || vmm_->FenceComplete(r.fence);
-}
-
-// ---- bookkeeping -------------------------------------------------------------
-
-void VirtualLayout::Account(const Handle& h, int sign) {
-  if (h.state == HandleState::kInFlight) in_flight_handles_ += sign;
-  const int64_t refs = static_cast<int64_t>(h.owners.size());
-  if (refs == 0) return;
-  mapped_handles_ += sign;
-  mapped_granules_ += sign * refs;
-  if (h.live_owners > 0) {
-    used_handles_ += sign;
-  } else {
-    idle_handles_ += sign;
-  }
-}
-
-void VirtualLayout::AddMapping(int32_t h, int32_t row, int64_t page, int32_t seg) {
-  Handle& hd = handles_[h];
-  Row& r = rows_[row];
-  Account(hd, -1);
-  if (hd.state == HandleState::kInFlight) --r.in_flight;
-  if (hd.owners.empty()) {
-    hd.seg = seg;
-    hd.index = page;
-  }
-  KVMEM_VIRTUAL_CHECK(hd.seg == seg && hd.index == page, "handle {} mapped at two positions", h);
-  hd.state = HandleState::kMapped;
-  hd.owners.push_back(row);
-  if (r.live) ++hd.live_owners;
-  Account(hd, +1);
-  if (hd.owners.size() == 2) shared_.insert(h);
-  MutableEntry(r, page, seg) = h;
-  ++r.mapped;
-  if (r.live && page >= geo_.PagesFor(r.len)) ++surplus_handles_;
-}
-
-void VirtualLayout::RemoveMapping(int32_t h, int32_t row, int64_t page, int32_t seg) {
-  Handle& hd = handles_[h];
-  Row& r = rows_[row];
-  Account(hd, -1);
-  auto it = std::find(hd.owners.begin(), hd.owners.end(), row);
-  KVMEM_VIRTUAL_CHECK(it != hd.owners.end(), "row {} does not map handle {}", row, h);
-  hd.owners.erase(it);
-  if (r.live) --hd.live_owners;
-  if (hd.owners.size() == 1) shared_.erase(h);
-  if (hd.owners.empty()) {
-    hd.state = HandleState::kFree;
-    hd.seg = -1;
-    hd.index = -1;
-  }
-  Account(hd, +1);
-  MutableEntry(r, page, seg) = kNoHandle;
-  --r.mapped;
-  if (r.live && page >= geo_.PagesFor(r.len)) --surplus_handles_;
-}
-
-int64_t VirtualLayout::MappedFrom(const Row& r, int64_t from) const {
-  int64_t n = 0;
-  for (int64_t k = from; k < PageLimit(r); ++k) {
-    for (int32_t s = 0; s < geo_.segments; ++s) {
-      const int32_t h = Entry(r, k, s);
-      n += h != kNoHandle && handles_[h].state == HandleState::kMapped;
+  for (const auto& [addr, stray] : pool_.strays()) {
+    if (absl::Status s = vmm_->Unmap(addr, geo_.granularity); !s.ok()) {
+      Logger()->error("virtual layout: unmapping a stray mapping at {:#x} on destruction: {}", addr,
+                      s.ToString());
     }
   }
-  return n;
+  pool_.Clear();  // releases the handles (logged by PhysicalPage on failure)
 }
 
-void VirtualLayout::SetLen(Row& r, int64_t len) {
-  if (r.live) {
-    const int64_t old_need = geo_.PagesFor(r.len);
-    const int64_t new_need = geo_.PagesFor(len);
-    if (new_need > old_need) {
-      surplus_handles_ -= MappedFrom(r, old_need) - MappedFrom(r, new_need);
-    } else if (new_need < old_need) {
-      surplus_handles_ += MappedFrom(r, new_need) - MappedFrom(r, old_need);
-    }
+void VirtualLayout::RetryQuarantined() {
+  if (pool_.strays().empty() && !rows_.any_damage()) return;
+  quarantine_error_ = RetryQuarantine(vmm_.get(), geo_.granularity, &pool_, &rows_);
+  if (!quarantine_error_.ok()) {
+    Logger()->warn(
+        "virtual layout: {} stray mapping(s) and damaged pages remain after retrying: {}",
+        pool_.strays().size(), quarantine_error_.ToString());
+  } else if (mapper_ != nullptr && !map_queue_.empty()) {
+    mapper_->Notify();  // handles came back
   }
-  r.len = len;
 }
 
-void VirtualLayout::SetLive(int32_t row, bool live) {
-  Row& r = rows_[row];
-  if (r.live == live) return;
-  for (int32_t h : r.entries) {
-    if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
-    Account(handles_[h], -1);
-    handles_[h].live_owners += live ? 1 : -1;
-    Account(handles_[h], +1);
+absl::Status VirtualLayout::Fail(Transaction& tx, const absl::Status& cause) {
+  absl::Status s = tx.Rollback(cause);
+  if (tx.undo_failed()) {
+    // What the undo could not put back: copies kept under their row (which share less
+    // than before) and idle pages now free.
+    cow_copies_ += tx.kept_copies();
+    pages_reclaimed_ += tx.lost_pages();
+    rows_.RecomputeLiveBytes();
   }
-  const int64_t beyond = MappedFrom(r, geo_.PagesFor(r.len));
-  surplus_handles_ += live ? beyond : -beyond;
-  r.live = live;
-  live_rows_ += live ? 1 : -1;
+  return s;
 }
-
-bool VirtualLayout::PagePrivate(const Row& r, int64_t page) const {
-  for (int32_t s = 0; s < geo_.segments; ++s) {
-    const int32_t h = Entry(r, page, s);
-    if (h == kNoHandle) return false;
-    const Handle& hd = handles_[h];
-    if (hd.state != HandleState::kMapped || hd.owners.size() != 1) return false;
-  }
-  return true;
-}
-
-void VirtualLayout::ExtendPrivate(Row& r) const {
-  if (r.private_hi < r.private_lo) r.private_hi = r.private_lo;
-  while (r.private_hi < PageLimit(r) && PagePrivate(r, r.private_hi)) ++r.private_hi;
-}
-
-int64_t VirtualLayout::LiveBytesSlow() const {
-  // Every live row's tokens, minus what shared pages count more than once: a shared
-  // page holds max(covered bytes) over its live owners, not their sum.
-  int64_t bytes = live_tokens_ * token_bytes_;
-  for (int32_t h : shared_) {
-    const Handle& hd = handles_[h];
-    if (hd.live_owners < 2) continue;
-    int64_t sum = 0;
-    int64_t max = 0;
-    for (int32_t o : hd.owners) {
-      if (!rows_[o].live) continue;
-      const int64_t c = geo_.CoveredBytes(rows_[o].len, hd.index);
-      sum += c;
-      max = std::max(max, c);
-    }
-    bytes -= sum - max;
-  }
-  return bytes;
-}
-
-void VirtualLayout::RecomputeLiveBytes() { live_bytes_ = LiveBytesSlow(); }
 
 void VirtualLayout::UpdatePeaks() {
   peak_held_bytes_ = std::max(peak_held_bytes_, HeldHandles() * geo_.granularity);
-  peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
+  peak_live_bytes_ = std::max(peak_live_bytes_, rows_.live_bytes());
 }
 
 // ---- reclamation -------------------------------------------------------------
 
-int64_t VirtualLayout::ReclaimableIdle(int64_t limit) {
-  std::vector<bool> done(rows_.size());
-  for (size_t i = 0; i < rows_.size(); ++i) done[i] = !rows_[i].live && FenceDone(rows_[i]);
-  int64_t n = 0;
-  for (int32_t row = 0; row < geo_.rows && n < limit; ++row) {
-    if (!done[row] || rows_[row].mapped == 0) continue;
-    for (int32_t h : rows_[row].entries) {
-      if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
-      const auto& owners = handles_[h].owners;
-      // Count a handle once, at its first owner, if every owner gives it up.
-      if (*std::min_element(owners.begin(), owners.end()) != row) continue;
-      if (std::all_of(owners.begin(), owners.end(), [&](int32_t o) { return done[o]; })) ++n;
-    }
-  }
-  return n;
-}
-
-int64_t VirtualLayout::ReclaimableSurplus(int32_t exclude, int64_t limit) const {
-  int64_t n = 0;
-  for (int32_t row = 0; row < geo_.rows && n < limit; ++row) {
-    const Row& r = rows_[row];
-    if (!r.live || row == exclude) continue;
-    for (int64_t k = geo_.PagesFor(r.len); k < PageLimit(r); ++k) {
-      for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = Entry(r, k, s);
-        if (h != kNoHandle && handles_[h].state == HandleState::kMapped &&
-            handles_[h].owners.size() == 1) {
-          ++n;
-        }
-      }
-    }
-  }
-  return n;
-}
-
-absl::Status VirtualLayout::ReclaimRow(int32_t row, int64_t min_page, int64_t want,
-                                       bool only_exclusive, std::vector<int32_t>* freed,
-                                       std::vector<Reclaimed>* journal) {
-  Row& r = rows_[row];
-  std::vector<Reclaimed> items;
-  int64_t frees = 0;
-  // Highest pages first: the row keeps a prefix, which the next request in it reuses.
-  for (int64_t k = PageLimit(r) - 1; k >= min_page && frees < want; --k) {
-    for (int32_t s = 0; s < geo_.segments; ++s) {
-      const int32_t h = Entry(r, k, s);
-      if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
-      const size_t refs = handles_[h].owners.size();
-      if (only_exclusive && refs != 1) continue;
-      items.push_back({row, k, s, h});
-      if (refs == 1) ++frees;
-    }
-  }
-  if (items.empty()) return absl::OkStatus();
-  std::vector<Granule> granules;
-  granules.reserve(items.size());
-  for (const Reclaimed& it : items) {
-    granules.push_back({Addr(row, it.page, it.seg), handles_[it.handle].page.handle()});
-  }
-  SortGranules(&granules);
-  KVMEM_RETURN_IF_ERROR(WithContext(UnmapGranules(*vmm_, geo_.granularity, granules),
-                                    absl::StrFormat("taking pages back from row %d", row)));
-  int64_t lowest = r.private_hi;
-  for (const Reclaimed& it : items) {
-    RemoveMapping(it.handle, row, it.page, it.seg);
-    if (handles_[it.handle].owners.empty()) freed->push_back(it.handle);
-    journal->push_back(it);
-    lowest = std::min(lowest, it.page);
-  }
-  r.private_hi = std::max(r.private_lo, std::min(r.private_hi, lowest));
-  return absl::OkStatus();
-}
-
-absl::Status VirtualLayout::Reclaim(int64_t want, int32_t exclude, bool surplus,
-                                    std::vector<int32_t>* freed, std::vector<Reclaimed>* journal) {
-  const size_t start = freed->size();
-  auto got = [&] { return static_cast<int64_t>(freed->size() - start); };
-  // Tier 1: fence-complete idle rows, the longest idle first.
-  std::vector<int32_t> idle;
-  for (int32_t row = 0; row < geo_.rows; ++row) {
-    if (!rows_[row].live && rows_[row].mapped > 0 && FenceDone(rows_[row])) idle.push_back(row);
-  }
-  std::sort(idle.begin(), idle.end(),
-            [&](int32_t a, int32_t b) { return rows_[a].idle_since < rows_[b].idle_since; });
-  for (int32_t row : idle) {
+absl::Status VirtualLayout::Reclaim(int64_t want, int32_t exclude, bool surplus, Transaction* tx) {
+  const size_t start = tx->freed().size();
+  auto got = [&] { return static_cast<int64_t>(tx->freed().size() - start); };
+  for (int32_t row : reclaim_.IdleDonors()) {
     if (got() >= want) return absl::OkStatus();
-    KVMEM_RETURN_IF_ERROR(ReclaimRow(row, 0, want - got(), false, freed, journal));
+    const std::vector<RowMapping> items = reclaim_.PickFromRow(row, 0, want - got(), false);
+    if (absl::Status s = tx->Unmap(items); !s.ok()) {
+      return WithContext(s, absl::StrFormat("taking pages back from row %d", row));
+    }
   }
   if (!surplus) return absl::OkStatus();
-  // Tier 2: other live rows' exclusive pages beyond their length (mapped ahead or kept
-  // after a Shrink). They hold no token, so taking them changes no data.
-  for (int32_t row = 0; row < geo_.rows && got() < want; ++row) {
-    const Row& r = rows_[row];
-    if (!r.live || row == exclude || r.mapped == 0) continue;
-    KVMEM_RETURN_IF_ERROR(
-        ReclaimRow(row, geo_.PagesFor(r.len), want - got(), true, freed, journal));
+  for (int32_t row : reclaim_.SurplusDonors(exclude)) {
+    if (got() >= want) break;
+    const std::vector<RowMapping> items =
+        reclaim_.PickFromRow(row, geo_.PagesFor(rows_.row(row).len), want - got(), true);
+    if (absl::Status s = tx->Unmap(items); !s.ok()) {
+      return WithContext(s, absl::StrFormat("taking pages back from row %d", row));
+    }
     WantMapAhead(row);
   }
   return absl::OkStatus();
 }
 
-void VirtualLayout::UndoReclaim(const std::vector<Reclaimed>& journal,
-                                std::vector<int32_t>* freed) {
-  if (!journal.empty()) {
-    std::vector<Granule> granules;
-    for (const Reclaimed& it : journal) {
-      granules.push_back({Addr(it.row, it.page, it.seg), handles_[it.handle].page.handle()});
-    }
-    SortGranules(&granules);
-    absl::Status s = MapAccessible(*vmm_, geo_.granularity, granules);
-    if (s.ok()) {
-      for (const Reclaimed& it : journal) AddMapping(it.handle, it.row, it.page, it.seg);
-      for (const Reclaimed& it : journal) ExtendPrivate(rows_[it.row]);
-      freed->clear();
-      return;
-    }
-    // The pages held no live token: losing them from their rows changes no data.
-    Logger()->warn("virtual layout: could not map reclaimed pages back ({}); they stay free",
-                   s.ToString());
-    pages_reclaimed_ += static_cast<int64_t>(freed->size());
+absl::Status VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared) {
+  const std::vector<RowMapping> items = rows_.Mappings(row, min_page, only_shared);
+  if (items.empty()) return absl::OkStatus();
+  Transaction tx = NewTransaction();
+  if (absl::Status s = tx.Unmap(items); !s.ok()) {
+    return Fail(tx, WithContext(s, absl::StrFormat("unmapping pages of row %d", row)));
   }
-  for (int32_t h : *freed) free_.push_back(h);
-  freed->clear();
-}
-
-absl::StatusOr<int64_t> VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared) {
-  Row& r = rows_[row];
-  std::vector<Reclaimed> items;
-  std::vector<Granule> granules;
-  for (int64_t k = min_page; k < PageLimit(r); ++k) {
-    for (int32_t s = 0; s < geo_.segments; ++s) {
-      const int32_t h = Entry(r, k, s);
-      if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
-      if (only_shared && handles_[h].owners.size() < 2) continue;
-      items.push_back({row, k, s, h});
-      granules.push_back({Addr(row, k, s), handles_[h].page.handle()});
-    }
-  }
-  if (items.empty()) return 0;
-  SortGranules(&granules);
-  KVMEM_RETURN_IF_ERROR(WithContext(UnmapGranules(*vmm_, geo_.granularity, granules),
-                                    absl::StrFormat("unmapping pages of row %d", row)));
-  int64_t freed = 0;
-  int64_t lowest = r.private_hi;
-  for (const Reclaimed& it : items) {
-    RemoveMapping(it.handle, row, it.page, it.seg);
-    lowest = std::min(lowest, it.page);
-    if (handles_[it.handle].owners.empty()) {
-      free_.push_back(it.handle);
-      ++freed;
-    }
-  }
-  r.private_hi = std::max(r.private_lo, std::min(r.private_hi, lowest));
-  return freed;
+  tx.Commit();
+  return absl::OkStatus();
 }
 
 // ---- rows --------------------------------------------------------------------
 
 absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
   absl::MutexLock lock(&mu_);
+  RetryQuarantined();
   int32_t best = -1;
   int64_t waiting = 0;
   for (int32_t row = 0; row < geo_.rows; ++row) {
-    Row& r = rows_[row];
+    const Row& r = rows_.row(row);
     if (r.live) continue;
-    if (!FenceDone(r)) {
+    if (!rows_.FenceDone(row)) {
       ++waiting;
       continue;
     }
     // The row holding the most pages: the new request reuses them without a driver call.
-    if (best < 0 || r.mapped > rows_[best].mapped) best = row;
+    if (best < 0 || r.mapped > rows_.row(best).mapped) best = row;
   }
   if (best < 0) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "virtual layout: all %d request rows are in use (%d live, %d freed but waiting for "
         "their fence)",
-        geo_.rows, live_rows_, waiting));
+        geo_.rows, rows_.live_rows(), waiting));
   }
   // Pages it shares with other rows hold someone else's tokens: drop them.
-  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true).status());
-  Row& r = rows_[best];
-  SetLive(best, true);
-  SetLen(r, 0);
-  r.private_lo = 0;
-  r.private_hi = 0;
-  ExtendPrivate(r);
+  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true));
+  rows_.MakeLive(best);
   // No UpdatePeaks: pages the row kept count as held from now on, but a peak is taken
   // only once memory is put to use (Grow, Share) or stats are read, so that a Fork
   // whose Share fails leaves every number as it was.
@@ -606,110 +237,89 @@ absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
 
 absl::Status VirtualLayout::Release(int32_t row, int64_t len, Fence fence) {
   absl::MutexLock lock(&mu_);
-  KVMEM_RETURN_IF_ERROR(CheckLiveRow(row, len, "Release"));
-  Row& r = rows_[row];
-  SetLive(row, false);
-  live_tokens_ -= len;
-  SetLen(r, 0);
-  r.fence = fence;
-  r.idle_since = ++release_seq_;
-  r.private_lo = 0;
-  r.private_hi = 0;
-  RecomputeLiveBytes();
+  RetryQuarantined();
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Release"));
+  rows_.MakeIdle(row, fence);
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
   return absl::OkStatus();
 }
 
 absl::Status VirtualLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
   absl::MutexLock lock(&mu_);
-  KVMEM_RETURN_IF_ERROR(CheckLiveRow(row, len, "Shrink"));
+  RetryQuarantined();
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Shrink"));
   if (new_len < 0 || new_len > len) {
     return absl::OutOfRangeError(absl::StrFormat(
         "virtual layout: shrinking row %d from %d to %d tokens", row, len, new_len));
   }
   // Shared pages beyond the new length hold only other rows' tokens now; exclusive ones
   // stay mapped for cheap regrowth.
-  KVMEM_ASSIGN_OR_RETURN(int64_t freed,
-                         DropPages(row, geo_.PagesFor(new_len), /*only_shared=*/true));
-  (void)freed;
-  Row& r = rows_[row];
-  SetLen(r, new_len);
-  live_tokens_ -= len - new_len;
-  r.private_lo = geo_.PageOf(new_len);
-  r.private_hi = r.private_lo;
-  ExtendPrivate(r);
-  RecomputeLiveBytes();
+  KVMEM_RETURN_IF_ERROR(DropPages(row, geo_.PagesFor(new_len), /*only_shared=*/true));
+  rows_.SetLen(row, new_len);
+  rows_.AddLiveTokens(new_len - len);
+  const int64_t lo = geo_.PageOf(new_len);
+  rows_.SetPrivate(row, lo, lo);
+  rows_.ExtendPrivate(row);
+  rows_.RecomputeLiveBytes();
   return absl::OkStatus();
 }
 
 absl::Status VirtualLayout::Share(int32_t parent, int64_t len, int32_t child) {
   absl::MutexLock lock(&mu_);
-  KVMEM_RETURN_IF_ERROR(CheckLiveRow(parent, len, "Share (parent)"));
-  KVMEM_RETURN_IF_ERROR(CheckLiveRow(child, 0, "Share (child)"));
+  RetryQuarantined();
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(parent, len, "Share (parent)"));
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(child, 0, "Share (child)"));
   if (parent == child) return absl::InternalError("virtual layout: Share of a row with itself");
   const int64_t np = geo_.PagesFor(len);
-  Row& p = rows_[parent];
-  Row& c = rows_[child];
   // Pages the mapper is mapping ahead in the child are about to be replaced: wait.
-  while (mapper_ != nullptr && c.in_flight > 0) {
+  while (mapper_ != nullptr && rows_.row(child).in_flight > 0) {
     bool in_range = false;
-    for (int64_t k = 0; k < std::min(np, PageLimit(c)) && !in_range; ++k) {
+    for (int64_t k = 0; k < std::min(np, rows_.PageLimit(child)) && !in_range; ++k) {
       for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = Entry(c, k, s);
-        if (h != kNoHandle && handles_[h].state == HandleState::kInFlight) in_range = true;
+        const int32_t h = rows_.Entry(child, k, s);
+        if (h != kNoHandle && pool_.get(h).state == HandleState::kInFlight) in_range = true;
       }
     }
     if (!in_range) break;
     mapper_->WaitForJob();
   }
-  std::vector<Reclaimed> displaced;  // the child's own pages under the prefix
-  std::vector<Granule> old_granules;
-  std::vector<Granule> new_granules;
+  std::vector<RowMapping> displaced;  // the child's own pages under the prefix
+  std::vector<RowMapping> aliases;    // the parent's pages, to map under the child
   for (int64_t k = 0; k < np; ++k) {
     for (int32_t s = 0; s < geo_.segments; ++s) {
-      const int32_t ph = Entry(p, k, s);
-      KVMEM_VIRTUAL_CHECK(ph != kNoHandle && handles_[ph].state == HandleState::kMapped,
+      const int32_t ph = rows_.Entry(parent, k, s);
+      KVMEM_VIRTUAL_CHECK(ph != kNoHandle && pool_.get(ph).state == HandleState::kMapped,
                           "live row {} misses page {}", parent, k);
-      new_granules.push_back({Addr(child, k, s), handles_[ph].page.handle()});
-      const int32_t ch = Entry(c, k, s);
-      if (ch != kNoHandle) {
-        displaced.push_back({child, k, s, ch});
-        old_granules.push_back({Addr(child, k, s), handles_[ch].page.handle()});
-      }
+      aliases.push_back({child, k, s, ph});
+      const int32_t ch = rows_.Entry(child, k, s);
+      if (ch != kNoHandle) displaced.push_back({child, k, s, ch});
     }
   }
-  SortGranules(&old_granules);
-  SortGranules(&new_granules);
-  KVMEM_RETURN_IF_ERROR(WithContext(UnmapGranules(*vmm_, geo_.granularity, old_granules),
-                                    absl::StrFormat("clearing row %d for a fork", child)));
-  if (absl::Status s = MapAccessible(*vmm_, geo_.granularity, new_granules); !s.ok()) {
-    if (absl::Status u = MapAccessible(*vmm_, geo_.granularity, old_granules); !u.ok()) {
-      // The displaced pages held no token of the (empty) child: they go to the pool.
-      Logger()->warn("virtual layout: could not map row {}'s pages back: {}", child, u.ToString());
-      for (const Reclaimed& d : displaced) {
-        RemoveMapping(d.handle, child, d.page, d.seg);
-        if (handles_[d.handle].owners.empty()) free_.push_back(d.handle);
-      }
-    }
-    return WithContext(s, absl::StrFormat("mapping %d pages of row %d under row %d",
-                                          new_granules.size(), parent, child));
+  std::sort(aliases.begin(), aliases.end(), [&](const RowMapping& a, const RowMapping& b) {
+    return rows_.Addr(a) < rows_.Addr(b);
+  });
+  std::vector<uintptr_t> addrs;
+  for (const RowMapping& m : aliases) addrs.push_back(rows_.Addr(m));
+  Transaction tx = NewTransaction();
+  if (absl::Status s = tx.Unmap(displaced); !s.ok()) {
+    return Fail(tx, WithContext(s, absl::StrFormat("clearing row %d for a fork", child)));
   }
-  for (const Reclaimed& d : displaced) {
-    RemoveMapping(d.handle, child, d.page, d.seg);
-    if (handles_[d.handle].owners.empty()) free_.push_back(d.handle);
+  absl::Status s = tx.Map(aliases, /*fresh=*/false);
+  if (s.ok()) s = tx.SetAccess(addrs);
+  if (!s.ok()) {
+    return Fail(tx, WithContext(s, absl::StrFormat("mapping %d pages of row %d under row %d",
+                                                   aliases.size(), parent, child)));
   }
-  for (int64_t k = 0; k < np; ++k) {
-    for (int32_t s = 0; s < geo_.segments; ++s) AddMapping(Entry(p, k, s), child, k, s);
-  }
-  SetLen(c, len);
-  live_tokens_ += len;
+  tx.Commit();
+  rows_.SetLen(child, len);
+  rows_.AddLiveTokens(len);
   // The prefix is shared now: neither row may write into it without a copy.
-  p.private_lo = std::max(p.private_lo, np);
-  p.private_hi = std::max(p.private_hi, p.private_lo);
-  c.private_lo = np;
-  c.private_hi = np;
-  ExtendPrivate(c);
-  RecomputeLiveBytes();
+  const Row& p = rows_.row(parent);
+  const int64_t lo = std::max(p.private_lo, np);
+  rows_.SetPrivate(parent, lo, std::max(p.private_hi, lo));
+  rows_.SetPrivate(child, np, np);
+  rows_.ExtendPrivate(child);
+  rows_.RecomputeLiveBytes();
   UpdatePeaks();
   WantMapAhead(child);
   return absl::OkStatus();
@@ -717,33 +327,16 @@ absl::Status VirtualLayout::Share(int32_t parent, int64_t len, int32_t child) {
 
 absl::StatusOr<int64_t> VirtualLayout::Trim() {
   absl::MutexLock lock(&mu_);
+  RetryQuarantined();
   // One all-or-nothing batch over every fence-complete idle row.
-  std::vector<Reclaimed> items;
-  std::vector<Granule> granules;
-  for (int32_t row = 0; row < geo_.rows; ++row) {
-    Row& r = rows_[row];
-    if (r.live || r.mapped == 0 || !FenceDone(r)) continue;
-    for (int64_t k = 0; k < PageLimit(r); ++k) {
-      for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = Entry(r, k, s);
-        if (h == kNoHandle || handles_[h].state != HandleState::kMapped) continue;
-        items.push_back({row, k, s, h});
-        granules.push_back({Addr(row, k, s), handles_[h].page.handle()});
-      }
-    }
-  }
+  const std::vector<RowMapping> items = reclaim_.TrimPicks();
   if (items.empty()) return 0;
-  SortGranules(&granules);
-  KVMEM_RETURN_IF_ERROR(
-      WithContext(UnmapGranules(*vmm_, geo_.granularity, granules), "trimming idle rows"));
-  int64_t freed = 0;
-  for (const Reclaimed& it : items) {
-    RemoveMapping(it.handle, it.row, it.page, it.seg);
-    if (handles_[it.handle].owners.empty()) {
-      free_.push_back(it.handle);
-      ++freed;
-    }
+  Transaction tx = NewTransaction();
+  if (absl::Status s = tx.Unmap(items); !s.ok()) {
+    return Fail(tx, WithContext(s, "trimming idle rows"));
   }
+  const int64_t freed = static_cast<int64_t>(tx.freed().size());
+  tx.Commit();
   pages_reclaimed_ += freed;
   if (mapper_ != nullptr && freed > 0 && !map_queue_.empty()) mapper_->Notify();
   return freed * geo_.granularity;
@@ -753,25 +346,26 @@ absl::StatusOr<int64_t> VirtualLayout::Trim() {
 
 absl::Status VirtualLayout::Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) {
   absl::MutexLock lock(&mu_);
-  KVMEM_RETURN_IF_ERROR(CheckLiveRow(row, len, "Grow"));
+  RetryQuarantined();
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Grow"));
   if (n < 0 || n > geo_.max_context - len) {
     return absl::OutOfRangeError(
         absl::StrFormat("virtual layout: growing row %d from %d by %d tokens (max_context %d)", row,
                         len, n, geo_.max_context));
   }
   if (n == 0) return absl::OkStatus();
-  Row& r = rows_[row];
+  const Row& r = rows_.row(row);
   const int64_t p0 = geo_.PageOf(len);
   const int64_t p1 = geo_.PagesFor(len + n);
   // Fast path: every page written is mapped and private: no driver call, O(1).
   const bool fast = p0 >= r.private_lo && p1 <= r.private_hi;
   if (!fast) KVMEM_RETURN_IF_ERROR(GrowSlow(row, p0, p1));
-  SetLen(r, len + n);
-  live_tokens_ += n;
+  rows_.SetLen(row, len + n);
+  rows_.AddLiveTokens(n);
   if (fast) {
-    live_bytes_ += n * token_bytes_;  // only private pages changed
+    rows_.AddLiveBytes(n * token_bytes_);  // only private pages changed
   } else {
-    RecomputeLiveBytes();
+    rows_.RecomputeLiveBytes();
   }
   UpdatePeaks();
   WantMapAhead(row);
@@ -781,16 +375,19 @@ absl::Status VirtualLayout::Grow(int32_t row, int64_t len, int64_t n, std::vecto
 }
 
 absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
-  Row& r = rows_[row];
-  struct Item {
-    uintptr_t addr;
-    int64_t page;
-    int32_t seg;
-    int32_t old;     // kNoHandle: a fresh page; else the shared handle to copy
-    int32_t handle;  // the new handle
-  };
-  std::vector<Item> fresh;
-  std::vector<Item> cow;
+  if (rows_.DamagedIn(row, p0, p1)) {
+    // An earlier call could not restore a page this one writes into, nor could
+    // RetryQuarantined at the start of this call.
+    const absl::Status& why = quarantine_error_;
+    return absl::Status(
+        why.ok() ? absl::StatusCode::kFailedPrecondition : why.code(),
+        absl::StrFormat("virtual layout: row %d cannot grow: a page it writes into is not mapped "
+                        "or not accessible since an earlier call failed, and restoring it failed: "
+                        "%s",
+                        row, why.ToString()));
+  }
+  std::vector<RowMapping> fresh;  // pages to map: handle to take
+  std::vector<RowMapping> cow;    // shared pages to copy: the shared handle
   bool stalled = false;
   for (;;) {
     fresh.clear();
@@ -798,200 +395,102 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
     bool wait = false;
     for (int64_t k = p0; k < p1; ++k) {
       for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = Entry(r, k, s);
+        const int32_t h = rows_.Entry(row, k, s);
         if (h == kNoHandle) {
-          fresh.push_back({Addr(row, k, s), k, s, kNoHandle, kNoHandle});
-        } else if (handles_[h].state == HandleState::kInFlight) {
+          fresh.push_back({row, k, s, kNoHandle});
+        } else if (pool_.get(h).state == HandleState::kInFlight) {
           wait = true;  // the mapper is mapping it: never map a page twice
-        } else if (handles_[h].owners.size() > 1) {
-          cow.push_back({Addr(row, k, s), k, s, h, kNoHandle});
+        } else if (pool_.ref_count(h) > 1) {
+          cow.push_back({row, k, s, h});
         }
       }
     }
-    const size_t needed = fresh.size() + cow.size();
+    const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
     // Handles in flight come back mapped (reclaimable) or free: wait rather than fail.
-    if (!wait && needed > free_.size() && mapper_ != nullptr && mapper_->job_in_flight()) {
+    if (!wait && needed > pool_.free_count() && mapper_ != nullptr && mapper_->job_in_flight()) {
       wait = true;
     }
     if (!wait) break;
     stalled = true;
     mapper_->WaitForJob();
   }
-  std::vector<int32_t> reclaimed;
-  std::vector<Reclaimed> journal;
+  Transaction tx = NewTransaction();
   // A shared page whose other owners are all idle rows past their fence needs no copy:
-  // their aliases are dropped instead (journaled: mapped back if this call fails).
-  {
-    std::vector<Reclaimed> aliases;
-    for (const Item& it : cow) {
-      const auto& owners = handles_[it.old].owners;
-      const bool idle_only = std::all_of(owners.begin(), owners.end(), [&](int32_t o) {
-        return o == row || (!rows_[o].live && FenceDone(rows_[o]));
-      });
-      if (!idle_only) continue;
-      for (int32_t o : owners) {
-        if (o != row) aliases.push_back({o, it.page, it.seg, it.old});
-      }
-    }
-    if (!aliases.empty()) {
-      std::vector<Granule> granules;
-      for (const Reclaimed& a : aliases) {
-        granules.push_back({Addr(a.row, a.page, a.seg), handles_[a.handle].page.handle()});
-      }
-      SortGranules(&granules);
-      KVMEM_RETURN_IF_ERROR(WithContext(UnmapGranules(*vmm_, geo_.granularity, granules),
-                                        "dropping idle rows' aliases of a shared page"));
-      for (const Reclaimed& a : aliases) {
-        RemoveMapping(a.handle, a.row, a.page, a.seg);
-        journal.push_back(a);
-      }
-    }
+  // their aliases are dropped instead (mapped back if this call fails).
+  if (absl::Status s = tx.Unmap(reclaim_.IdleAliases(row, cow)); !s.ok()) {
+    return Fail(tx, WithContext(s, "dropping idle rows' aliases of a shared page"));
   }
   // Pages no longer shared (their other owners' aliases were dropped) need no copy.
   auto drop_private = [&] {
     cow.erase(std::remove_if(cow.begin(), cow.end(),
-                             [&](const Item& it) { return handles_[it.old].owners.size() < 2; }),
+                             [&](const RowMapping& m) { return pool_.ref_count(m.handle) < 2; }),
               cow.end());
   };
   drop_private();
   const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
-  if (needed > static_cast<int64_t>(free_.size())) {
-    const int64_t free = static_cast<int64_t>(free_.size());
+  if (needed > pool_.free_count()) {
+    const int64_t free = pool_.free_count();
     const int64_t short_by = needed - free;
-    const int64_t idle = ReclaimableIdle(short_by);
-    const int64_t surplus = idle >= short_by ? 0 : ReclaimableSurplus(row, short_by - idle);
+    const int64_t idle = reclaim_.ReclaimableIdle(short_by);
+    const int64_t surplus =
+        idle >= short_by ? 0 : reclaim_.ReclaimableSurplus(row, short_by - idle);
     if (free + idle + surplus < needed) {
-      UndoReclaim(journal, &reclaimed);
       int64_t waiting = 0;
-      for (const Row& o : rows_) waiting += (!o.live && o.mapped > 0 && !FenceDoneConst(o));
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "virtual layout: row %d (%d tokens) needs %d more pages of %d bytes (%d new, %d "
-          "copy-on-write) to grow, but only %d are free, %d can be taken from idle rows and %d "
-          "from other rows' pages beyond their length (%d pages in all; %d idle rows wait "
-          "for a fence)",
-          row, r.len, needed, geo_.granularity, fresh.size(), cow.size(), free, idle, surplus,
-          handles_.size(), waiting));
+      for (int32_t o = 0; o < geo_.rows; ++o) {
+        const Row& r = rows_.row(o);
+        waiting += (!r.live && r.mapped > 0 && !rows_.FenceDoneConst(o));
+      }
+      return Fail(
+          tx,
+          absl::ResourceExhaustedError(absl::StrFormat(
+              "virtual layout: row %d (%d tokens) needs %d more pages of %d bytes (%d new, %d "
+              "copy-on-write) to grow, but only %d are free, %d can be taken from idle rows and %d "
+              "from other rows' pages beyond their length (%d pages in all; %d idle rows wait "
+              "for a fence)",
+              row, rows_.row(row).len, needed, geo_.granularity, fresh.size(), cow.size(), free,
+              idle, surplus, pool_.size(), waiting)));
     }
-    absl::Status s = Reclaim(needed - free, row, /*surplus=*/true, &reclaimed, &journal);
-    if (!s.ok()) {
-      UndoReclaim(journal, &reclaimed);
-      return s;
+    if (absl::Status s = Reclaim(needed - free, row, /*surplus=*/true, &tx); !s.ok()) {
+      return Fail(tx, s);
     }
     drop_private();  // never fewer handles than needed: the need only shrinks
   }
   // Handles: the reclaimed ones first, then the pool's.
-  std::vector<int32_t> taken;
-  size_t next_reclaimed = 0;
-  int64_t popped = 0;
-  auto take = [&] {
-    if (next_reclaimed < reclaimed.size()) return reclaimed[next_reclaimed++];
-    const int32_t h = free_.back();
-    free_.pop_back();
-    ++popped;
-    return h;
-  };
-  for (Item& it : fresh) it.handle = take();
-  for (Item& it : cow) it.handle = take();
-  auto give_back = [&] {
-    std::vector<int32_t> from_pool;
-    for (Item& it : fresh) from_pool.push_back(it.handle);
-    for (Item& it : cow) from_pool.push_back(it.handle);
-    // The last `popped` taken came from the pool, in pop order: push back in reverse.
-    for (int64_t i = 0; i < popped; ++i) free_.push_back(from_pool[from_pool.size() - 1 - i]);
-    UndoReclaim(journal, &reclaimed);
-  };
-  auto phys = [&](int32_t h) { return handles_[h].page.handle(); };
+  for (RowMapping& m : fresh) m.handle = tx.Take();
+  std::vector<int32_t> copies;
+  for (size_t i = 0; i < cow.size(); ++i) copies.push_back(tx.Take());
 
-  std::vector<Granule> fresh_granules;
-  for (const Item& it : fresh) fresh_granules.push_back({it.addr, phys(it.handle)});
-  SortGranules(&fresh_granules);
-  if (absl::Status s = MapGranules(*vmm_, geo_.granularity, fresh_granules); !s.ok()) {
-    give_back();
-    return WithContext(s, absl::StrFormat("mapping %d pages to grow row %d", fresh.size(), row));
+  std::vector<RowMapping> fresh_sorted = fresh;
+  std::sort(
+      fresh_sorted.begin(), fresh_sorted.end(),
+      [&](const RowMapping& a, const RowMapping& b) { return rows_.Addr(a) < rows_.Addr(b); });
+  if (absl::Status s = tx.Map(fresh_sorted, /*fresh=*/true); !s.ok()) {
+    return Fail(
+        tx, WithContext(s, absl::StrFormat("mapping %d pages to grow row %d", fresh.size(), row)));
   }
-  auto unmap_fresh = [&]() -> absl::Status {
-    for (const Granule& g : fresh_granules)
-      KVMEM_RETURN_IF_ERROR(vmm_->Unmap(g.addr, geo_.granularity));
-    return absl::OkStatus();
-  };
-  size_t copied = 0;
   absl::Status status;
-  for (; copied < cow.size(); ++copied) {
-    const Item& it = cow[copied];
-    status = CopyOnWrite(it.addr, phys(it.old), phys(it.handle));
-    if (!status.ok()) break;
+  for (size_t i = 0; i < cow.size() && status.ok(); ++i) {
+    status = tx.CopyViaScratch(rows_.Addr(cow[i]), copies[i]);
+    if (status.ok()) status = tx.Remap(cow[i], copies[i]);
   }
-  std::vector<Granule> all = fresh_granules;
   if (status.ok()) {
-    for (const Item& it : cow) all.push_back({it.addr, phys(it.handle)});
-    SortGranules(&all);
-    status = SetAccessRuns(*vmm_, geo_.granularity, all);
+    std::vector<uintptr_t> all;
+    for (const RowMapping& m : fresh) all.push_back(rows_.Addr(m));
+    for (const RowMapping& m : cow) all.push_back(rows_.Addr(m));
+    std::sort(all.begin(), all.end());
+    status = tx.SetAccess(all);
   }
   if (!status.ok()) {
-    absl::Status undo;
-    for (size_t i = 0; i < copied && undo.ok(); ++i) {
-      undo = UndoCopyOnWrite(cow[i].addr, phys(cow[i].old));
-    }
-    if (undo.ok()) undo = unmap_fresh();
-    give_back();
-    if (!undo.ok()) {
-      return absl::InternalError(absl::StrFormat(
-          "virtual layout: growing row %d failed (%s) and undoing it failed too: %s", row,
-          status.ToString(), undo.ToString()));
-    }
-    return WithContext(status, absl::StrFormat("growing row %d", row));
+    return Fail(tx, WithContext(status, absl::StrFormat("growing row %d", row)));
   }
-  // Commit.
-  for (const Item& it : fresh) AddMapping(it.handle, row, it.page, it.seg);
-  for (const Item& it : cow) {
-    RemoveMapping(it.old, row, it.page, it.seg);
-    AddMapping(it.handle, row, it.page, it.seg);
-  }
-  for (size_t i = next_reclaimed; i < reclaimed.size(); ++i) free_.push_back(reclaimed[i]);
-  pages_reclaimed_ += static_cast<int64_t>(reclaimed.size());
+  const int64_t reclaimed = static_cast<int64_t>(tx.freed().size());
+  tx.Commit();
+  pages_reclaimed_ += reclaimed;
   cow_copies_ += static_cast<int64_t>(cow.size());
   if (stalled || !fresh.empty()) ++map_stalls_;
-  r.private_lo = p0;
-  r.private_hi = p1;
-  ExtendPrivate(r);
+  rows_.SetPrivate(row, p0, p1);
+  rows_.ExtendPrivate(row);
   return absl::OkStatus();
-}
-
-absl::Status VirtualLayout::CopyOnWrite(uintptr_t addr, PhysHandle old_phys, PhysHandle new_phys) {
-  const int64_t g = geo_.granularity;
-  const uintptr_t scratch = scratch_.addr();
-  KVMEM_RETURN_IF_ERROR(vmm_->Map(scratch, new_phys));
-  absl::Status s = vmm_->SetAccess(scratch, g);
-  if (s.ok()) s = vmm_->Copy(scratch, addr, g);
-  // The scratch mapping must go, or the new handle would stay mapped where no record
-  // knows it: one retry covers a transient failure; a second one is a broken backend.
-  absl::Status u = vmm_->Unmap(scratch, g);
-  if (!u.ok()) u = vmm_->Unmap(scratch, g);
-  if (!u.ok()) {
-    return absl::InternalError(
-        absl::StrFormat("virtual layout: copy on write: unmapping the scratch granule failed: %s%s",
-                        u.ToString(), s.ok() ? "" : " (after " + s.ToString() + ")"));
-  }
-  KVMEM_RETURN_IF_ERROR(s);
-  KVMEM_RETURN_IF_ERROR(vmm_->Unmap(addr, g));
-  s = vmm_->Map(addr, new_phys);
-  if (!s.ok()) {
-    absl::Status r = vmm_->Map(addr, old_phys);
-    if (r.ok()) r = vmm_->SetAccess(addr, g);
-    if (!r.ok()) {
-      return absl::InternalError(absl::StrFormat(
-          "virtual layout: copy on write: mapping the copy failed (%s) and mapping the "
-          "original back failed too: %s",
-          s.ToString(), r.ToString()));
-    }
-  }
-  return s;
-}
-
-absl::Status VirtualLayout::UndoCopyOnWrite(uintptr_t addr, PhysHandle old_phys) {
-  KVMEM_RETURN_IF_ERROR(vmm_->Unmap(addr, geo_.granularity));
-  KVMEM_RETURN_IF_ERROR(vmm_->Map(addr, old_phys));
-  return vmm_->SetAccess(addr, geo_.granularity);
 }
 
 // ---- views -------------------------------------------------------------------
@@ -1049,7 +548,7 @@ int64_t VirtualLayout::MapAheadTarget(const Row& r) const {
 
 void VirtualLayout::WantMapAhead(int32_t row) {
   if (mapper_ == nullptr) return;
-  const Row& r = rows_[row];
+  const Row& r = rows_.row(row);
   if (!r.live || r.private_hi >= MapAheadTarget(r)) return;
   if (!queued_[row]) {
     queued_[row] = true;
@@ -1061,13 +560,15 @@ void VirtualLayout::WantMapAhead(int32_t row) {
 bool VirtualLayout::PlanMapAhead() {
   while (!map_queue_.empty()) {
     const int32_t row = map_queue_.back();
-    Row& r = rows_[row];
+    const Row& r = rows_.row(row);
     std::vector<std::pair<int64_t, int32_t>> missing;
     if (r.live) {
       const int64_t target = MapAheadTarget(r);
       for (int64_t k = geo_.PagesFor(r.len); k < target; ++k) {
         for (int32_t s = 0; s < geo_.segments; ++s) {
-          if (Entry(r, k, s) == kNoHandle) missing.emplace_back(k, s);
+          if (rows_.Entry(row, k, s) == kNoHandle && !pool_.FindStray(rows_.Addr(row, k, s))) {
+            missing.emplace_back(k, s);
+          }
         }
       }
     }
@@ -1077,18 +578,17 @@ bool VirtualLayout::PlanMapAhead() {
       continue;
     }
     const int64_t want = static_cast<int64_t>(missing.size());
-    if (static_cast<int64_t>(free_.size()) < want) {
+    if (pool_.free_count() < want) {
       // Pages of fence-complete idle rows, never other live rows' pages: mapping ahead
-      // for one row must not take what another has mapped ahead.
-      std::vector<int32_t> freed;
-      std::vector<Reclaimed> journal;
-      absl::Status s = Reclaim(want - static_cast<int64_t>(free_.size()), -1,
-                               /*surplus=*/false, &freed, &journal);
+      // for one row must not take what another has mapped ahead. What a failed batch
+      // unmapped stays unmapped: those pages held no token.
+      Transaction tx = NewTransaction();
+      absl::Status s = Reclaim(want - pool_.free_count(), -1, /*surplus=*/false, &tx);
       if (!s.ok()) Logger()->warn("background mapper: reclaiming: {}", s.ToString());
-      for (int32_t h : freed) free_.push_back(h);
-      pages_reclaimed_ += static_cast<int64_t>(freed.size());
+      pages_reclaimed_ += static_cast<int64_t>(tx.freed().size());
+      tx.Commit();
     }
-    const size_t count = std::min(missing.size(), free_.size());
+    const size_t count = std::min<size_t>(missing.size(), pool_.free_count());
     if (count == 0) return false;  // the row stays queued until handles come back
     if (count == missing.size()) {
       map_queue_.pop_back();
@@ -1097,55 +597,61 @@ bool VirtualLayout::PlanMapAhead() {
     missing.resize(count);  // the lowest pages first: they are needed first
     job_ = MapJob{};
     job_.row = row;
-    job_granules_.clear();
     for (const auto& [k, s] : missing) {
-      const int32_t h = free_.back();
-      free_.pop_back();
-      Handle& hd = handles_[h];
-      hd.state = HandleState::kInFlight;
-      hd.seg = s;
-      hd.index = k;
-      Account(hd, +1);
-      MutableEntry(r, k, s) = h;
-      ++r.in_flight;
-      job_.pos.emplace_back(k, s);
-      job_.handles.push_back(h);
-      job_granules_.push_back({Addr(row, k, s), hd.page.handle()});
+      const int32_t h = pool_.Pop();
+      rows_.BeginInFlight(h, row, k, s);
+      job_.items.push_back({row, k, s, h});
     }
-    SortGranules(&job_granules_);
+    std::sort(job_.items.begin(), job_.items.end(), [&](const RowMapping& a, const RowMapping& b) {
+      return rows_.Addr(a) < rows_.Addr(b);
+    });
+    job_granules_.clear();
+    for (const RowMapping& m : job_.items) {
+      job_granules_.push_back({rows_.Addr(m), pool_.phys(m.handle)});
+    }
     return true;
   }
   return false;
 }
 
 absl::Status VirtualLayout::RunMapAhead() {
-  return MapAccessible(*vmm_, geo_.granularity, job_granules_);
+  return MapAccessibleTracked(*vmm_, geo_.granularity, job_granules_, &job_state_);
 }
 
 void VirtualLayout::FinishMapAhead(absl::Status s) {
-  Row& r = rows_[job_.row];
-  for (size_t i = 0; i < job_.handles.size(); ++i) {
-    const int32_t h = job_.handles[i];
-    const auto [k, seg] = job_.pos[i];
-    if (s.ok()) {
-      AddMapping(h, job_.row, k, seg);
-      continue;
+  const int32_t row = job_.row;
+  bool attached = false;
+  for (size_t i = 0; i < job_.items.size(); ++i) {
+    const RowMapping& m = job_.items[i];
+    const GranuleState state = s.ok() ? GranuleState::kAccessible : job_state_[i];
+    switch (state) {
+      case GranuleState::kAccessible:
+        // Mapped ahead (or its undo failed: a mapped page beyond the row's tokens is
+        // just as good).
+        rows_.Attach(m);
+        attached = true;
+        break;
+      case GranuleState::kUnmapped:
+        rows_.EndInFlight(m.handle, row, m.page, m.seg);
+        pool_.Push(m.handle);
+        break;
+      case GranuleState::kMapped:
+        // Mapped without access and the unmap failed: quarantined until a later call
+        // unmaps it.
+        rows_.EndInFlight(m.handle, row, m.page, m.seg);
+        pool_.AddStray(rows_.Addr(m), m.handle, /*accessible=*/false);
+        Logger()->warn("background mapper: page {} of row {} stays mapped without access", m.page,
+                       row);
+        break;
     }
-    Handle& hd = handles_[h];
-    Account(hd, -1);
-    hd.state = HandleState::kFree;
-    hd.seg = -1;
-    hd.index = -1;
-    MutableEntry(r, k, seg) = kNoHandle;
-    --r.in_flight;
-    free_.push_back(h);
   }
-  if (s.ok()) {
-    ExtendPrivate(r);
+  if (attached) {
+    rows_.ExtendPrivate(row);
     UpdatePeaks();
-  } else if (r.live && !queued_[job_.row]) {
-    queued_[job_.row] = true;  // retried after the mapper's back-off
-    map_queue_.push_back(job_.row);
+  }
+  if (!s.ok() && rows_.row(row).live && !queued_[row]) {
+    queued_[row] = true;  // retried after the mapper's back-off
+    map_queue_.push_back(row);
   }
   job_ = MapJob{};
 }

@@ -5,23 +5,6 @@
 #include "absl/strings/str_format.h"
 
 namespace kvmem::internal {
-namespace {
-
-// Keeps the code and text of `first`, adding that the undo failed too: the backend
-// then holds mappings the caller does not know about (a broken backend).
-absl::Status UndoFailed(const absl::Status& first, const absl::Status& undo) {
-  return absl::InternalError(absl::StrFormat("%s; undoing the partial change failed too: %s",
-                                             first.ToString(), undo.ToString()));
-}
-
-absl::Status UnmapEach(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
-  for (const Granule& g : granules) {
-    if (absl::Status s = vmm.Unmap(g.addr, granularity); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 void SortGranules(std::vector<Granule>* granules) {
   std::sort(granules->begin(), granules->end(),
@@ -41,46 +24,51 @@ std::vector<std::pair<uintptr_t, int64_t>> GranuleRuns(absl::Span<const Granule>
   return runs;
 }
 
-absl::Status MapGranules(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
-  for (size_t i = 0; i < granules.size(); ++i) {
-    absl::Status s = vmm.Map(granules[i].addr, granules[i].handle);
-    if (s.ok()) continue;
-    if (absl::Status u = UnmapEach(vmm, granularity, granules.subspan(0, i)); !u.ok()) {
-      return UndoFailed(s, u);
+absl::Status MapAccessibleTracked(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules,
+                                  std::vector<GranuleState>* state) {
+  state->assign(granules.size(), GranuleState::kUnmapped);
+  absl::Status s;
+  size_t mapped = 0;
+  for (; mapped < granules.size(); ++mapped) {
+    s = vmm.Map(granules[mapped].addr, granules[mapped].handle);
+    if (!s.ok()) break;
+    (*state)[mapped] = GranuleState::kMapped;
+  }
+  if (s.ok()) {
+    size_t first = 0;
+    for (const auto& [addr, bytes] : GranuleRuns(granules, granularity)) {
+      const size_t n = static_cast<size_t>(bytes / granularity);
+      s = vmm.SetAccess(addr, bytes);
+      if (!s.ok()) break;
+      for (size_t i = first; i < first + n; ++i) (*state)[i] = GranuleState::kAccessible;
+      first += n;
     }
-    return s;
+    if (s.ok()) return s;
   }
-  return absl::OkStatus();
-}
-
-absl::Status SetAccessRuns(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
-  for (const auto& [addr, bytes] : GranuleRuns(granules, granularity)) {
-    if (absl::Status s = vmm.SetAccess(addr, bytes); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status MapAccessible(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
-  if (absl::Status s = MapGranules(vmm, granularity, granules); !s.ok()) return s;
-  absl::Status s = SetAccessRuns(vmm, granularity, granules);
-  if (s.ok()) return s;
-  if (absl::Status u = UnmapGranules(vmm, granularity, granules); !u.ok()) return UndoFailed(s, u);
-  return s;
-}
-
-absl::Status UnmapGranules(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
-  size_t done = 0;  // granules unmapped so far (whole runs)
-  for (const auto& [addr, bytes] : GranuleRuns(granules, granularity)) {
-    absl::Status s = vmm.Unmap(addr, bytes);
-    if (!s.ok()) {
-      if (absl::Status u = MapAccessible(vmm, granularity, granules.subspan(0, done)); !u.ok()) {
-        return UndoFailed(s, u);
-      }
-      return s;
+  // Undo: unmap, run by run, what was mapped.
+  absl::Status undo;
+  const absl::Span<const Granule> done = granules.subspan(0, mapped);
+  size_t first = 0;
+  for (const auto& [addr, bytes] : GranuleRuns(done, granularity)) {
+    const size_t n = static_cast<size_t>(bytes / granularity);
+    if (absl::Status u = vmm.Unmap(addr, bytes); u.ok()) {
+      for (size_t i = first; i < first + n; ++i) (*state)[i] = GranuleState::kUnmapped;
+    } else {
+      undo.Update(u);
     }
-    done += static_cast<size_t>(bytes / granularity);
+    first += n;
   }
-  return absl::OkStatus();
+  if (undo.ok()) return s;
+  return absl::Status(s.code(), absl::StrFormat("%s; undoing the partial change failed too: %s",
+                                                s.message(), undo.ToString()));
+}
+
+absl::Status UnmapRuns(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules) {
+  absl::Status first;
+  for (const auto& [addr, bytes] : GranuleRuns(granules, granularity)) {
+    first.Update(vmm.Unmap(addr, bytes));
+  }
+  return first;
 }
 
 }  // namespace kvmem::internal

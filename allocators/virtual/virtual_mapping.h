@@ -1,8 +1,6 @@
-// Batched backend calls of the virtual layout: map, set access and unmap lists of
-// granules with as few calls as the driver allows. cuMemSetAccess and cuMemUnmap cost
-// the same per call whatever the range (docs/layouts.md), so both are issued once per
-// run of adjacent granules. Every helper is all or nothing: on error it undoes what it
-// did before returning, and says so in the status if the undo failed too.
+// Batched backend calls of the virtual layout. cuMemSetAccess and cuMemUnmap cost the
+// same per call whatever the range (docs/layouts.md), so both are issued once per run of
+// adjacent granules.
 #ifndef KVMEM_ALLOCATORS_VIRTUAL_VIRTUAL_MAPPING_H_
 #define KVMEM_ALLOCATORS_VIRTUAL_VIRTUAL_MAPPING_H_
 
@@ -30,20 +28,19 @@ void SortGranules(std::vector<Granule>* granules);
 std::vector<std::pair<uintptr_t, int64_t>> GranuleRuns(absl::Span<const Granule> granules,
                                                        int64_t granularity);
 
-// Maps every granule, without access. On error unmaps the ones it mapped.
-absl::Status MapGranules(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules);
+// Where a granule ended up after MapAccessibleTracked.
+enum class GranuleState : uint8_t { kUnmapped, kMapped, kAccessible };
 
-// One SetAccess per run. REQUIRES: sorted; every granule mapped. Does not unmap on error
-// (the caller owns the mappings).
-absl::Status SetAccessRuns(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules);
+// Maps every granule, then makes them accessible (one SetAccess per run). On error it
+// unmaps what it mapped (one Unmap per run); *state says where each granule ended up, so
+// that a caller can record a mapping whose unmap failed too rather than lose it.
+// REQUIRES: sorted.
+absl::Status MapAccessibleTracked(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules,
+                                  std::vector<GranuleState>* state);
 
-// MapGranules then SetAccessRuns; on error nothing stays mapped. REQUIRES: sorted.
-absl::Status MapAccessible(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules);
-
-// Unmaps every granule, one Unmap per run. On error the runs already unmapped are
-// mapped back (same handles, accessible), so the caller's records stay true.
-// REQUIRES: sorted; every granule mapped and accessible.
-absl::Status UnmapGranules(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules);
+// One Unmap per run, every run tried; the first failure (logged by the caller).
+// REQUIRES: sorted.
+absl::Status UnmapRuns(Vmm& vmm, int64_t granularity, absl::Span<const Granule> granules);
 
 }  // namespace kvmem::internal
 

@@ -1,0 +1,186 @@
+// RowTable: the request rows of the virtual layout and the page entries under them.
+//
+// Rows are live (a request) or idle. An idle row keeps its pages (deferred reclamation)
+// and is untouched until its fence completes. Every row records, per (page, segment),
+// the handle mapped there (or in flight for the background mapper); the table keeps the
+// handle pool's owners in step with these entries.
+//
+// Page rule of a live row of length n: pages [0, PagesFor(n)) of every segment are
+// mapped; pages beyond may be mapped only exclusively (ref count 1: mapped ahead, kept
+// after a Shrink, or kept from the row's previous request: the surplus) or be in flight.
+//
+// Damage: an entry whose mapping a failed call could not put back as it was (the call
+// and its undo both failed) is recorded as damaged: kUnmapped (the row owns the handle,
+// the backend has nothing there) or kNoAccess (mapped, not accessible). Later calls retry
+// the mapping; until then the row's tokens on that page cannot be read, the page is
+// never private, and the backend's state is exactly what the entry says.
+//
+// Private range: pages [private_lo, private_hi) of a live row are mapped exclusively and
+// undamaged in every segment, so a Grow inside it needs no backend call (the O(1) fast
+// path).
+//
+// Not thread-safe: the layout calls it under its mutex.
+#ifndef KVMEM_ALLOCATORS_VIRTUAL_ROW_TABLE_H_
+#define KVMEM_ALLOCATORS_VIRTUAL_ROW_TABLE_H_
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "allocators/virtual/handle_pool.h"
+#include "allocators/virtual/virtual_geometry.h"
+#include "kvmem/vmm.h"
+
+namespace kvmem::internal {
+
+// One entry of a row: handle `handle` at (page, seg) of `row`.
+struct RowMapping {
+  int32_t row = -1;
+  int64_t page = 0;
+  int32_t seg = 0;
+  int32_t handle = kNoHandle;
+};
+
+enum class Damage : uint8_t { kNone, kUnmapped, kNoAccess };
+
+struct Row {
+  bool live = false;
+  int64_t len = 0;  // tokens (live rows)
+  Fence fence;      // idle rows: untouched until complete
+  uint64_t idle_since = 0;
+  // [page][segment] -> handle index or kNoHandle; grown on demand.
+  std::vector<int32_t> entries;
+  int64_t mapped = 0;     // entries whose handle is kMapped
+  int64_t in_flight = 0;  // entries whose handle is kInFlight
+  int64_t private_lo = 0;
+  int64_t private_hi = 0;
+};
+
+class RowTable {
+ public:
+  // `vmm` answers fence queries. `pool` outlives the table.
+  RowTable(const VirtualGeometry& geo, int64_t token_bytes, HandlePool* pool, Vmm* vmm)
+      : geo_(geo), token_bytes_(token_bytes), pool_(pool), vmm_(vmm) {}
+  RowTable(const RowTable&) = delete;
+  RowTable& operator=(const RowTable&) = delete;
+
+  // Creates the rows, all idle and empty, over the reservation at `base`.
+  void Init(uintptr_t base);
+  // 0 until Init (a Create that failed half-way).
+  int32_t size() const { return static_cast<int32_t>(rows_.size()); }
+  const Row& row(int32_t r) const { return rows_[r]; }
+
+  uintptr_t Addr(int32_t row, int64_t page, int32_t seg) const {
+    return base_ + static_cast<uintptr_t>(geo_.Offset(row, page, seg));
+  }
+  uintptr_t Addr(const RowMapping& m) const { return Addr(m.row, m.page, m.seg); }
+  int32_t Entry(int32_t row, int64_t page, int32_t seg) const {
+    const Row& r = rows_[row];
+    const size_t i = static_cast<size_t>(page * geo_.segments + seg);
+    return i < r.entries.size() ? r.entries[i] : kNoHandle;
+  }
+  // Pages with an entry slot (mapped or not) in every segment.
+  int64_t PageLimit(int32_t row) const {
+    return static_cast<int64_t>(rows_[row].entries.size()) / geo_.segments;
+  }
+
+  // Bookkeeping of one mapping (the backend call is the caller's).
+  void Attach(int32_t h, int32_t row, int64_t page, int32_t seg);
+  void Attach(const RowMapping& m) { Attach(m.handle, m.row, m.page, m.seg); }
+  // Also forgets the entry's damage.
+  void Detach(int32_t h, int32_t row, int64_t page, int32_t seg);
+  void Detach(const RowMapping& m) { Detach(m.handle, m.row, m.page, m.seg); }
+  // The background mapper's pages: `h` in flight at (row, page, seg), then ended (the
+  // entry cleared, the handle kFree and not pushed) or attached.
+  void BeginInFlight(int32_t h, int32_t row, int64_t page, int32_t seg);
+  void EndInFlight(int32_t h, int32_t row, int64_t page, int32_t seg);
+
+  // Damage of mapped entries.
+  Damage DamageAt(int32_t row, int64_t page, int32_t seg) const;
+  Damage DamageAt(const RowMapping& m) const { return DamageAt(m.row, m.page, m.seg); }
+  void SetDamage(int32_t row, int64_t page, int32_t seg, Damage d);
+  bool any_damage() const { return !damage_.empty(); }
+  // Every damaged entry, in (row, page, segment) order, with its damage.
+  std::vector<std::pair<RowMapping, Damage>> Damaged() const;
+  // Whether any entry of pages [p0, p1) of `row` is damaged.
+  bool DamagedIn(int32_t row, int64_t p0, int64_t p1) const;
+
+  // Mapped entries of `row` at pages >= min_page (page-major), only the shared ones if
+  // `only_shared`.
+  std::vector<RowMapping> Mappings(int32_t row, int64_t min_page, bool only_shared) const;
+  // Mapped pages of `row` at page index >= `from` (over all segments).
+  int64_t MappedFrom(int32_t row, int64_t from) const;
+
+  // Lifecycle. A row from AcquireRow turns live, empty; Release turns it idle behind
+  // `fence`; lengths change with SetLen (keeping the surplus count in step).
+  void MakeLive(int32_t row);
+  void MakeIdle(int32_t row, Fence fence);
+  void SetLen(int32_t row, int64_t len);
+  void AddLiveTokens(int64_t n) { live_tokens_ += n; }
+  // Whether an idle row's fence completed (forgotten once it did).
+  bool FenceDone(int32_t row);
+  bool FenceDoneConst(int32_t row) const;
+
+  // Private ranges.
+  bool PagePrivate(int32_t row, int64_t page) const;
+  // Extends private_hi over exclusively mapped pages.
+  void ExtendPrivate(int32_t row);
+  void SetPrivate(int32_t row, int64_t lo, int64_t hi);
+  // Ends the private range before `page` (a page at or above it lost its mapping).
+  void CutPrivate(int32_t row, int64_t page);
+  // Shrinks the private range to the pages still private, then extends it (live rows).
+  void RepairPrivate(int32_t row);
+
+  int64_t live_rows() const { return live_rows_; }
+  int64_t live_tokens() const { return live_tokens_; }
+  int64_t live_bytes() const { return live_bytes_; }
+  void AddLiveBytes(int64_t bytes) { live_bytes_ += bytes; }
+  void RecomputeLiveBytes() { live_bytes_ = LiveBytesSlow(); }
+  // Handles mapped under a live row beyond its length. They hold no token and are
+  // reclaimable on demand, so Stats counts them idle, not held. Never shared.
+  int64_t surplus_handles() const { return surplus_handles_; }
+
+  // Internal unless `row` is live with `len` tokens (KvCache and the layout disagree).
+  absl::Status CheckLiveRow(int32_t row, int64_t len, const char* op) const;
+
+  // The rows' half of the layout's invariants: rows agree with `live` ((row, length) of
+  // every live request), entries with the handles they name, live rows' pages are mapped,
+  // private ranges are private, counters match a recount. Fills the per-handle counts of
+  // mappings, live mappings and in-flight entries (refs, live_refs, in_flight: sized to
+  // the pool) for HandlePool::CheckInvariants. `job_row` is the row of the mapper's job
+  // in flight (-1: none). Internal on a violation.
+  absl::Status CheckInvariants(const std::vector<std::pair<int32_t, int64_t>>& live,
+                               int32_t job_row, std::vector<int32_t>* refs,
+                               std::vector<int32_t>* live_refs,
+                               std::vector<int32_t>* in_flight) const;
+  // Live bytes recounted from the handles (shared pages once).
+  int64_t LiveBytesRecount() const;
+
+ private:
+  int32_t& MutableEntry(Row& r, int64_t page, int32_t seg);
+  uint64_t EntryKey(int32_t row, int64_t page, int32_t seg) const {
+    return static_cast<uint64_t>(row) * static_cast<uint64_t>(geo_.pages_per_request()) +
+           static_cast<uint64_t>(page * geo_.segments + seg);
+  }
+  void SetLive(int32_t row, bool live);
+  int64_t LiveBytesSlow() const;
+
+  const VirtualGeometry geo_;
+  const int64_t token_bytes_;
+  HandlePool* const pool_;
+  Vmm* const vmm_;
+  uintptr_t base_ = 0;
+  std::vector<Row> rows_;
+  absl::flat_hash_map<uint64_t, Damage> damage_;  // damaged entries only
+  uint64_t release_seq_ = 0;
+  int64_t live_rows_ = 0;
+  int64_t live_tokens_ = 0;  // sum of live rows' lengths
+  int64_t live_bytes_ = 0;
+  int64_t surplus_handles_ = 0;
+};
+
+}  // namespace kvmem::internal
+
+#endif  // KVMEM_ALLOCATORS_VIRTUAL_ROW_TABLE_H_
