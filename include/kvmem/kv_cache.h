@@ -8,7 +8,9 @@
 //   cache->Fork(parent, child); cache->Truncate(id, len); cache->Free(id, fence);
 //
 // Error model (docs/errors.md): every fallible call returns absl::Status(Or). On any
-// error the cache is exactly as before the call: nothing allocated, mapped or counted.
+// error the cache is exactly as before the call: nothing allocated, mapped or counted
+// (unless the backend fails the undo too: the status then says what state the cache is
+// in, and later calls retry what is left).
 // NotFound: unknown request. AlreadyExists: id in use. OutOfRange: a length over
 // max_context or under 0. ResourceExhausted: no memory or no free row. Errors of the
 // backend are passed through with context.

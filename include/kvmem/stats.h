@@ -32,11 +32,13 @@ struct Stats {
   // Pages: the layout's own unit (paged: a page of page_tokens tokens over all layers;
   // virtual: one granule of physical memory).
   int64_t page_bytes = 0;
-  int64_t pages_total = 0;        // pages the budget allows
-  int64_t pages_free = 0;         // available now (includes ones not yet created / mapped)
-  int64_t pages_used = 0;         // owned by at least one live request
-  int64_t pages_shared = 0;       // owned by more than one
-  int64_t pages_quarantined = 0;  // freed, waiting for their fence
+  int64_t pages_total = 0;   // pages the budget allows
+  int64_t pages_free = 0;    // available now (includes ones not yet created / mapped)
+  int64_t pages_used = 0;    // owned by at least one live request
+  int64_t pages_shared = 0;  // owned by more than one
+  // Freed, waiting for their fence; virtual: also pages a failed undo left unmapped,
+  // inaccessible or mapped where no request uses them, until a later call restores them.
+  int64_t pages_quarantined = 0;
 
   // Peaks since creation.
   int64_t peak_requests = 0;
