@@ -374,6 +374,58 @@ absl::Status VirtualLayout::Grow(int32_t row, int64_t len, int64_t n, std::vecto
   return absl::OkStatus();
 }
 
+bool VirtualLayout::ScanGrowth(int32_t row, int64_t p0, int64_t p1, std::vector<RowMapping>* fresh,
+                               std::vector<RowMapping>* cow) {
+  bool stalled = false;
+  for (;;) {
+    fresh->clear();
+    cow->clear();
+    bool wait = false;
+    for (int64_t k = p0; k < p1; ++k) {
+      for (int32_t s = 0; s < geo_.segments; ++s) {
+        const int32_t h = rows_.Entry(row, k, s);
+        if (h == kNoHandle) {
+          fresh->push_back({row, k, s, kNoHandle});
+        } else if (pool_.get(h).state == HandleState::kInFlight) {
+          wait = true;  // the mapper is mapping it: never map a page twice
+        } else if (pool_.ref_count(h) > 1) {
+          cow->push_back({row, k, s, h});
+        }
+      }
+    }
+    const int64_t needed = static_cast<int64_t>(fresh->size() + cow->size());
+    // Handles in flight come back mapped (reclaimable) or free: wait rather than fail.
+    if (!wait && needed > pool_.free_count() && mapper_ != nullptr && mapper_->job_in_flight()) {
+      wait = true;
+    }
+    if (!wait) return stalled;
+    stalled = true;
+    mapper_->WaitForJob();
+  }
+}
+
+absl::Status VirtualLayout::CheckPagesFor(int32_t row, int64_t fresh, int64_t cow) {
+  const int64_t needed = fresh + cow;
+  const int64_t free = pool_.free_count();
+  if (needed <= free) return absl::OkStatus();
+  const int64_t short_by = needed - free;
+  const int64_t idle = reclaim_.ReclaimableIdle(short_by);
+  const int64_t surplus = idle >= short_by ? 0 : reclaim_.ReclaimableSurplus(row, short_by - idle);
+  if (free + idle + surplus >= needed) return absl::OkStatus();
+  int64_t waiting = 0;
+  for (int32_t o = 0; o < geo_.rows; ++o) {
+    const Row& r = rows_.row(o);
+    waiting += (!r.live && r.mapped > 0 && !rows_.FenceDoneConst(o));
+  }
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "virtual layout: row %d (%d tokens) needs %d more pages of %d bytes (%d new, %d "
+      "copy-on-write) to grow, but only %d are free, %d can be taken from idle rows and %d "
+      "from other rows' pages beyond their length (%d pages in all; %d idle rows wait "
+      "for a fence)",
+      row, rows_.row(row).len, needed, geo_.granularity, fresh, cow, free, idle, surplus,
+      pool_.size(), waiting));
+}
+
 absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
   if (rows_.DamagedIn(row, p0, p1)) {
     // An earlier call could not restore a page this one writes into, nor could
@@ -388,78 +440,36 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
   }
   std::vector<RowMapping> fresh;  // pages to map: handle to take
   std::vector<RowMapping> cow;    // shared pages to copy: the shared handle
-  bool stalled = false;
-  for (;;) {
-    fresh.clear();
-    cow.clear();
-    bool wait = false;
-    for (int64_t k = p0; k < p1; ++k) {
-      for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = rows_.Entry(row, k, s);
-        if (h == kNoHandle) {
-          fresh.push_back({row, k, s, kNoHandle});
-        } else if (pool_.get(h).state == HandleState::kInFlight) {
-          wait = true;  // the mapper is mapping it: never map a page twice
-        } else if (pool_.ref_count(h) > 1) {
-          cow.push_back({row, k, s, h});
-        }
-      }
-    }
-    const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
-    // Handles in flight come back mapped (reclaimable) or free: wait rather than fail.
-    if (!wait && needed > pool_.free_count() && mapper_ != nullptr && mapper_->job_in_flight()) {
-      wait = true;
-    }
-    if (!wait) break;
-    stalled = true;
-    mapper_->WaitForJob();
-  }
+  const bool stalled = ScanGrowth(row, p0, p1, &fresh, &cow);
   Transaction tx = NewTransaction();
-  // A shared page whose other owners are all idle rows past their fence needs no copy:
-  // their aliases are dropped instead (mapped back if this call fails).
-  if (absl::Status s = tx.Unmap(reclaim_.IdleAliases(row, cow)); !s.ok()) {
-    return Fail(tx, WithContext(s, "dropping idle rows' aliases of a shared page"));
-  }
-  // Pages no longer shared (their other owners' aliases were dropped) need no copy.
-  auto drop_private = [&] {
+  auto drop_unshared = [&] {  // pages whose other owners' aliases were dropped
     cow.erase(std::remove_if(cow.begin(), cow.end(),
                              [&](const RowMapping& m) { return pool_.ref_count(m.handle) < 2; }),
               cow.end());
   };
-  drop_private();
+
+  // 1. A shared page whose other owners are all idle rows past their fence needs no
+  //    copy: their aliases are dropped instead.
+  if (absl::Status s = tx.Unmap(reclaim_.IdleAliases(row, cow)); !s.ok()) {
+    return Fail(tx, WithContext(s, "dropping idle rows' aliases of a shared page"));
+  }
+  drop_unshared();
+  // 2. Handles: the free pool's, and what reclamation frees if that is short.
   const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
   if (needed > pool_.free_count()) {
     const int64_t free = pool_.free_count();
-    const int64_t short_by = needed - free;
-    const int64_t idle = reclaim_.ReclaimableIdle(short_by);
-    const int64_t surplus =
-        idle >= short_by ? 0 : reclaim_.ReclaimableSurplus(row, short_by - idle);
-    if (free + idle + surplus < needed) {
-      int64_t waiting = 0;
-      for (int32_t o = 0; o < geo_.rows; ++o) {
-        const Row& r = rows_.row(o);
-        waiting += (!r.live && r.mapped > 0 && !rows_.FenceDoneConst(o));
-      }
-      return Fail(
-          tx,
-          absl::ResourceExhaustedError(absl::StrFormat(
-              "virtual layout: row %d (%d tokens) needs %d more pages of %d bytes (%d new, %d "
-              "copy-on-write) to grow, but only %d are free, %d can be taken from idle rows and %d "
-              "from other rows' pages beyond their length (%d pages in all; %d idle rows wait "
-              "for a fence)",
-              row, rows_.row(row).len, needed, geo_.granularity, fresh.size(), cow.size(), free,
-              idle, surplus, pool_.size(), waiting)));
+    if (absl::Status s = CheckPagesFor(row, fresh.size(), cow.size()); !s.ok()) {
+      return Fail(tx, s);
     }
     if (absl::Status s = Reclaim(needed - free, row, /*surplus=*/true, &tx); !s.ok()) {
       return Fail(tx, s);
     }
-    drop_private();  // never fewer handles than needed: the need only shrinks
+    drop_unshared();  // never fewer handles than needed: the need only shrinks
   }
-  // Handles: the reclaimed ones first, then the pool's.
-  for (RowMapping& m : fresh) m.handle = tx.Take();
+  for (RowMapping& m : fresh) m.handle = tx.Take();  // reclaimed ones first
   std::vector<int32_t> copies;
   for (size_t i = 0; i < cow.size(); ++i) copies.push_back(tx.Take());
-
+  // 3. New pages, mapped in address order.
   std::vector<RowMapping> fresh_sorted = fresh;
   std::sort(
       fresh_sorted.begin(), fresh_sorted.end(),
@@ -468,11 +478,13 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
     return Fail(
         tx, WithContext(s, absl::StrFormat("mapping %d pages to grow row %d", fresh.size(), row)));
   }
+  // 4. Shared pages: copied, and the copy mapped under this row in place of the original.
   absl::Status status;
   for (size_t i = 0; i < cow.size() && status.ok(); ++i) {
     status = tx.CopyViaScratch(rows_.Addr(cow[i]), copies[i]);
     if (status.ok()) status = tx.Remap(cow[i], copies[i]);
   }
+  // 5. Access to everything mapped, one call per run.
   if (status.ok()) {
     std::vector<uintptr_t> all;
     for (const RowMapping& m : fresh) all.push_back(rows_.Addr(m));
@@ -480,9 +492,7 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
     std::sort(all.begin(), all.end());
     status = tx.SetAccess(all);
   }
-  if (!status.ok()) {
-    return Fail(tx, WithContext(status, absl::StrFormat("growing row %d", row)));
-  }
+  if (!status.ok()) return Fail(tx, WithContext(status, absl::StrFormat("growing row %d", row)));
   const int64_t reclaimed = static_cast<int64_t>(tx.freed().size());
   tx.Commit();
   pages_reclaimed_ += reclaimed;

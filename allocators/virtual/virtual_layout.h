@@ -136,7 +136,16 @@ class VirtualLayout final : public KvLayout {
   // the free pool once unowned.
   absl::Status DropPages(int32_t row, int64_t min_page, bool only_shared)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Grow that maps, copies or reclaims: pages [p0, p1) of `row` become mapped and private.
   absl::Status GrowSlow(int32_t row, int64_t p0, int64_t p1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The pages [p0, p1) of `row` need: new ones (no entry) and shared ones to copy, once no
+  // page among them is in flight (waits for the mapper). True if it waited.
+  bool ScanGrowth(int32_t row, int64_t p0, int64_t p1, std::vector<RowMapping>* fresh,
+                  std::vector<RowMapping>* cow) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ResourceExhausted, with the numbers, unless the free pool and reclamation can give
+  // `row` fresh + cow handles.
+  absl::Status CheckPagesFor(int32_t row, int64_t fresh, int64_t cow)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UpdatePeaks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // CheckInvariants' comparison of the records with the backend's mappings.
