@@ -17,6 +17,7 @@
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/memory_plan.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
 
@@ -65,6 +66,15 @@ absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& c
                                                           std::shared_ptr<Vmm> vmm);
 absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
                                                             std::shared_ptr<Vmm> vmm);
+
+// PlanMemory (kvmem/memory_plan.h) of each layout on a backend of `granularity` bytes:
+// the geometry its Make*Layout builds, and the same InvalidArgument for a config that it
+// rejects. With `minimal_budget`, at the smallest budget that fits instead of
+// config.memory_budget_bytes. Nothing is reserved, created or mapped.
+absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
+                                           bool minimal_budget);
+absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
+                                             bool minimal_budget);
 
 }  // namespace kvmem::internal
 

@@ -30,8 +30,11 @@ absl::Status Corrupt(const absl::FormatSpec<Args...>& format, const Args&... arg
 
 }  // namespace
 
-absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
-                                                   int64_t granularity) {
+namespace {
+
+// The part of the geometry that the budget does not change: pools, page bytes, pages per
+// request and the smallest budget that holds one request.
+absl::StatusOr<PagedGeometry> PagedShape(const KvCacheConfig& config, int64_t granularity) {
   KVMEM_RETURN_IF_ERROR(ValidateShape(config));
   if (granularity <= 0) {
     return absl::InvalidArgumentError(absl::StrFormat("granularity %d", granularity));
@@ -46,10 +49,32 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
     return absl::InvalidArgumentError("paged layout: page size overflows 64 bits");
   }
   g.pool_page_bytes = pt * token_layer;
+  g.pages_per_request = CeilDiv(config.max_context, pt);
+  // Every pool is mapped in whole granules, so the smallest budget is the granules of one
+  // request's pages in each pool.
+  int64_t request_bytes = 0;
+  int64_t pool_granules = 0;
+  if (__builtin_mul_overflow(g.pages_per_request, g.pool_page_bytes, &request_bytes) ||
+      request_bytes > std::numeric_limits<int64_t>::max() - granularity ||
+      __builtin_mul_overflow(CeilDiv(request_bytes, granularity), g.num_pools * granularity,
+                             &pool_granules)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "paged layout: one request at max_context %d (%d pages of %d bytes in each of %d "
+        "pools) overflows 64 bits",
+        config.max_context, g.pages_per_request, g.pool_page_bytes, g.num_pools));
+  }
+  g.min_budget_bytes = pool_granules;
+  return g;
+}
+
+// Sizes the pool for config.memory_budget_bytes: num_pages, region_bytes, chunks_total.
+absl::Status FitBudget(const KvCacheConfig& config, PagedGeometry* g) {
+  const int64_t pt = config.page_tokens;
+  const int64_t granularity = g->granularity;
   // Every pool is mapped in whole granules, so the budget buys granules per pool.
-  const int64_t granules_per_pool = config.memory_budget_bytes / (g.num_pools * granularity);
-  const int64_t budget_pages = granules_per_pool * granularity / g.pool_page_bytes;
-  const int64_t pages_per_request = CeilDiv(config.max_context, pt);
+  const int64_t granules_per_pool = config.memory_budget_bytes / (g->num_pools * granularity);
+  const int64_t budget_pages = granules_per_pool * granularity / g->pool_page_bytes;
+  const int64_t pages_per_request = g->pages_per_request;
   if (budget_pages < pages_per_request) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "paged layout: memory budget %d bytes holds %d pages of %d bytes (%d tokens x %d bytes "
@@ -57,9 +82,8 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
         "but one request at max_context %d needs %d pages (%d bytes); the smallest budget "
         "that fits is %d bytes",
         config.memory_budget_bytes, budget_pages, pt * config.TokenBytes(), pt, config.TokenBytes(),
-        g.num_pools, g.pool_page_bytes, granularity, config.max_context, pages_per_request,
-        pages_per_request * pt * config.TokenBytes(),
-        g.num_pools * CeilDiv(pages_per_request * g.pool_page_bytes, granularity) * granularity));
+        g->num_pools, g->pool_page_bytes, granularity, config.max_context, pages_per_request,
+        pages_per_request * pt * config.TokenBytes(), g->min_budget_bytes));
   }
   // Slots (page * page_tokens + offset) are int32 in the token index. Pages beyond
   // every row at max_context could never be used together, so they are not tracked
@@ -72,10 +96,44 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
         "paged layout: one request needs %d pages of %d tokens, but int32 slots allow %d",
         pages_per_request, pt, slot_cap));
   }
-  g.num_pages = static_cast<int32_t>(pages);
-  g.chunks_total = CeilDiv(pages * g.pool_page_bytes, granularity);
-  g.region_bytes = g.chunks_total * granularity;
+  g->num_pages = static_cast<int32_t>(pages);
+  g->chunks_total = CeilDiv(pages * g->pool_page_bytes, granularity);
+  g->region_bytes = g->chunks_total * granularity;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
+                                                   int64_t granularity) {
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
+  KVMEM_RETURN_IF_ERROR(FitBudget(config, &g));
   return g;
+}
+
+absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
+                                           bool minimal_budget) {
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
+  KvCacheConfig sized = config;
+  if (minimal_budget) sized.memory_budget_bytes = g.min_budget_bytes;
+  KVMEM_RETURN_IF_ERROR(FitBudget(sized, &g));
+  MemoryPlan plan;
+  plan.layout = Layout::kPaged;
+  plan.granularity = granularity;
+  plan.budget_bytes = sized.memory_budget_bytes;
+  plan.token_bytes = config.TokenBytes();
+  plan.token_layer_bytes = config.TokenLayerBytes();
+  plan.unit_tokens = config.page_tokens;
+  plan.chunk_tokens = 1;
+  plan.page_bytes = config.page_tokens * config.TokenBytes();
+  plan.pages_total = g.num_pages;
+  plan.pages_per_request = g.pages_per_request;
+  plan.max_full_requests =
+      std::min<int64_t>(config.max_requests, g.num_pages / g.pages_per_request);
+  plan.min_budget_bytes = g.min_budget_bytes;
+  plan.reservation_bytes = g.num_pools * g.region_bytes;
+  plan.physical_bytes = plan.reservation_bytes;
+  return plan;
 }
 
 absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& config,

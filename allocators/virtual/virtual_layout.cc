@@ -140,11 +140,11 @@ VirtualLayout::VirtualLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> v
                              VirtualGeometry geo)
     : config_(config), vmm_(std::move(vmm)), geo_(geo), token_bytes_(config.TokenBytes()) {}
 
-absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCacheConfig& config,
-                                                                     std::shared_ptr<Vmm> vmm) {
-  if (vmm == nullptr) return absl::InvalidArgumentError("virtual layout: no memory backend");
-  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
-  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
+namespace {
+
+// Physical pages (handles) config.memory_budget_bytes buys, all created by Create;
+// InvalidArgument when they cannot hold one request at max_context or are too many.
+absl::StatusOr<int64_t> BudgetPages(const KvCacheConfig& config, const VirtualGeometry& geo) {
   const int64_t available = config.memory_budget_bytes / geo.granularity;
   const int64_t needed = geo.pages_per_request();
   if (available < needed) {
@@ -164,6 +164,47 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
         config.memory_budget_bytes, available, geo.granularity,
         std::numeric_limits<int32_t>::max()));
   }
+  return available;
+}
+
+}  // namespace
+
+absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
+                                             bool minimal_budget) {
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, granularity));
+  KvCacheConfig sized = config;
+  // The reservation's size bounds pages_per_request * granularity, so this cannot overflow.
+  if (minimal_budget) sized.memory_budget_bytes = geo.pages_per_request() * granularity;
+  KVMEM_ASSIGN_OR_RETURN(const int64_t pages, BudgetPages(sized, geo));
+  MemoryPlan plan;
+  plan.layout = Layout::kVirtual;
+  plan.arrangement = config.arrangement;
+  plan.granularity = granularity;
+  plan.budget_bytes = sized.memory_budget_bytes;
+  plan.token_bytes = config.TokenBytes();
+  plan.token_layer_bytes = config.TokenLayerBytes();
+  plan.chunk_tokens = geo.chunk_tokens;
+  plan.unit_tokens = geo.chunk_tokens > 1
+                         ? geo.chunk_tokens
+                         : std::max<int64_t>(1, granularity / geo.segment_token_bytes);
+  plan.page_bytes = granularity;
+  plan.pages_total = pages;
+  plan.pages_per_request = geo.pages_per_request();
+  plan.max_full_requests = std::min<int64_t>(config.max_requests, pages / geo.pages_per_request());
+  plan.min_budget_bytes = geo.pages_per_request() * granularity;
+  // The rows, and the one granule that copy on write stages a page in.
+  plan.reservation_bytes = geo.reservation_bytes() + granularity;
+  plan.physical_bytes = pages * granularity;
+  return plan;
+}
+
+absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCacheConfig& config,
+                                                                     std::shared_ptr<Vmm> vmm) {
+  if (vmm == nullptr) return absl::InvalidArgumentError("virtual layout: no memory backend");
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
+  KVMEM_ASSIGN_OR_RETURN(const int64_t available, BudgetPages(config, geo));
   std::unique_ptr<VirtualLayout> cache(new VirtualLayout(config, vmm, geo));
   {
     absl::StatusOr<Reservation> r = Reservation::Make(vmm.get(), geo.reservation_bytes());
