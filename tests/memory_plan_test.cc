@@ -285,6 +285,9 @@ TEST(MemoryPlanErrors, SameInvalidArgumentAsCreate) {
   }
 }
 
+// A virtual cache creates only the pages its rows can map at once (every row at
+// max_context, and the copy-on-write staging page): a larger budget buys no more. Past
+// 2^31 - 1 such pages the layout's page ids do not fit: InvalidArgument.
 TEST(MemoryPlanErrors, VirtualBudgetOfTooManyPages) {
   KvCacheConfig c;
   c.layout = Layout::kVirtual;
@@ -292,6 +295,15 @@ TEST(MemoryPlanErrors, VirtualBudgetOfTooManyPages) {
   c.max_context = 1024;
   c.host_granularity = 4096;
   c.memory_budget_bytes = (int64_t{1} << 31) * 4096;  // 2^31 pages
+  absl::StatusOr<MemoryPlan> plan = PlanMemory(c);
+  KVMEM_ASSERT_OK(plan);
+  EXPECT_EQ(plan->pages_total, plan->pages_per_request + 1);
+  absl::StatusOr<std::unique_ptr<KvCache>> small = KvCache::Create(c);
+  KVMEM_ASSERT_OK(small);
+  EXPECT_EQ((*small)->GetStats().pages_total, plan->pages_total);
+  // 65536 rows of 65536 pages (2048 tokens of 128 KiB, 4 KiB pages) can map 2^32 pages.
+  c.max_requests = 65536;
+  c.max_context = 2048;
   const absl::Status created = KvCache::Create(c).status();
   EXPECT_EQ(created.code(), absl::StatusCode::kInvalidArgument) << created;
   EXPECT_EQ(PlanMemory(c).status(), created);

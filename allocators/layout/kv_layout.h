@@ -38,8 +38,11 @@ class KvLayout {
   // Empty row `child` (from AcquireRow) takes the first `len` tokens of `parent`, shared.
   virtual absl::Status Share(int32_t parent, int64_t len, int32_t child) = 0;
   // Ends the request in `row` (holding `len` tokens); its memory is reusable after
-  // `fence`. Also how KvCache gives back a row from AcquireRow that it did not use (len 0).
+  // `fence`.
   virtual absl::Status Release(int32_t row, int64_t len, Fence fence) = 0;
+  // Gives back a row from AcquireRow that the caller did not use (a Fork whose Share
+  // failed), leaving the layout as it was before AcquireRow: a failed call moves nothing.
+  virtual absl::Status ReturnRow(int32_t row) { return Release(row, 0, Fence{}); }
   // Gives unused physical memory back to the backend; returns bytes released.
   virtual absl::StatusOr<int64_t> Trim() = 0;
 

@@ -12,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kvmem/dtype.h"
+#include "src/core/host_limits.h"
+#include "src/core/int_math.h"
 #include "src/core/logging.h"
 #include "src/core/status_macros.h"
 
@@ -129,6 +131,45 @@ absl::StatusOr<VirtualGeometry> VirtualGeometry::Make(const KvCacheConfig& c, in
   return g;
 }
 
+namespace {
+
+// The most handles that can ever be mapped at once: every row at max_context (its
+// whole chunks, so the tail page too), plus the copy-on-write staging copy. Handles
+// are all created up front, so a budget beyond this would only cost memory and time:
+// it buys no more than this many.
+int64_t MaxUsefulPages(const VirtualGeometry& geo) {
+  // rows * pages_per_request * granularity is the reservation, below 2^62: no overflow.
+  return int64_t{geo.rows} * geo.pages_per_request() + 1;
+}
+
+// What a cache of `pages` handles takes on the host, checked before any of it is
+// allocated: the bookkeeping (rows and handles) against HostBookkeepingLimit, and on a
+// host backend the mappings of a full budget against vm.max_map_count.
+absl::Status CheckHost(const KvCacheConfig& config, const VirtualGeometry& geo, int64_t pages,
+                       bool device) {
+  const int64_t rows = SatMul(geo.rows, kRowBookkeepingBytes);
+  const int64_t handles = SatMul(pages, kHandleBookkeepingBytes);
+  KVMEM_RETURN_IF_ERROR(CheckHostBookkeeping(
+      absl::StrFormat("virtual layout: %d rows x %d bytes + %d physical handles (what the "
+                      "budget buys, at most what the rows at max_context %d can map) x %d bytes",
+                      geo.rows, kRowBookkeepingBytes, pages, geo.max_context,
+                      kHandleBookkeepingBytes),
+      SatAdd(rows, handles)));
+  if (device) return absl::OkStatus();
+  return CheckHostMappings(HostMappingNeed{
+      .layout = "virtual layout",
+      .mappings = pages,
+      .granularity = geo.granularity,
+      .budget_bytes = config.memory_budget_bytes,
+      .min_budget_bytes = geo.pages_per_request() * geo.granularity,
+      // A backend of host_granularity: the config picks the page (or a backend like it).
+      .granularity_is_config =
+          config.device == DeviceKind::kHost && geo.granularity == config.host_granularity,
+  });
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
                                                             std::shared_ptr<Vmm> vmm) {
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<VirtualLayout> cache,
@@ -145,7 +186,7 @@ namespace {
 // Physical pages (handles) config.memory_budget_bytes buys, all created by Create;
 // InvalidArgument when they cannot hold one request at max_context or are too many.
 absl::StatusOr<int64_t> BudgetPages(const KvCacheConfig& config, const VirtualGeometry& geo) {
-  const int64_t available = config.memory_budget_bytes / geo.granularity;
+  int64_t available = config.memory_budget_bytes / geo.granularity;
   const int64_t needed = geo.pages_per_request();
   if (available < needed) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -157,6 +198,7 @@ absl::StatusOr<int64_t> BudgetPages(const KvCacheConfig& config, const VirtualGe
         geo.segments, geo.pages_per_segment, geo.WholeChunks(config.max_context), geo.chunk_tokens,
         needed * geo.granularity));
   }
+  if (available > MaxUsefulPages(geo)) available = MaxUsefulPages(geo);
   if (available > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "virtual layout: memory budget %d bytes is %d pages of %d bytes; at most %d pages are "
@@ -205,6 +247,7 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
   KVMEM_RETURN_IF_ERROR(ValidateShape(config));
   KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
   KVMEM_ASSIGN_OR_RETURN(const int64_t available, BudgetPages(config, geo));
+  KVMEM_RETURN_IF_ERROR(CheckHost(config, geo, available, vmm->is_device()));
   std::unique_ptr<VirtualLayout> cache(new VirtualLayout(config, vmm, geo));
   {
     absl::StatusOr<Reservation> r = Reservation::Make(vmm.get(), geo.reservation_bytes());
@@ -257,12 +300,13 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
 VirtualLayout::~VirtualLayout() {
   mapper_.reset();  // joins: no job in flight from here on
   absl::MutexLock lock(&mu_);
+  int64_t waiting = 0;
+  int64_t failed = 0;
+  absl::Status first;
   // rows_ is empty when Create failed half-way.
   for (int32_t row = 0; row < static_cast<int32_t>(rows_.size()); ++row) {
     Row& r = rows_[row];
-    if (!r.live && !FenceDone(r) && r.mapped > 0) {
-      Logger()->warn("virtual layout destroyed while row {} waits for its fence", row);
-    }
+    if (!r.live && !FenceDone(r) && r.mapped > 0) ++waiting;
     std::vector<Granule> granules;
     for (size_t i = 0; i < r.entries.size(); ++i) {
       const int32_t h = r.entries[i];
@@ -273,10 +317,22 @@ VirtualLayout::~VirtualLayout() {
     }
     SortGranules(&granules);
     if (absl::Status s = UnmapGranules(*vmm_, geo_.granularity, granules); !s.ok()) {
-      Logger()->error("virtual layout: unmapping row {} on destruction: {}", row, s.ToString());
+      if (failed++ == 0) first = std::move(s);
     }
   }
-  handles_.clear();  // releases the handles (logged by PhysicalPage on failure)
+  if (waiting > 0) {
+    // Nothing can wait here: a fence that never completes would hang the destructor.
+    Logger()->warn("virtual layout destroyed while {} rows wait for their fence", waiting);
+  }
+  if (failed > 0) {
+    Logger()->error("virtual layout: unmapping {} rows on destruction failed (the first: {})",
+                    failed, first.ToString());
+  }
+  std::vector<PhysicalPage> pages;
+  pages.reserve(handles_.size());
+  for (Handle& h : handles_) pages.push_back(std::move(h.page));
+  handles_.clear();
+  ReleaseAllOrLog(&pages, "virtual layout destroyed");
 }
 
 int32_t& VirtualLayout::MutableEntry(Row& r, int64_t page, int32_t seg) {
@@ -331,6 +387,7 @@ void VirtualLayout::Account(const Handle& h, int sign) {
 }
 
 void VirtualLayout::AddMapping(int32_t h, int32_t row, int64_t page, int32_t seg) {
+  ++mapping_epoch_;
   Handle& hd = handles_[h];
   Row& r = rows_[row];
   Account(hd, -1);
@@ -351,6 +408,7 @@ void VirtualLayout::AddMapping(int32_t h, int32_t row, int64_t page, int32_t seg
 }
 
 void VirtualLayout::RemoveMapping(int32_t h, int32_t row, int64_t page, int32_t seg) {
+  ++mapping_epoch_;
   Handle& hd = handles_[h];
   Row& r = rows_[row];
   Account(hd, -1);
@@ -577,7 +635,8 @@ void VirtualLayout::UndoReclaim(const std::vector<Reclaimed>& journal,
   freed->clear();
 }
 
-absl::StatusOr<int64_t> VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared) {
+absl::StatusOr<int64_t> VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared,
+                                                 std::vector<Reclaimed>* dropped) {
   Row& r = rows_[row];
   std::vector<Reclaimed> items;
   std::vector<Granule> granules;
@@ -605,6 +664,7 @@ absl::StatusOr<int64_t> VirtualLayout::DropPages(int32_t row, int64_t min_page, 
     }
   }
   r.private_hi = std::max(r.private_lo, std::min(r.private_hi, lowest));
+  if (dropped != nullptr) dropped->insert(dropped->end(), items.begin(), items.end());
   return freed;
 }
 
@@ -630,9 +690,15 @@ absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
         "their fence)",
         geo_.rows, live_rows_, waiting));
   }
-  // Pages it shares with other rows hold someone else's tokens: drop them.
-  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true).status());
+  // Pages it shares with other rows hold someone else's tokens: drop them (remembered,
+  // so that ReturnRow can map them back when a Fork fails).
+  std::vector<Reclaimed> dropped;
+  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true, &dropped).status());
   Row& r = rows_[best];
+  last_acquire_ = AcquireUndo{.row = best,
+                              .epoch = mapping_epoch_,
+                              .idle_since = r.idle_since,
+                              .dropped = std::move(dropped)};
   SetLive(best, true);
   SetLen(r, 0);
   r.private_lo = 0;
@@ -656,6 +722,42 @@ absl::Status VirtualLayout::Release(int32_t row, int64_t len, Fence fence) {
   r.idle_since = ++release_seq_;
   r.private_lo = 0;
   r.private_hi = 0;
+  RecomputeLiveBytes();
+  if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
+  return absl::OkStatus();
+}
+
+absl::Status VirtualLayout::ReturnRow(int32_t row) {
+  absl::MutexLock lock(&mu_);
+  KVMEM_RETURN_IF_ERROR(CheckLiveRow(row, 0, "ReturnRow"));
+  Row& r = rows_[row];
+  SetLive(row, false);
+  r.fence = Fence{};  // AcquireRow took it with its fence complete
+  r.private_lo = 0;
+  r.private_hi = 0;
+  AcquireUndo undo = std::exchange(last_acquire_, AcquireUndo{});
+  if (undo.row != row) {
+    r.idle_since = ++release_seq_;
+  } else {
+    r.idle_since = undo.idle_since;
+    // The aliases AcquireRow dropped, back where they were, if no mapping changed since
+    // (the background mapper may have taken their handles): a failed Fork then leaves
+    // the idle row as it found it. They hold no live token, so when they cannot come
+    // back only the row's chance of reuse is lost.
+    if (undo.epoch == mapping_epoch_ && !undo.dropped.empty()) {
+      std::vector<Granule> granules;
+      for (const Reclaimed& d : undo.dropped) {
+        granules.push_back({Addr(row, d.page, d.seg), handles_[d.handle].page.handle()});
+      }
+      SortGranules(&granules);
+      if (absl::Status s = MapAccessible(*vmm_, geo_.granularity, granules); s.ok()) {
+        for (const Reclaimed& d : undo.dropped) AddMapping(d.handle, row, d.page, d.seg);
+      } else {
+        Logger()->warn("virtual layout: could not map row {}'s shared pages back: {}", row,
+                       s.ToString());
+      }
+    }
+  }
   RecomputeLiveBytes();
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
   return absl::OkStatus();
@@ -1085,7 +1187,9 @@ absl::StatusOr<VirtualKv> VirtualLayout::VirtualView(int layer) const {
 // ---- background mapper -------------------------------------------------------
 
 int64_t VirtualLayout::MapAheadTarget(const Row& r) const {
-  return geo_.PagesFor(std::min(r.len + config_.map_ahead_tokens, geo_.max_context));
+  // As min(len + ahead, max_context), without the sum (ahead may be up to max_context).
+  const int64_t ahead = std::min(config_.map_ahead_tokens, geo_.max_context - r.len);
+  return geo_.PagesFor(r.len + ahead);
 }
 
 void VirtualLayout::WantMapAhead(int32_t row) {

@@ -135,6 +135,7 @@ class VirtualLayout final : public KvLayout {
   absl::Status Shrink(int32_t row, int64_t len, int64_t new_len) override;
   absl::Status Share(int32_t parent, int64_t len, int32_t child) override;
   absl::Status Release(int32_t row, int64_t len, Fence fence) override;
+  absl::Status ReturnRow(int32_t row) override;
   absl::StatusOr<int64_t> Trim() override;
 
   int64_t SlotOf(int32_t row, int64_t pos) const override {
@@ -252,8 +253,10 @@ class VirtualLayout final : public KvLayout {
   void UndoReclaim(const std::vector<Reclaimed>& journal, std::vector<int32_t>* freed)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Unmaps every mapping of `row` whose page >= min_page and (if only_shared) whose
-  // ref count > 1; handles left unmapped go to the free pool. Returns them.
-  absl::StatusOr<int64_t> DropPages(int32_t row, int64_t min_page, bool only_shared)
+  // ref count > 1; handles left unmapped go to the free pool. Returns them. The mappings
+  // removed are appended to *dropped when it is not null.
+  absl::StatusOr<int64_t> DropPages(int32_t row, int64_t min_page, bool only_shared,
+                                    std::vector<Reclaimed>* dropped = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Status GrowSlow(int32_t row, int64_t p0, int64_t p1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -309,6 +312,18 @@ class VirtualLayout final : public KvLayout {
   int64_t pages_reclaimed_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t map_stalls_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t pool_create_nanos_ = 0;
+  // Bumped by every AddMapping and RemoveMapping: ReturnRow maps back what AcquireRow
+  // dropped only if no mapping changed in between.
+  uint64_t mapping_epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  // What the last AcquireRow changed in the idle row it took, for ReturnRow: the aliases
+  // of other rows' pages it dropped, and the row's place among the idle rows.
+  struct AcquireUndo {
+    int32_t row = -1;
+    uint64_t epoch = 0;  // mapping_epoch_ when AcquireRow returned
+    uint64_t idle_since = 0;
+    std::vector<Reclaimed> dropped;
+  };
+  AcquireUndo last_acquire_ ABSL_GUARDED_BY(mu_);
 
   // Background mapper state: rows that may need pages mapped ahead, and the job.
   std::vector<int32_t> map_queue_ ABSL_GUARDED_BY(mu_);

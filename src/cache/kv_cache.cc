@@ -156,7 +156,7 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
   KVMEM_ASSIGN_OR_RETURN(int32_t row, impl_->layout->AcquireRow());
   absl::Status s = impl_->layout->Share(parent_req.row, parent_req.length, row);
   if (!s.ok()) {
-    absl::Status r = impl_->layout->Release(row, 0, Fence{});
+    absl::Status r = impl_->layout->ReturnRow(row);
     if (!r.ok()) return absl::InternalError("Fork rollback failed: " + r.ToString());
     return s;
   }
