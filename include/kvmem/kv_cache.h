@@ -10,8 +10,9 @@
 // Error model (docs/errors.md): every fallible call returns absl::Status(Or). On any
 // error the cache is exactly as before the call: nothing allocated, mapped or counted.
 // NotFound: unknown request. AlreadyExists: id in use. OutOfRange: a length over
-// max_context or under 0. ResourceExhausted: no memory or no free row. Errors of the
-// backend are passed through with context.
+// max_context or under 0. InvalidArgument: a bad config, a negative count, a null output
+// pointer. ResourceExhausted: no memory or no free row. Errors of the backend are
+// passed through with context.
 //
 // Thread safety: every method may be called from several threads at once; each call
 // is atomic with respect to the others (one internal mutex). Views and index pointers
