@@ -24,12 +24,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/types/span.h"
-#include "allocators/virtual/virtual_layout.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
 #include "kvmem/dtype.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/memory_plan.h"
 #include "kvmem/reference_attention.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
@@ -133,20 +133,19 @@ inline KvCacheConfig SmallConfig(const LayoutCase& c, DType dtype = DType::kFloa
 
 // Tokens per chunk of a virtual all-layer row (1: no chunks; docs/layouts.md).
 inline int64_t ChunkTokens(const KvCacheConfig& c) {
-  if (c.layout != Layout::kVirtual || c.arrangement != Arrangement::kAllLayers) return 1;
-  absl::StatusOr<internal::VirtualGeometry> g =
-      internal::VirtualGeometry::Make(c, c.host_granularity);
-  return g.ok() ? g->chunk_tokens : 1;
+  absl::StatusOr<MemoryPlan> plan = PlanMinimalMemory(c);
+  return plan.ok() ? plan->chunk_tokens : 1;
 }
 
 // Tokens of one request per unit the layout grows by (a page, a granule of the row, or a
 // chunk).
 inline int64_t TokensPerPage(const KvCacheConfig& c) {
-  if (c.layout == Layout::kPaged) return c.page_tokens;
-  if (const int64_t chunk = ChunkTokens(c); chunk > 1) return chunk;
-  const int64_t per_token =
-      c.arrangement == Arrangement::kAllLayers ? c.TokenBytes() : c.TokenLayerBytes();
-  return std::max<int64_t>(1, c.host_granularity / per_token);
+  absl::StatusOr<MemoryPlan> plan = PlanMinimalMemory(c);
+  if (!plan.ok()) {
+    ADD_FAILURE() << "TokensPerPage of a config kvmem rejects: " << plan.status();
+    return 1;
+  }
+  return plan->unit_tokens;
 }
 
 // Physical pages one request may waste in a partly filled tail (virtual per-layer: one
@@ -163,23 +162,11 @@ inline int64_t TailPages(const KvCacheConfig& c) {
   return 1;
 }
 
-// The smallest budget Create accepts for `config` (binary search; Create must reject a
-// smaller one). 0 when even a large budget is rejected.
-inline int64_t MinimalBudget(KvCacheConfig config) {
-  int64_t hi = 4 * config.TokenBytes() * config.max_context + 64 * config.host_granularity;
-  config.memory_budget_bytes = hi;
-  if (!KvCache::Create(config).ok()) return 0;
-  int64_t lo = 0;  // rejected (ValidateShape)
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    config.memory_budget_bytes = mid;
-    if (KvCache::Create(config).ok()) {
-      hi = mid;
-    } else {
-      lo = mid;
-    }
-  }
-  return hi;
+// The smallest budget Create accepts for `config` (memory_plan_test proves that Create
+// accepts it and rejects one byte less). 0 when no budget fits.
+inline int64_t MinimalBudget(const KvCacheConfig& config) {
+  absl::StatusOr<MemoryPlan> plan = PlanMinimalMemory(config);
+  return plan.ok() ? plan->min_budget_bytes : 0;
 }
 
 // ---- Data pattern --------------------------------------------------------------------

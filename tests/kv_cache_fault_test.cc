@@ -145,6 +145,19 @@ std::vector<Scenario> Scenarios() {
                      },
                  .op = [](Env& e) { return StatusOf(e.model->Fork(1, 2)); },
                  .extra_ids = {2}});
+  // AcquireRow takes the idle row that kept its pages (aliases of request 1's) and drops
+  // them; when Share then fails, the row must get them back: nothing moved.
+  out.push_back({.name = "ForkIntoIdleRowWithSharedPages",
+                 .setup =
+                     [](Env& e) {
+                       CacheModel& m = *e.model;
+                       KVMEM_ASSERT_OK(m.Add(1));
+                       KVMEM_ASSERT_OK(m.Extend(1, 2 * e.tpp + 1));
+                       KVMEM_ASSERT_OK(m.Fork(1, 2));
+                       KVMEM_ASSERT_OK(m.Free(2));
+                     },
+                 .op = [](Env& e) { return StatusOf(e.model->Fork(1, 3)); },
+                 .extra_ids = {3}});
   auto forked = [](Env& e) {
     KVMEM_ASSERT_OK(e.model->Add(1));
     KVMEM_ASSERT_OK(e.model->Extend(1, 2 * e.tpp + (e.tpp + 1) / 2));

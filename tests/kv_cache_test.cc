@@ -127,6 +127,25 @@ TEST_P(KvCacheTest, UnknownIdIsNotFound) {
   KVMEM_EXPECT_OK(model.VerifyAll());
 }
 
+// A null output pointer is the caller's bug, reported as such: never dereferenced.
+TEST_P(KvCacheTest, NullOutputIsInvalidArgument) {
+  auto cache = MustCreate(Config());
+  ASSERT_NE(cache, nullptr);
+  CacheModel model(cache.get());
+  KVMEM_ASSERT_OK(model.Add(1));
+  KVMEM_ASSERT_OK(model.Extend(1, 5));
+  const std::vector<RequestId> ids = {1};
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->ExtendInto(1, 2, nullptr),
+                         StatusCode::kInvalidArgument);
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->ExtendInto(1, 0, nullptr),
+                         StatusCode::kInvalidArgument);
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->ReqToToken(1, nullptr), StatusCode::kInvalidArgument);
+  const RequestId batch[] = {1};
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->BuildBatchMetadata(batch, nullptr),
+                         StatusCode::kInvalidArgument);
+  KVMEM_EXPECT_OK(model.VerifyAll());
+}
+
 TEST_P(KvCacheTest, DuplicateIdIsAlreadyExists) {
   auto cache = MustCreate(Config());
   ASSERT_NE(cache, nullptr);
@@ -905,6 +924,44 @@ TEST_P(KvCacheTest, FencedFreeUnderTightBudget) {
   done.store(true);
   KVMEM_ASSERT_OK(model.Extend(2, config.max_context));
   EXPECT_EQ(cache->GetStats().pages_quarantined, 0);
+  KVMEM_EXPECT_OK(model.VerifyAll());
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+}
+
+// Stats describe memory as it is: pages whose fence has completed are free, whether or
+// not a call has noticed yet. So an Extend that fails after taking them back from the
+// quarantine (or without doing so) leaves every number as it was.
+TEST_P(KvCacheTest, CompletedFencesCountAsFreeAndAFailedExtendMovesNothing) {
+  KvCacheConfig config = Config();
+  config.memory_budget_bytes = MinimalBudget(config);
+  ASSERT_GT(config.memory_budget_bytes, 0);
+  std::atomic<bool> done{false};  // outlives the cache
+  auto cache = MustCreate(config);
+  ASSERT_NE(cache, nullptr);
+  CacheModel model(cache.get());
+  const int64_t quarter = config.max_context / 4;
+  KVMEM_ASSERT_OK(model.Add(3));
+  KVMEM_ASSERT_OK(model.Extend(3, 2 * quarter));
+  KVMEM_ASSERT_OK(model.Add(1));
+  KVMEM_ASSERT_OK(model.Extend(1, quarter));
+  const Stats held = cache->GetStats();
+  KVMEM_ASSERT_OK(model.Free(1, HostFence(&done)));
+  if (paged()) {
+    EXPECT_GT(cache->GetStats().pages_quarantined, 0);
+  }
+  done.store(true);
+  // Completed, and not yet seen by any call: no longer quarantined.
+  const Stats now = cache->GetStats();
+  EXPECT_EQ(now.pages_quarantined, 0);
+  if (paged()) {
+    EXPECT_EQ(now.pages_free, held.pages_free + (held.pages_used - now.pages_used));
+  }
+  KVMEM_ASSERT_OK(model.Add(2));
+  // Request 3 holds half of the budget: a full-length request does not fit.
+  const std::vector<RequestId> ids = {1, 2, 3};
+  EXPECT_FAILS_UNCHANGED(cache, ids, cache->Extend(2, config.max_context),
+                         StatusCode::kResourceExhausted);
+  KVMEM_ASSERT_OK(model.Extend(2, quarter));
   KVMEM_EXPECT_OK(model.VerifyAll());
   KVMEM_EXPECT_OK(cache->CheckInvariants());
 }

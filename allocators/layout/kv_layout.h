@@ -17,6 +17,7 @@
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/memory_plan.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
 
@@ -37,8 +38,11 @@ class KvLayout {
   // Empty row `child` (from AcquireRow) takes the first `len` tokens of `parent`, shared.
   virtual absl::Status Share(int32_t parent, int64_t len, int32_t child) = 0;
   // Ends the request in `row` (holding `len` tokens); its memory is reusable after
-  // `fence`. Also how KvCache gives back a row from AcquireRow that it did not use (len 0).
+  // `fence`.
   virtual absl::Status Release(int32_t row, int64_t len, Fence fence) = 0;
+  // Gives back a row from AcquireRow that the caller did not use (a Fork whose Share
+  // failed), leaving the layout as it was before AcquireRow: a failed call moves nothing.
+  virtual absl::Status ReturnRow(int32_t row) { return Release(row, 0, Fence{}); }
   // Gives unused physical memory back to the backend; returns bytes released.
   virtual absl::StatusOr<int64_t> Trim() = 0;
 
@@ -65,6 +69,15 @@ absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& c
                                                           std::shared_ptr<Vmm> vmm);
 absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
                                                             std::shared_ptr<Vmm> vmm);
+
+// PlanMemory (kvmem/memory_plan.h) of each layout on a backend of `granularity` bytes:
+// the geometry its Make*Layout builds, and the same InvalidArgument for a config that it
+// rejects. With `minimal_budget`, at the smallest budget that fits instead of
+// config.memory_budget_bytes. Nothing is reserved, created or mapped.
+absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
+                                           bool minimal_budget);
+absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
+                                             bool minimal_budget);
 
 }  // namespace kvmem::internal
 

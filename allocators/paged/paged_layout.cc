@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "src/core/host_limits.h"
 #include "src/core/int_math.h"
 #include "src/core/logging.h"
 #include "src/core/status_macros.h"
@@ -30,8 +31,11 @@ absl::Status Corrupt(const absl::FormatSpec<Args...>& format, const Args&... arg
 
 }  // namespace
 
-absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
-                                                   int64_t granularity) {
+namespace {
+
+// The part of the geometry that the budget does not change: pools, page bytes, pages per
+// request and the smallest budget that holds one request.
+absl::StatusOr<PagedGeometry> PagedShape(const KvCacheConfig& config, int64_t granularity) {
   KVMEM_RETURN_IF_ERROR(ValidateShape(config));
   if (granularity <= 0) {
     return absl::InvalidArgumentError(absl::StrFormat("granularity %d", granularity));
@@ -46,10 +50,32 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
     return absl::InvalidArgumentError("paged layout: page size overflows 64 bits");
   }
   g.pool_page_bytes = pt * token_layer;
+  g.pages_per_request = CeilDiv(config.max_context, pt);
+  // Every pool is mapped in whole granules, so the smallest budget is the granules of one
+  // request's pages in each pool.
+  int64_t request_bytes = 0;
+  int64_t pool_granules = 0;
+  if (__builtin_mul_overflow(g.pages_per_request, g.pool_page_bytes, &request_bytes) ||
+      request_bytes > std::numeric_limits<int64_t>::max() - granularity ||
+      __builtin_mul_overflow(CeilDiv(request_bytes, granularity), g.num_pools * granularity,
+                             &pool_granules)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "paged layout: one request at max_context %d (%d pages of %d bytes in each of %d "
+        "pools) overflows 64 bits",
+        config.max_context, g.pages_per_request, g.pool_page_bytes, g.num_pools));
+  }
+  g.min_budget_bytes = pool_granules;
+  return g;
+}
+
+// Sizes the pool for config.memory_budget_bytes: num_pages, region_bytes, chunks_total.
+absl::Status FitBudget(const KvCacheConfig& config, PagedGeometry* g) {
+  const int64_t pt = config.page_tokens;
+  const int64_t granularity = g->granularity;
   // Every pool is mapped in whole granules, so the budget buys granules per pool.
-  const int64_t granules_per_pool = config.memory_budget_bytes / (g.num_pools * granularity);
-  const int64_t budget_pages = granules_per_pool * granularity / g.pool_page_bytes;
-  const int64_t pages_per_request = CeilDiv(config.max_context, pt);
+  const int64_t granules_per_pool = config.memory_budget_bytes / (g->num_pools * granularity);
+  const int64_t budget_pages = granules_per_pool * granularity / g->pool_page_bytes;
+  const int64_t pages_per_request = g->pages_per_request;
   if (budget_pages < pages_per_request) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "paged layout: memory budget %d bytes holds %d pages of %d bytes (%d tokens x %d bytes "
@@ -57,9 +83,8 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
         "but one request at max_context %d needs %d pages (%d bytes); the smallest budget "
         "that fits is %d bytes",
         config.memory_budget_bytes, budget_pages, pt * config.TokenBytes(), pt, config.TokenBytes(),
-        g.num_pools, g.pool_page_bytes, granularity, config.max_context, pages_per_request,
-        pages_per_request * pt * config.TokenBytes(),
-        g.num_pools * CeilDiv(pages_per_request * g.pool_page_bytes, granularity) * granularity));
+        g->num_pools, g->pool_page_bytes, granularity, config.max_context, pages_per_request,
+        SatMul(pages_per_request * pt, config.TokenBytes()), g->min_budget_bytes));
   }
   // Slots (page * page_tokens + offset) are int32 in the token index. Pages beyond
   // every row at max_context could never be used together, so they are not tracked
@@ -72,11 +97,82 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
         "paged layout: one request needs %d pages of %d tokens, but int32 slots allow %d",
         pages_per_request, pt, slot_cap));
   }
-  g.num_pages = static_cast<int32_t>(pages);
-  g.chunks_total = CeilDiv(pages * g.pool_page_bytes, granularity);
-  g.region_bytes = g.chunks_total * granularity;
+  g->num_pages = static_cast<int32_t>(pages);
+  g->chunks_total = CeilDiv(pages * g->pool_page_bytes, granularity);
+  g->region_bytes = g->chunks_total * granularity;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
+                                                   int64_t granularity) {
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
+  KVMEM_RETURN_IF_ERROR(FitBudget(config, &g));
   return g;
 }
+
+absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
+                                           bool minimal_budget) {
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
+  KvCacheConfig sized = config;
+  if (minimal_budget) sized.memory_budget_bytes = g.min_budget_bytes;
+  KVMEM_RETURN_IF_ERROR(FitBudget(sized, &g));
+  MemoryPlan plan;
+  plan.layout = Layout::kPaged;
+  plan.granularity = granularity;
+  plan.budget_bytes = sized.memory_budget_bytes;
+  plan.token_bytes = config.TokenBytes();
+  plan.token_layer_bytes = config.TokenLayerBytes();
+  plan.unit_tokens = config.page_tokens;
+  plan.chunk_tokens = 1;
+  plan.page_bytes = config.page_tokens * config.TokenBytes();
+  plan.pages_total = g.num_pages;
+  plan.pages_per_request = g.pages_per_request;
+  plan.max_full_requests =
+      std::min<int64_t>(config.max_requests, g.num_pages / g.pages_per_request);
+  plan.min_budget_bytes = g.min_budget_bytes;
+  plan.reservation_bytes = g.num_pools * g.region_bytes;
+  plan.physical_bytes = plan.reservation_bytes;
+  return plan;
+}
+
+namespace {
+
+// What a pool of `geo` takes on the host, checked before any of it is allocated: the
+// bookkeeping (rows, token index, pages, handles) against HostBookkeepingLimit, and on a
+// host backend the mappings of the whole pool against vm.max_map_count (an elastic pool
+// grows to all of it under load; a fixed one maps it in Create).
+absl::Status CheckHost(const KvCacheConfig& config, const PagedGeometry& geo, bool device) {
+  const int64_t handles = SatMul(geo.num_pools, geo.chunks_total);
+  const int64_t rows = SatMul(config.max_requests,
+                              kRowBookkeepingBytes + SatMul(config.max_context, sizeof(int32_t)));
+  const int64_t pages = SatMul(geo.num_pages, kPageBookkeepingBytes);
+  const int64_t bytes = SatMul(handles, kHandleBookkeepingBytes);
+  KVMEM_RETURN_IF_ERROR(CheckHostBookkeeping(
+      absl::StrFormat("paged layout: %d rows and their token index (%d bytes) + %d pages x %d "
+                      "bytes + %d physical handles (%d pools x %d chunks) x %d bytes",
+                      config.max_requests, rows, geo.num_pages, kPageBookkeepingBytes, handles,
+                      geo.num_pools, geo.chunks_total, kHandleBookkeepingBytes),
+      SatAdd(SatAdd(rows, pages), bytes)));
+  if (device) return absl::OkStatus();
+  const int64_t pages_per_request = CeilDiv(config.max_context, config.page_tokens);
+  return CheckHostMappings(HostMappingNeed{
+      .layout = "paged layout",
+      .mappings = handles,
+      .granularity = geo.granularity,
+      .budget_bytes = config.memory_budget_bytes,
+      .min_budget_bytes =
+          SatMul(geo.num_pools,
+                 SatMul(CeilDiv(SatMul(pages_per_request, geo.pool_page_bytes), geo.granularity),
+                        geo.granularity)),
+      // A backend of host_granularity: the config picks the page (or a backend like it).
+      .granularity_is_config =
+          config.device == DeviceKind::kHost && geo.granularity == config.host_granularity,
+  });
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& config,
                                                           std::shared_ptr<Vmm> vmm) {
@@ -89,6 +185,7 @@ absl::StatusOr<std::unique_ptr<PagedLayout>> PagedLayout::Create(const KvCacheCo
                                                                  std::shared_ptr<Vmm> vmm) {
   if (vmm == nullptr) return absl::InvalidArgumentError("paged layout: no memory backend");
   KVMEM_ASSIGN_OR_RETURN(PagedGeometry geo, ComputePagedGeometry(config, vmm->granularity()));
+  KVMEM_RETURN_IF_ERROR(CheckHost(config, geo, vmm->is_device()));
   KVMEM_ASSIGN_OR_RETURN(TokenIndex index,
                          TokenIndex::Make(config.max_requests, config.max_context));
   const int64_t reserve_bytes = geo.num_pools * geo.region_bytes;
@@ -134,7 +231,15 @@ PagedLayout::~PagedLayout() {
   }
   absl::Status s = UnmapChunks(0);
   if (!s.ok()) Logger()->error("paged layout: unmapping the pools: {}", s.ToString());
+  // Handles still here are still mapped (the unmap failed): one summary, not a line each.
+  std::vector<PhysicalPage> left;
+  for (auto& chunk : chunks_) {
+    for (PhysicalPage& page : chunk) left.push_back(std::move(page));
+  }
+  for (PhysicalPage& page : unreleased_) left.push_back(std::move(page));
   chunks_.clear();
+  unreleased_.clear();
+  ReleaseAllOrLog(&left, "paged layout destroyed");
   reservation_.Reset();
 }
 
@@ -152,12 +257,21 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
   const int64_t pools = geo_.num_pools;
 
   std::vector<std::vector<PhysicalPage>> fresh(k);
+  // The handles of a call that fails, all at once (a line per handle could be thousands).
+  auto release_fresh = [&] {
+    std::vector<PhysicalPage> all;
+    for (auto& chunk : fresh) {
+      for (PhysicalPage& page : chunk) all.push_back(std::move(page));
+    }
+    ReleaseAllOrLog(&all, "paged layout: a failed growth of the pool");
+  };
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t j = 0; j < k; ++j) {
     fresh[j].reserve(pools);
     for (int64_t i = 0; i < pools; ++i) {
       absl::StatusOr<PhysicalPage> page = PhysicalPage::Make(vmm_.get());
-      if (!page.ok()) {  // handles made so far are released by their destructors
+      if (!page.ok()) {
+        release_fresh();
         return WithContext(page.status(), absl::StrFormat("creating memory for chunk %d of "
                                                           "pool %d",
                                                           c0 + j, i));
@@ -178,6 +292,7 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
       absl::Status u = vmm_->Unmap(PoolBase(i) + c0 * gran, m * gran);
       if (!u.ok() && undo.ok()) undo = u;
     }
+    release_fresh();
     if (!undo.ok()) {
       return absl::InternalError(
           absl::StrCat(cause.message(), "; rolling back the maps failed too: ", undo.ToString()));
@@ -246,13 +361,19 @@ absl::Status PagedLayout::UnmapChunks(int64_t target) {
 
 void PagedLayout::ReleasePending() {
   std::vector<PhysicalPage> kept;
+  absl::Status first;
   for (PhysicalPage& page : unreleased_) {
     absl::Status s = page.Release();
     if (!s.ok()) {
-      Logger()->warn("paged layout: releasing a trimmed chunk failed (retried later): {}",
-                     s.ToString());
+      if (kept.empty()) first = std::move(s);
       kept.push_back(std::move(page));
     }
+  }
+  if (!kept.empty()) {
+    Logger()->warn(
+        "paged layout: releasing {} of {} trimmed handles failed (kept, retried later); the "
+        "first: {}",
+        kept.size(), unreleased_.size(), first.ToString());
   }
   unreleased_ = std::move(kept);
 }
@@ -575,10 +696,15 @@ void PagedLayout::FillStats(Stats* s) const {
   const int64_t mapped = mapped_chunks() * geo_.num_pools * geo_.granularity;
   s->page_bytes = page_bytes;
   s->pages_total = geo_.num_pages;
-  s->pages_free = pool_.free_count();
+  // Pages whose fence has completed are free to the next allocation: they count free
+  // whether or not a call has reclaimed them yet (a failed Extend may have), so the
+  // numbers depend on the state alone, not on which calls ran.
+  const int64_t pending =
+      pool_.PendingCount([this](const Fence& f) { return vmm_->FenceComplete(f); });
+  s->pages_free = pool_.free_count() + (pool_.quarantined_count() - pending);
   s->pages_used = pool_.used_count();
   s->pages_shared = pool_.shared_count();
-  s->pages_quarantined = pool_.quarantined_count();
+  s->pages_quarantined = pending;
   s->stored_tokens = stored_tokens_;
   s->live_bytes = stored_tokens_ * config_.TokenBytes();
   s->held_bytes = pool_.used_count() * page_bytes;

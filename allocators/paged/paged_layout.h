@@ -48,8 +48,11 @@ struct PagedGeometry {
   int64_t pool_page_bytes = 0;  // page_tokens * TokenLayerBytes
   int64_t granularity = 0;
   int32_t num_pages = 0;
-  int64_t region_bytes = 0;  // one pool's region, a multiple of granularity
-  int64_t chunks_total = 0;  // region_bytes / granularity
+  int64_t region_bytes = 0;       // one pool's region, a multiple of granularity
+  int64_t chunks_total = 0;       // region_bytes / granularity
+  int64_t pages_per_request = 0;  // ceil(max_context / page_tokens)
+  // 2L pools x the granules of pages_per_request pages: the smallest budget that fits.
+  int64_t min_budget_bytes = 0;
 };
 // InvalidArgument (with the numbers) when one request at max_context does not fit.
 absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,

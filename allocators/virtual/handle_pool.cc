@@ -30,9 +30,13 @@ absl::Status HandlePool::Create(Vmm* vmm, int64_t count, int64_t* created) {
   return absl::OkStatus();
 }
 
-void HandlePool::Clear() {
+void HandlePool::Clear(std::string_view owner) {
+  std::vector<PhysicalPage> pages;
+  pages.reserve(handles_.size());
+  for (Handle& h : handles_) pages.push_back(std::move(h.page));
   handles_.clear();
   free_.clear();
+  ReleaseAllOrLog(&pages, owner);
 }
 
 int32_t HandlePool::Pop() {

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <map>
+#include <string_view>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
@@ -71,8 +72,9 @@ class HandlePool {
   // Creates `count` free handles (handed out low indices first). On error the ones
   // created so far stay (Clear or the destructor releases them); *created says how many.
   absl::Status Create(Vmm* vmm, int64_t count, int64_t* created);
-  // Releases every handle (PhysicalPage logs a failure). REQUIRES: none is mapped.
-  void Clear();
+  // Releases every handle, with one log line under `owner` for those that fail.
+  // REQUIRES: none is mapped.
+  void Clear(std::string_view owner);
 
   int64_t size() const { return static_cast<int64_t>(handles_.size()); }
   const Handle& get(int32_t h) const { return handles_[h]; }

@@ -34,6 +34,7 @@ int32_t& RowTable::MutableEntry(Row& r, int64_t page, int32_t seg) {
 // ---- entries -------------------------------------------------------------------
 
 void RowTable::Attach(int32_t h, int32_t row, int64_t page, int32_t seg) {
+  ++mapping_epoch_;
   Row& r = rows_[row];
   if (pool_->get(h).state == HandleState::kInFlight) --r.in_flight;
   pool_->AddOwner(h, row, r.live, page, seg);
@@ -43,6 +44,7 @@ void RowTable::Attach(int32_t h, int32_t row, int64_t page, int32_t seg) {
 }
 
 void RowTable::Detach(int32_t h, int32_t row, int64_t page, int32_t seg) {
+  ++mapping_epoch_;
   Row& r = rows_[row];
   pool_->RemoveOwner(h, row, r.live);
   MutableEntry(r, page, seg) = kNoHandle;
@@ -170,13 +172,13 @@ void RowTable::MakeLive(int32_t row) {
   ExtendPrivate(row);
 }
 
-void RowTable::MakeIdle(int32_t row, Fence fence) {
+void RowTable::MakeIdle(int32_t row, Fence fence, std::optional<uint64_t> idle_since) {
   Row& r = rows_[row];
   SetLive(row, false);
   live_tokens_ -= r.len;
   SetLen(row, 0);
   r.fence = fence;
-  r.idle_since = ++release_seq_;
+  r.idle_since = idle_since.has_value() ? *idle_since : ++release_seq_;
   SetPrivate(row, 0, 0);
   RecomputeLiveBytes();
 }

@@ -24,6 +24,7 @@
 #define KVMEM_ALLOCATORS_VIRTUAL_ROW_TABLE_H_
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -116,7 +117,9 @@ class RowTable {
   // Lifecycle. A row from AcquireRow turns live, empty; Release turns it idle behind
   // `fence`; lengths change with SetLen (keeping the surplus count in step).
   void MakeLive(int32_t row);
-  void MakeIdle(int32_t row, Fence fence);
+  // `idle_since`: the row's place among the idle rows (the longest idle is reclaimed
+  // first); none: the newest.
+  void MakeIdle(int32_t row, Fence fence, std::optional<uint64_t> idle_since = std::nullopt);
   void SetLen(int32_t row, int64_t len);
   void AddLiveTokens(int64_t n) { live_tokens_ += n; }
   // Whether an idle row's fence completed (forgotten once it did).
@@ -132,6 +135,11 @@ class RowTable {
   void CutPrivate(int32_t row, int64_t page);
   // Shrinks the private range to the pages still private, then extends it (live rows).
   void RepairPrivate(int32_t row);
+
+  // Changes with every Attach and Detach: whether any mapping changed between two
+  // points (a transaction whose undo succeeded puts it back).
+  uint64_t mapping_epoch() const { return mapping_epoch_; }
+  void set_mapping_epoch(uint64_t epoch) { mapping_epoch_ = epoch; }
 
   int64_t live_rows() const { return live_rows_; }
   int64_t live_tokens() const { return live_tokens_; }
@@ -175,6 +183,7 @@ class RowTable {
   std::vector<Row> rows_;
   absl::flat_hash_map<uint64_t, Damage> damage_;  // damaged entries only
   uint64_t release_seq_ = 0;
+  uint64_t mapping_epoch_ = 0;
   int64_t live_rows_ = 0;
   int64_t live_tokens_ = 0;  // sum of live rows' lengths
   int64_t live_bytes_ = 0;

@@ -21,8 +21,8 @@ namespace kvmem::internal {
 Transaction::~Transaction() {
   if (done_) return;
   Undo();
-  if (!undo_error_.ok()) {
-    Logger()->error("virtual layout: undoing an abandoned call failed: {}; {}",
+  if (!exact()) {
+    Logger()->error("virtual layout: undoing an abandoned call left it not as before ({}): {}",
                     undo_error_.ToString(), StateNotes());
   }
 }
@@ -178,11 +178,13 @@ void Transaction::Commit() {
 
 absl::Status Transaction::Rollback(const absl::Status& cause) {
   Undo();
-  if (undo_error_.ok()) return cause;
+  if (exact()) return cause;
   return absl::Status(
-      cause.code(),
-      absl::StrCat(cause.message(), "; undoing the call failed too (", undo_error_.ToString(),
-                   "), so the cache is not as before: ", StateNotes()));
+      cause.code(), absl::StrCat(cause.message(),
+                                 undo_error_.ok() ? std::string("; it could not be undone entirely")
+                                                  : absl::StrCat("; undoing it failed too (",
+                                                                 undo_error_.ToString(), ")"),
+                                 ", so the cache is not as before: ", StateNotes()));
 }
 
 void Transaction::Undo() {
@@ -220,6 +222,8 @@ void Transaction::Undo() {
     rows_->SetPrivate(row, range.first, range.second);
     rows_->RepairPrivate(row);
   }
+  // Every mapping is back as it was: no mapping changed.
+  if (exact()) rows_->set_mapping_epoch(epoch_);
 }
 
 void Transaction::UndoUnmapped(absl::Span<const Step> steps) {

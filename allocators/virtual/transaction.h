@@ -43,7 +43,12 @@ class Transaction {
   // `scratch`: the one-granule reservation copy on write stages its copies in.
   Transaction(Vmm* vmm, const VirtualGeometry& geo, HandlePool* pool, RowTable* rows,
               uintptr_t scratch)
-      : vmm_(vmm), geo_(geo), pool_(pool), rows_(rows), scratch_(scratch) {}
+      : vmm_(vmm),
+        geo_(geo),
+        pool_(pool),
+        rows_(rows),
+        scratch_(scratch),
+        epoch_(rows->mapping_epoch()) {}
   // Undoes every recorded step unless Commit or Rollback ran (logs an undo failure).
   ~Transaction();
   Transaction(const Transaction&) = delete;
@@ -87,7 +92,11 @@ class Transaction {
   // write happened for those pages after all), and idle pages that could not be mapped
   // back (now free).
   int64_t kept_copies() const { return kept_copies_; }
-  bool undo_failed() const { return !undo_error_.ok(); }
+  // After a rollback: whether everything is back exactly as it was.
+  bool exact() const {
+    return undo_error_.ok() && kept_surplus_.empty() && kept_copy_.empty() && damaged_.empty() &&
+           lost_.empty() && strays_ == 0;
+  }
   int64_t lost_pages() const { return lost_pages_; }
 
  private:
@@ -118,6 +127,7 @@ class Transaction {
   HandlePool* const pool_;
   RowTable* const rows_;
   const uintptr_t scratch_;
+  const uint64_t epoch_;  // the rows' mapping epoch before this call
 
   std::vector<Step> steps_;
   int batches_ = 0;

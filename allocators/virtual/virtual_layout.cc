@@ -8,12 +8,15 @@
 #include <chrono>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kvmem/dtype.h"
+#include "src/core/host_limits.h"
+#include "src/core/int_math.h"
 #include "src/core/logging.h"
 #include "src/core/status_macros.h"
 
@@ -24,6 +27,45 @@ namespace {
 absl::Status WithContext(const absl::Status& s, const std::string& what) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat("virtual layout: ", what, ": ", s.message()));
+}
+
+}  // namespace
+
+namespace {
+
+// The most handles that can ever be mapped at once: every row at max_context (its
+// whole chunks, so the tail page too), plus the copy-on-write staging copy. Handles
+// are all created up front, so a budget beyond this would only cost memory and time:
+// it buys no more than this many.
+int64_t MaxUsefulPages(const VirtualGeometry& geo) {
+  // rows * pages_per_request * granularity is the reservation, below 2^62: no overflow.
+  return int64_t{geo.rows} * geo.pages_per_request() + 1;
+}
+
+// What a cache of `pages` handles takes on the host, checked before any of it is
+// allocated: the bookkeeping (rows and handles) against HostBookkeepingLimit, and on a
+// host backend the mappings of a full budget against vm.max_map_count.
+absl::Status CheckHost(const KvCacheConfig& config, const VirtualGeometry& geo, int64_t pages,
+                       bool device) {
+  const int64_t rows = SatMul(geo.rows, kRowBookkeepingBytes);
+  const int64_t handles = SatMul(pages, kHandleBookkeepingBytes);
+  KVMEM_RETURN_IF_ERROR(CheckHostBookkeeping(
+      absl::StrFormat("virtual layout: %d rows x %d bytes + %d physical handles (what the "
+                      "budget buys, at most what the rows at max_context %d can map) x %d bytes",
+                      geo.rows, kRowBookkeepingBytes, pages, geo.max_context,
+                      kHandleBookkeepingBytes),
+      SatAdd(rows, handles)));
+  if (device) return absl::OkStatus();
+  return CheckHostMappings(HostMappingNeed{
+      .layout = "virtual layout",
+      .mappings = pages,
+      .granularity = geo.granularity,
+      .budget_bytes = config.memory_budget_bytes,
+      .min_budget_bytes = geo.pages_per_request() * geo.granularity,
+      // A backend of host_granularity: the config picks the page (or a backend like it).
+      .granularity_is_config =
+          config.device == DeviceKind::kHost && geo.granularity == config.host_granularity,
+  });
 }
 
 }  // namespace
@@ -44,12 +86,12 @@ VirtualLayout::VirtualLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> v
       rows_(geo, config.TokenBytes(), &pool_, vmm_.get()),
       reclaim_(geo, &rows_, &pool_) {}
 
-absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCacheConfig& config,
-                                                                     std::shared_ptr<Vmm> vmm) {
-  if (vmm == nullptr) return absl::InvalidArgumentError("virtual layout: no memory backend");
-  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
-  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
-  const int64_t available = config.memory_budget_bytes / geo.granularity;
+namespace {
+
+// Physical pages (handles) config.memory_budget_bytes buys, all created by Create;
+// InvalidArgument when they cannot hold one request at max_context or are too many.
+absl::StatusOr<int64_t> BudgetPages(const KvCacheConfig& config, const VirtualGeometry& geo) {
+  int64_t available = config.memory_budget_bytes / geo.granularity;
   const int64_t needed = geo.pages_per_request();
   if (available < needed) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -61,6 +103,7 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
         geo.segments, geo.pages_per_segment, geo.WholeChunks(config.max_context), geo.chunk_tokens,
         needed * geo.granularity));
   }
+  if (available > MaxUsefulPages(geo)) available = MaxUsefulPages(geo);
   if (available > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "virtual layout: memory budget %d bytes is %d pages of %d bytes; at most %d pages are "
@@ -68,6 +111,48 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
         config.memory_budget_bytes, available, geo.granularity,
         std::numeric_limits<int32_t>::max()));
   }
+  return available;
+}
+
+}  // namespace
+
+absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
+                                             bool minimal_budget) {
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, granularity));
+  KvCacheConfig sized = config;
+  // The reservation's size bounds pages_per_request * granularity, so this cannot overflow.
+  if (minimal_budget) sized.memory_budget_bytes = geo.pages_per_request() * granularity;
+  KVMEM_ASSIGN_OR_RETURN(const int64_t pages, BudgetPages(sized, geo));
+  MemoryPlan plan;
+  plan.layout = Layout::kVirtual;
+  plan.arrangement = config.arrangement;
+  plan.granularity = granularity;
+  plan.budget_bytes = sized.memory_budget_bytes;
+  plan.token_bytes = config.TokenBytes();
+  plan.token_layer_bytes = config.TokenLayerBytes();
+  plan.chunk_tokens = geo.chunk_tokens;
+  plan.unit_tokens = geo.chunk_tokens > 1
+                         ? geo.chunk_tokens
+                         : std::max<int64_t>(1, granularity / geo.segment_token_bytes);
+  plan.page_bytes = granularity;
+  plan.pages_total = pages;
+  plan.pages_per_request = geo.pages_per_request();
+  plan.max_full_requests = std::min<int64_t>(config.max_requests, pages / geo.pages_per_request());
+  plan.min_budget_bytes = geo.pages_per_request() * granularity;
+  // The rows, and the one granule that copy on write stages a page in.
+  plan.reservation_bytes = geo.reservation_bytes() + granularity;
+  plan.physical_bytes = pages * granularity;
+  return plan;
+}
+
+absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCacheConfig& config,
+                                                                     std::shared_ptr<Vmm> vmm) {
+  if (vmm == nullptr) return absl::InvalidArgumentError("virtual layout: no memory backend");
+  KVMEM_RETURN_IF_ERROR(ValidateShape(config));
+  KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
+  KVMEM_ASSIGN_OR_RETURN(const int64_t available, BudgetPages(config, geo));
+  KVMEM_RETURN_IF_ERROR(CheckHost(config, geo, available, vmm->is_device()));
   std::unique_ptr<VirtualLayout> cache(new VirtualLayout(config, vmm, geo));
   {
     absl::StatusOr<Reservation> r = Reservation::Make(vmm.get(), geo.reservation_bytes());
@@ -112,12 +197,13 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
 VirtualLayout::~VirtualLayout() {
   mapper_.reset();  // joins: no job in flight from here on
   absl::MutexLock lock(&mu_);
+  int64_t waiting = 0;
+  int64_t failed = 0;
+  absl::Status first;
   // Rows do not exist when Create failed half-way.
   for (int32_t row = 0; row < rows_.size(); ++row) {
     const Row& r = rows_.row(row);
-    if (!r.live && !rows_.FenceDoneConst(row) && r.mapped > 0) {
-      Logger()->warn("virtual layout destroyed while row {} waits for its fence", row);
-    }
+    if (!r.live && !rows_.FenceDoneConst(row) && r.mapped > 0) ++waiting;
     std::vector<Granule> granules;
     for (const RowMapping& m : rows_.Mappings(row, 0, /*only_shared=*/false)) {
       if (rows_.DamageAt(m) == Damage::kUnmapped) continue;  // nothing in the backend
@@ -125,16 +211,25 @@ VirtualLayout::~VirtualLayout() {
     }
     SortGranules(&granules);
     if (absl::Status s = UnmapRuns(*vmm_, geo_.granularity, granules); !s.ok()) {
-      Logger()->error("virtual layout: unmapping row {} on destruction: {}", row, s.ToString());
+      if (failed++ == 0) first = std::move(s);
     }
   }
   for (const auto& [addr, stray] : pool_.strays()) {
     if (absl::Status s = vmm_->Unmap(addr, geo_.granularity); !s.ok()) {
-      Logger()->error("virtual layout: unmapping a stray mapping at {:#x} on destruction: {}", addr,
-                      s.ToString());
+      if (failed++ == 0) first = std::move(s);
     }
   }
-  pool_.Clear();  // releases the handles (logged by PhysicalPage on failure)
+  if (waiting > 0) {
+    // Nothing can wait here: a fence that never completes would hang the destructor.
+    Logger()->warn("virtual layout destroyed while {} rows wait for their fence", waiting);
+  }
+  if (failed > 0) {
+    Logger()->error(
+        "virtual layout: unmapping {} rows or stray mappings on destruction failed (the first: "
+        "{})",
+        failed, first.ToString());
+  }
+  pool_.Clear("virtual layout destroyed");
 }
 
 void VirtualLayout::RetryQuarantined() {
@@ -151,7 +246,7 @@ void VirtualLayout::RetryQuarantined() {
 
 absl::Status VirtualLayout::Fail(Transaction& tx, const absl::Status& cause) {
   absl::Status s = tx.Rollback(cause);
-  if (tx.undo_failed()) {
+  if (!tx.exact()) {
     // What the undo could not put back: copies kept under their row (which share less
     // than before) and idle pages now free.
     cow_copies_ += tx.kept_copies();
@@ -191,14 +286,16 @@ absl::Status VirtualLayout::Reclaim(int64_t want, int32_t exclude, bool surplus,
   return absl::OkStatus();
 }
 
-absl::Status VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared) {
-  const std::vector<RowMapping> items = rows_.Mappings(row, min_page, only_shared);
+absl::Status VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_shared,
+                                      std::vector<RowMapping>* dropped) {
+  std::vector<RowMapping> items = rows_.Mappings(row, min_page, only_shared);
   if (items.empty()) return absl::OkStatus();
   Transaction tx = NewTransaction();
   if (absl::Status s = tx.Unmap(items); !s.ok()) {
     return Fail(tx, WithContext(s, absl::StrFormat("unmapping pages of row %d", row)));
   }
   tx.Commit();
+  if (dropped != nullptr) *dropped = std::move(items);
   return absl::OkStatus();
 }
 
@@ -225,8 +322,14 @@ absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
         "their fence)",
         geo_.rows, rows_.live_rows(), waiting));
   }
-  // Pages it shares with other rows hold someone else's tokens: drop them.
-  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true));
+  // Pages it shares with other rows hold someone else's tokens: drop them (remembered,
+  // so that ReturnRow can map them back when a Fork fails).
+  std::vector<RowMapping> dropped;
+  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true, &dropped));
+  last_acquire_ = AcquireUndo{.row = best,
+                              .epoch = rows_.mapping_epoch(),
+                              .idle_since = rows_.row(best).idle_since,
+                              .dropped = std::move(dropped)};
   rows_.MakeLive(best);
   // No UpdatePeaks: pages the row kept count as held from now on, but a peak is taken
   // only once memory is put to use (Grow, Share) or stats are read, so that a Fork
@@ -240,6 +343,39 @@ absl::Status VirtualLayout::Release(int32_t row, int64_t len, Fence fence) {
   RetryQuarantined();
   KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Release"));
   rows_.MakeIdle(row, fence);
+  if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
+  return absl::OkStatus();
+}
+
+absl::Status VirtualLayout::ReturnRow(int32_t row) {
+  absl::MutexLock lock(&mu_);
+  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, 0, "ReturnRow"));
+  AcquireUndo undo = std::exchange(last_acquire_, AcquireUndo{});
+  const bool same = undo.row == row;
+  // AcquireRow took it with its fence complete; back in its place among the idle rows.
+  rows_.MakeIdle(row, Fence{}, same ? std::optional<uint64_t>(undo.idle_since) : std::nullopt);
+  // The aliases AcquireRow dropped, back where they were, if no mapping changed since
+  // (the background mapper may have taken their handles): a failed Fork then leaves the
+  // idle row as it found it. They hold no live token, so when they cannot come back only
+  // the row's chance of reuse is lost.
+  if (same && undo.epoch == rows_.mapping_epoch() && !undo.dropped.empty()) {
+    std::sort(
+        undo.dropped.begin(), undo.dropped.end(),
+        [&](const RowMapping& a, const RowMapping& b) { return rows_.Addr(a) < rows_.Addr(b); });
+    std::vector<uintptr_t> addrs;
+    for (const RowMapping& m : undo.dropped) addrs.push_back(rows_.Addr(m));
+    Transaction tx = NewTransaction();
+    absl::Status s = tx.Map(undo.dropped, /*fresh=*/false);
+    if (s.ok()) s = tx.SetAccess(addrs);
+    if (s.ok()) {
+      tx.Commit();
+    } else {
+      s = Fail(tx, s);
+      Logger()->warn("virtual layout: could not map row {}'s shared pages back: {}", row,
+                     s.ToString());
+    }
+  }
+  rows_.RecomputeLiveBytes();
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
   return absl::OkStatus();
 }
@@ -553,7 +689,9 @@ absl::StatusOr<VirtualKv> VirtualLayout::VirtualView(int layer) const {
 // ---- background mapper -------------------------------------------------------
 
 int64_t VirtualLayout::MapAheadTarget(const Row& r) const {
-  return geo_.PagesFor(std::min(r.len + config_.map_ahead_tokens, geo_.max_context));
+  // As min(len + ahead, max_context), without the sum (ahead may be up to max_context).
+  const int64_t ahead = std::min(config_.map_ahead_tokens, geo_.max_context - r.len);
+  return geo_.PagesFor(r.len + ahead);
 }
 
 void VirtualLayout::WantMapAhead(int32_t row) {

@@ -85,6 +85,7 @@ class VirtualLayout final : public KvLayout {
   absl::Status Shrink(int32_t row, int64_t len, int64_t new_len) override;
   absl::Status Share(int32_t parent, int64_t len, int32_t child) override;
   absl::Status Release(int32_t row, int64_t len, Fence fence) override;
+  absl::Status ReturnRow(int32_t row) override;
   absl::StatusOr<int64_t> Trim() override;
 
   int64_t SlotOf(int32_t row, int64_t pos) const override {
@@ -133,8 +134,9 @@ class VirtualLayout final : public KvLayout {
   absl::Status Reclaim(int64_t want, int32_t exclude, bool surplus, Transaction* tx)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Unmaps the shared (or all) mappings of `row` at pages >= min_page; their handles go to
-  // the free pool once unowned.
-  absl::Status DropPages(int32_t row, int64_t min_page, bool only_shared)
+  // the free pool once unowned. The mappings removed go to *dropped when it is not null.
+  absl::Status DropPages(int32_t row, int64_t min_page, bool only_shared,
+                         std::vector<RowMapping>* dropped = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Grow that maps, copies or reclaims: pages [p0, p1) of `row` become mapped and private.
   absl::Status GrowSlow(int32_t row, int64_t p0, int64_t p1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -177,6 +179,16 @@ class VirtualLayout final : public KvLayout {
   int64_t pages_reclaimed_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t map_stalls_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t pool_create_nanos_ = 0;
+  // What the last AcquireRow changed in the idle row it took, for ReturnRow: the aliases
+  // of other rows' pages it dropped, and the row's place among the idle rows. Mapped back
+  // only if no mapping changed since (the rows' mapping epoch).
+  struct AcquireUndo {
+    int32_t row = -1;
+    uint64_t epoch = 0;
+    uint64_t idle_since = 0;
+    std::vector<RowMapping> dropped;
+  };
+  AcquireUndo last_acquire_ ABSL_GUARDED_BY(mu_);
   // The last failure of RetryQuarantined: why a damaged page is still damaged.
   absl::Status quarantine_error_ ABSL_GUARDED_BY(mu_);
 

@@ -70,4 +70,25 @@ void PhysicalPage::Reset() {
   handle_ = 0;
 }
 
+int64_t ReleaseAllOrLog(std::vector<PhysicalPage>* pages, std::string_view owner) {
+  int64_t failed = 0;
+  int64_t total = 0;
+  absl::Status first;
+  for (PhysicalPage& page : *pages) {
+    if (!page.valid()) continue;
+    ++total;
+    absl::Status s = page.Release();
+    if (s.ok()) continue;
+    if (failed++ == 0) first = std::move(s);
+    page.Abandon();
+  }
+  pages->clear();
+  if (failed > 0) {
+    Logger()->error(
+        "{}: releasing {} of {} physical handles failed; they are leaked (the first: {})", owner,
+        failed, total, first.ToString());
+  }
+  return failed;
+}
+
 }  // namespace kvmem::internal

@@ -5,7 +5,9 @@
 #define KVMEM_ALLOCATORS_VMM_VMM_RESOURCES_H_
 
 #include <cstdint>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kvmem/vmm.h"
@@ -49,11 +51,23 @@ class PhysicalPage {
   // caller can retry instead of leaking it; Reset() only logs.
   absl::Status Release();
   void Reset();
+  // Forgets the handle without releasing it (the caller has logged it as leaked).
+  void Abandon() {
+    vmm_ = nullptr;
+    handle_ = 0;
+  }
 
  private:
   Vmm* vmm_ = nullptr;
   PhysHandle handle_ = 0;
 };
+
+// Releases every valid page of `pages` and clears the vector. A page whose release
+// fails is abandoned (the backend keeps it: leaked), and all such failures make one log
+// line under `owner`, with their count and the first error: destructors and failed
+// calls give back thousands of handles at once, and one cause (a backend that cannot
+// unmap) would otherwise log a line per handle. Returns the number that failed.
+int64_t ReleaseAllOrLog(std::vector<PhysicalPage>* pages, std::string_view owner);
 
 }  // namespace kvmem::internal
 

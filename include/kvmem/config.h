@@ -68,16 +68,23 @@ struct KvCacheConfig {
   int page_tokens = 16;                                       // kPaged only; any value >= 1
   PagePlacement page_placement = PagePlacement::kContiguous;  // kPaged only
 
-  // Capacity. Request rows are [0, max_requests); contexts are [0, max_context].
+  // Capacity. Request rows are [0, max_requests); contexts are [0, max_context] with
+  // max_context <= 2^30. kvmem's host bookkeeping grows with both (the paged layout's
+  // token index is int32 [max_requests][max_context]): Create rejects a configuration
+  // whose bookkeeping could exceed min(8 GiB, a quarter of physical memory).
   int max_requests = 256;
   int64_t max_context = 32768;
 
-  // Physical KV bytes the cache may hold at once (all layers, K and V).
+  // Physical KV bytes the cache may hold at once (all layers, K and V). Only what
+  // max_requests rows at max_context can use is ever taken, so a larger budget is no
+  // error (INT64_MAX: "no limit"). On the host backend a full budget must fit the
+  // process's mapping limit (vm.max_map_count): one mapping per granule.
   int64_t memory_budget_bytes = int64_t{8} << 30;
 
   DeviceKind device = DeviceKind::kHost;
   int device_ordinal = 0;
-  // Page granularity of the host backend (4 KiB or 2 MiB, the latter mirrors GPUs).
+  // Page granularity of the host backend (4 KiB or 2 MiB, the latter mirrors GPUs): a
+  // power of two in [4 KiB, 1 GiB] (a copy on write copies one granule).
   int64_t host_granularity = int64_t{2} << 20;
 
   // Optional backend to use instead of the one `device` selects (fault injection,
@@ -89,17 +96,36 @@ struct KvCacheConfig {
   bool elastic_pool = true;
 
   // kVirtual: number of tokens a growing row is kept mapped ahead of its length by the
-  // background mapper (0 disables the mapper; growth maps synchronously).
+  // background mapper (0 disables the mapper; growth maps synchronously). At most
+  // max_context.
   int64_t map_ahead_tokens = 0;
 
-  // Bytes of K (or V) of one token in one layer: kv_heads * head_dim * dtype.
-  int64_t TokenLayerBytes() const { return int64_t{num_kv_heads} * head_dim * DTypeBytes(dtype); }
-  // Bytes of one token over all layers, K and V.
-  int64_t TokenBytes() const { return 2 * int64_t{num_layers} * TokenLayerBytes(); }
+  // Bytes of K (or V) of one token in one layer: kv_heads * head_dim * dtype. Defined for
+  // every config, checked or not: 0 when a factor is < 1, INT64_MAX when the product
+  // overflows 64 bits (ValidateShape rejects both, so a valid config gets the product).
+  int64_t TokenLayerBytes() const {
+    return SaturatingProduct(SaturatingProduct(num_kv_heads, head_dim), DTypeBytes(dtype));
+  }
+  // Bytes of one token over all layers, K and V; 0 or INT64_MAX as above.
+  int64_t TokenBytes() const {
+    return SaturatingProduct(2 * int64_t{num_layers}, TokenLayerBytes());
+  }
+
+ private:
+  // a * b for a, b >= 1; 0 when either is < 1; INT64_MAX when it overflows.
+  static constexpr int64_t SaturatingProduct(int64_t a, int64_t b) {
+    if (a < 1 || b < 1) return 0;
+    constexpr int64_t kMax = 0x7fffffffffffffff;
+    return a > kMax / b ? kMax : a * b;
+  }
 };
 
-// Checks shape and capacity fields (not the budget, which depends on the backend's
-// granularity). InvalidArgument names the offending field and its value.
+// Checks every field but the budget (which depends on the backend's granularity):
+// each enum is one of its values, each number in its range, every product of fields
+// (bytes per token, per page, per request at max_context) fits 64 bits, and the host
+// bookkeeping that grows with max_requests and max_context is plausible (see
+// max_requests). Allocates nothing. InvalidArgument names the offending field, its value
+// and what it must be.
 absl::Status ValidateShape(const KvCacheConfig& config);
 
 std::string DescribeConfig(const KvCacheConfig& config);

@@ -12,8 +12,9 @@
 // (unless the backend fails the undo too: the status then says what state the cache is
 // in, and later calls retry what is left).
 // NotFound: unknown request. AlreadyExists: id in use. OutOfRange: a length over
-// max_context or under 0. ResourceExhausted: no memory or no free row. Errors of the
-// backend are passed through with context.
+// max_context or under 0. InvalidArgument: a bad config, a negative count, a null output
+// pointer. ResourceExhausted: no memory or no free row. Errors of the backend are
+// passed through with context.
 //
 // Thread safety: every method may be called from several threads at once; each call
 // is atomic with respect to the others (one internal mutex). Views and index pointers

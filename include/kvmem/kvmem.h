@@ -6,6 +6,7 @@
 #include "kvmem/dtype.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/memory_plan.h"
 #include "kvmem/reference_attention.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"

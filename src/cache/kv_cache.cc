@@ -107,6 +107,7 @@ absl::StatusOr<int32_t> KvCache::AddRequest(RequestId id) {
 }
 
 absl::Status KvCache::ExtendInto(RequestId id, int64_t n, std::vector<int64_t>* out) {
+  if (out == nullptr) return absl::InvalidArgumentError("ExtendInto: out is null");
   absl::MutexLock lock(&impl_->mu);
   KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
   if (n < 0) return absl::InvalidArgumentError(absl::StrFormat("Extend by %d tokens", n));
@@ -156,7 +157,7 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
   KVMEM_ASSIGN_OR_RETURN(int32_t row, impl_->layout->AcquireRow());
   absl::Status s = impl_->layout->Share(parent_req.row, parent_req.length, row);
   if (!s.ok()) {
-    absl::Status r = impl_->layout->Release(row, 0, Fence{});
+    absl::Status r = impl_->layout->ReturnRow(row);
     if (!r.ok()) return absl::InternalError("Fork rollback failed: " + r.ToString());
     return s;
   }
@@ -199,6 +200,7 @@ bool KvCache::Contains(RequestId id) const {
 }
 
 absl::Status KvCache::ReqToToken(RequestId id, std::vector<int32_t>* out) const {
+  if (out == nullptr) return absl::InvalidArgumentError("ReqToToken: out is null");
   absl::ReaderMutexLock lock(&impl_->mu);
   KVMEM_ASSIGN_OR_RETURN(const Impl::Request* req, impl_->Find(id));
   // Slots are int32 in the index (SGLang's req_to_token); a slot that does not fit
@@ -226,6 +228,7 @@ absl::StatusOr<std::vector<int32_t>> KvCache::BlockTable(RequestId id) const {
 
 absl::Status KvCache::BuildBatchMetadata(absl::Span<const RequestId> ids,
                                          BatchMetadata* out) const {
+  if (out == nullptr) return absl::InvalidArgumentError("BuildBatchMetadata: out is null");
   absl::ReaderMutexLock lock(&impl_->mu);
   BatchMetadata meta;
   meta.seq_lens.reserve(ids.size());

@@ -211,6 +211,16 @@ bool PagePool::WriteNeedsCopy(int32_t page,
          !std::all_of(it->second.begin(), it->second.end(), complete);
 }
 
+int64_t PagePool::PendingCount(const std::function<bool(const Fence&)>& complete) const {
+  int64_t pending = 0;
+  for (const QuarantineEntry& e : quarantine_) {
+    if (!std::all_of(e.fences.begin(), e.fences.end(), complete)) {
+      pending += static_cast<int64_t>(e.pages.size());
+    }
+  }
+  return pending;
+}
+
 int64_t PagePool::Reclaim(const std::function<bool(const Fence&)>& complete, bool scan_all) {
   int64_t freed = 0;
   for (auto it = quarantine_.begin(); it != quarantine_.end();) {

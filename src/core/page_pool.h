@@ -109,6 +109,11 @@ class PagePool {
   // REQUIRES: page is used.
   bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete) const;
 
+  // Quarantined pages that Reclaim(complete, true) would leave in quarantine: those with
+  // a fence `complete` does not report finished. Stats count the others as free, so
+  // that what they report does not depend on whether a call has reclaimed them yet.
+  int64_t PendingCount(const std::function<bool(const Fence&)>& complete) const;
+
   // Frees quarantined pages whose fence `complete` reports finished. With
   // scan_all = false stops at the first entry still pending (fences of one stream
   // complete in order, so that is the cheap check); true looks at every entry.

@@ -549,9 +549,9 @@ TEST(ExtendAttentionTest, KernelSelection) {
     const bool hopper = kBuilt && major == 9 && minor == 0 && d != 256;
     EXPECT_EQ((*ws)->uses_wgmma(), hopper) << "head_dim " << d;
     o.kernel = ExtendKernel::kMmaSync;
-    ws = ExtendWorkspace::Create(o);
-    ASSERT_TRUE(ws.ok()) << ws.status();
-    EXPECT_FALSE((*ws)->uses_wgmma());
+    auto portable = ExtendWorkspace::Create(o);
+    ASSERT_TRUE(portable.ok()) << portable.status();
+    EXPECT_FALSE((*portable)->uses_wgmma());
     o.kernel = ExtendKernel::kWgmma;
     if (hopper) {
       EXPECT_TRUE(ExtendWorkspace::Create(o).ok());

@@ -4,8 +4,6 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <string>
 
 #include "tools/kvbench/bench_util.h"
 
@@ -56,11 +54,6 @@ bool CurrentDeviceProperties(cudaDeviceProp* prop, const char* who) {
     return false;
   }
   return true;
-}
-
-const char* FlagValue(const std::string& arg, const char* flag) {
-  const size_t n = std::strlen(flag);
-  return arg.compare(0, n, flag) == 0 ? arg.c_str() + n : nullptr;
 }
 
 }  // namespace kvbench

@@ -1,6 +1,6 @@
 // Shared pieces of the kvbench GPU benchmarks (decode_bench.cu, prefill_bench.cu): a
 // device buffer, a fast random bf16 fill, the median of event-timed launches, the
-// current device's properties, flag parsing and a CUDA check that reports and fails.
+// current device's properties and a CUDA check that reports and fails.
 #ifndef KVMEM_TOOLS_KVBENCH_BENCH_UTIL_H_
 #define KVMEM_TOOLS_KVBENCH_BENCH_UTIL_H_
 
@@ -10,7 +10,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -90,9 +89,6 @@ void LaunchSpacer(int us);
 
 // The current device's properties; false (reported as `who`) where there is no device.
 bool CurrentDeviceProperties(cudaDeviceProp* prop, const char* who);
-
-// The value of `arg` after `flag` ("--reps=") where arg starts with it, else null.
-const char* FlagValue(const std::string& arg, const char* flag);
 
 }  // namespace kvbench
 

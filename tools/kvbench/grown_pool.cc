@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvmem/kv_cache.h"
 #include "kvmem/stats.h"
-#include "src/core/status_macros.h"
+#include "tools/kvbench/status_macros.h"
 
 namespace kvbench {
 namespace {
@@ -56,7 +56,7 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
   const int64_t pool_bytes = pages * page_tokens * c.TokenLayerBytes();
   const int64_t granules = (pool_bytes + c.host_granularity - 1) / c.host_granularity;
   c.memory_budget_bytes = 2 * granules * c.host_granularity;  // a K and a V pool
-  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<kvmem::KvCache> cache, kvmem::KvCache::Create(c));
+  KVBENCH_ASSIGN_OR_RETURN(std::unique_ptr<kvmem::KvCache> cache, kvmem::KvCache::Create(c));
 
   std::mt19937 rng(seed);
   auto uniform = [&](int64_t lo, int64_t hi) {
@@ -71,8 +71,8 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
         measured ? uniform(std::max<int64_t>(1, ctx / 4), ctx / 2) : uniform(1, ctx / 2);
     const int64_t target = measured ? ctx : uniform(prompt, ctx);
     const RequestId id = next_id++;
-    KVMEM_RETURN_IF_ERROR(cache->AddRequest(id).status());
-    KVMEM_RETURN_IF_ERROR(cache->Extend(id, prompt).status());
+    KVBENCH_RETURN_IF_ERROR(cache->AddRequest(id).status());
+    KVBENCH_RETURN_IF_ERROR(cache->Extend(id, prompt).status());
     live.push_back({id, prompt, target, measured});
     if (measured) measured_ids.push_back(id);
     return absl::OkStatus();
@@ -80,9 +80,9 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
   for (;;) {
     while (static_cast<int>(live.size()) < batch) {
       if (static_cast<int64_t>(next_id) < background) {
-        KVMEM_RETURN_IF_ERROR(admit(false));
+        KVBENCH_RETURN_IF_ERROR(admit(false));
       } else if (static_cast<int>(measured_ids.size()) < batch) {
-        KVMEM_RETURN_IF_ERROR(admit(true));
+        KVBENCH_RETURN_IF_ERROR(admit(true));
       } else {
         break;
       }
@@ -90,14 +90,14 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
     bool grew = false;
     for (LiveRequest& r : live) {
       if (r.len == r.target) continue;
-      KVMEM_RETURN_IF_ERROR(cache->Extend(r.id, 1).status());
+      KVBENCH_RETURN_IF_ERROR(cache->Extend(r.id, 1).status());
       ++r.len;
       grew = true;
     }
     // Background requests that reached their target end; measured ones stay at ctx.
     for (size_t i = 0; i < live.size();) {
       if (!live[i].measured && live[i].len == live[i].target) {
-        KVMEM_RETURN_IF_ERROR(cache->Free(live[i].id));
+        KVBENCH_RETURN_IF_ERROR(cache->Free(live[i].id));
         live[i] = live.back();
         live.pop_back();
       } else {
@@ -109,10 +109,10 @@ absl::StatusOr<GrownPool> GrowPool(int batch, int64_t ctx, int page_tokens,
       break;  // every live request is a measured one at ctx
     }
   }
-  KVMEM_RETURN_IF_ERROR(cache->CheckInvariants());
+  KVBENCH_RETURN_IF_ERROR(cache->CheckInvariants());
   out.table.reserve(out.stride * batch);
   for (RequestId id : measured_ids) {
-    KVMEM_ASSIGN_OR_RETURN(std::vector<int32_t> row, cache->BlockTable(id));
+    KVBENCH_ASSIGN_OR_RETURN(std::vector<int32_t> row, cache->BlockTable(id));
     if (static_cast<int64_t>(row.size()) != out.stride) {
       return absl::InternalError(absl::StrCat("grown pool: request ", id, " holds ", row.size(),
                                               " pages, not ", out.stride));

@@ -25,13 +25,14 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "allocators/virtual/virtual_layout.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
+#include "kvmem/memory_plan.h"
 #include "kvmem/stats.h"
-#include "kvmem/vmm.h"
-#include "tools/kvbench/registry.h"
+#include "tools/kvbench/settings.h"
+#include "tools/kvbench/sizing.h"
+#include "tools/kvbench/subcommands.h"
 
 namespace kvbench {
 namespace {
@@ -101,61 +102,6 @@ __global__ void ReadLiveKvKernel(kvmem::VirtualKv kv, const int32_t* seq_lens, T
   if (acc == 0x9E3779B1u) sink[0] = acc;  // keeps the loads; practically never true
 }
 
-struct Options {
-  int requests = 256;
-  int steps = 256;
-  int warmup = 32;
-  int prompt_max = 512;
-  int64_t map_ahead = 32;
-  int chunk = 0;  // KvCacheConfig::chunk_tokens
-  int layers = 32;
-  int kv_heads = 8;
-  int head_dim = 128;
-  int device = 0;
-  std::string modes = "off,on";
-};
-
-bool ParseArgs(const std::vector<std::string>& args, Options* o) {
-  for (const std::string& a : args) {
-    const size_t eq = a.find('=');
-    const std::string key = a.substr(0, eq);
-    const std::string val = eq == std::string::npos ? "" : a.substr(eq + 1);
-    const long long v = std::atoll(val.c_str());
-    if (key == "--requests") {
-      o->requests = static_cast<int>(v);
-    } else if (key == "--steps") {
-      o->steps = static_cast<int>(v);
-    } else if (key == "--warmup") {
-      o->warmup = static_cast<int>(v);
-    } else if (key == "--prompt_max") {
-      o->prompt_max = static_cast<int>(v);
-    } else if (key == "--map_ahead") {
-      o->map_ahead = v;
-    } else if (key == "--chunk") {
-      o->chunk = static_cast<int>(v);
-    } else if (key == "--layers") {
-      o->layers = static_cast<int>(v);
-    } else if (key == "--kv_heads") {
-      o->kv_heads = static_cast<int>(v);
-    } else if (key == "--head_dim") {
-      o->head_dim = static_cast<int>(v);
-    } else if (key == "--device") {
-      o->device = static_cast<int>(v);
-    } else if (key == "--modes") {
-      o->modes = val;
-    } else {
-      std::fprintf(stderr,
-                   "usage: kvbench mapper [--requests=256] [--steps=256] [--warmup=32] "
-                   "[--prompt_max=512] [--map_ahead=32] [--layers=32] [--kv_heads=8] "
-                   "[--head_dim=128] [--modes=off,on] [--device=0] [--chunk=0]\n  unknown argument "
-                   "'%s'\n",
-                   a.c_str());
-      return false;
-    }
-  }
-  return o->requests > 0 && o->steps > 0 && o->warmup >= 0 && o->prompt_max > 0 && o->map_ahead > 0;
-}
-
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -178,9 +124,9 @@ struct ModeResult {
   int64_t live_tokens_end = 0;
 };
 
-ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
-  ModeResult res;
-  res.mode = map_ahead > 0 ? "on (map_ahead " + std::to_string(map_ahead) + ")" : "off";
+// The cache of both modes but for its budget and mapper: the model shape, all-layer rows,
+// room for every request's longest length and the tokens mapped ahead of it.
+kvmem::KvCacheConfig MapperConfig(const MapperSettings& o) {
   kvmem::KvCacheConfig config;
   config.num_layers = o.layers;
   config.num_kv_heads = o.kv_heads;
@@ -192,17 +138,24 @@ ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
   config.max_requests = o.requests;
   const int64_t longest = o.prompt_max + o.warmup + o.steps;
   config.max_context = (longest + o.map_ahead + 255) / 256 * 256;
-  // Every request at its longest, mapped ahead (whole chunks), plus one page of slack.
-  absl::StatusOr<kvmem::internal::VirtualGeometry> geo =
-      kvmem::internal::VirtualGeometry::Make(config, granularity);
-  MAPPER_CHECK_OK(geo.status());
-  const int64_t per_request = geo->PagesFor(longest + o.map_ahead) + 1;
-  config.memory_budget_bytes = o.requests * per_request * granularity;
-  const TokenBlocks blocks = {
-      geo->chunk_tokens == 1 ? 1 : 2 * o.layers, geo->chunk_tokens * config.TokenLayerBytes(),
-      geo->chunk_tokens == 1 ? config.TokenBytes() : config.TokenLayerBytes()};
   config.device = kvmem::DeviceKind::kCuda;
   config.device_ordinal = o.device;
+  return config;
+}
+
+ModeResult RunMode(const MapperSettings& o, const kvmem::MemoryPlan& plan, int64_t map_ahead) {
+  ModeResult res;
+  res.mode = map_ahead > 0 ? "on (map_ahead " + std::to_string(map_ahead) + ")" : "off";
+  kvmem::KvCacheConfig config = MapperConfig(o);
+  // Every request at its longest, mapped ahead (whole chunks), plus one page of slack.
+  const int64_t longest = o.prompt_max + o.warmup + o.steps;
+  absl::StatusOr<int64_t> pages = RequestPages(config, plan, longest + o.map_ahead);
+  MAPPER_CHECK_OK(pages.status());
+  const int64_t per_request = *pages + 1;
+  config.memory_budget_bytes = o.requests * per_request * plan.granularity;
+  const int64_t chunk = plan.chunk_tokens;
+  const TokenBlocks blocks = {chunk == 1 ? 1 : 2 * o.layers, chunk * config.TokenLayerBytes(),
+                              chunk == 1 ? config.TokenBytes() : config.TokenLayerBytes()};
   config.map_ahead_tokens = map_ahead;
 
   const auto c0 = Clock::now();
@@ -302,16 +255,16 @@ ModeResult RunMode(const Options& o, int64_t map_ahead, int64_t granularity) {
   return res;
 }
 
-int RunMapperBench(const std::vector<std::string>& args) {
-  Options o;
-  if (!ParseArgs(args, &o)) return 2;
-  absl::StatusOr<std::unique_ptr<kvmem::Vmm>> vmm = kvmem::MakeCudaVmm(o.device);
-  if (!vmm.ok()) {
-    std::fprintf(stderr, "kvbench mapper: %s\n", vmm.status().ToString().c_str());
+}  // namespace
+
+int RunMapper(const MapperSettings& o) {
+  // The driver's granularity and the chunk, as the cache will have them.
+  absl::StatusOr<kvmem::MemoryPlan> plan = kvmem::PlanMinimalMemory(MapperConfig(o));
+  if (!plan.ok()) {
+    std::fprintf(stderr, "kvbench mapper: %s\n", plan.status().ToString().c_str());
     return 1;
   }
-  const int64_t granularity = (*vmm)->granularity();
-  vmm->reset();
+  const int64_t granularity = plan->granularity;
   MAPPER_CHECK_CUDA(cudaSetDevice(o.device));
   cudaDeviceProp prop{};
   MAPPER_CHECK_CUDA(cudaGetDeviceProperties(&prop, o.device));
@@ -328,10 +281,8 @@ int RunMapperBench(const std::vector<std::string>& args) {
       o.chunk == 1 ? (std::to_string(granularity / shape.TokenBytes()) + " tokens per page").c_str()
                    : ("rows in chunks (chunk_tokens " + std::to_string(o.chunk) + ")").c_str());
   std::vector<ModeResult> results;
-  for (const char* mode : {"off", "on"}) {
-    if (o.modes.find(mode) == std::string::npos) continue;
-    results.push_back(RunMode(o, std::strcmp(mode, "on") == 0 ? o.map_ahead : 0, granularity));
-  }
+  if (o.mode_off) results.push_back(RunMode(o, *plan, 0));
+  if (o.mode_on) results.push_back(RunMode(o, *plan, o.map_ahead));
   std::printf("\n%-18s %8s %10s %9s %9s %9s %9s %9s %9s %8s\n", "mapper", "stalled", "map_stalls",
               "ext_p50", "ext_p99", "ext_max", "ext_mean", "step_p50", "step_mean", "gpu_ms");
   for (const ModeResult& r : results) {
@@ -367,11 +318,5 @@ int RunMapperBench(const std::vector<std::string>& args) {
   }
   return 0;
 }
-
-}  // namespace
-
-KVBENCH_REGISTER(mapper, "mapper",
-                 "V2: decode steps stalled on mapping, background mapper off vs on (GPU)",
-                 RunMapperBench);
 
 }  // namespace kvbench

@@ -11,13 +11,11 @@
 // after a warm-up. tools/gpu/anchor_prefill.py runs torch SDPA on the same shapes for the
 // anchors; docs/kernels.md has the figures.
 //
-// usage: kvbench prefill [--reps=N] [--warmup=N] [--layouts=paged,virtual-all,virtual-layer]
-//                        [--shapes=p4k,p16k,b4,extend] [--page=16] [--kernel=auto|mma|both]
-//                        [--chunk=512]
-// --kernel=both times the portable mma.sync kernel too (ExtendKernel::kMmaSync), beside
-// the one kAuto picks (wgmma on an H100). --seq-pages puts the paged pool's pages in
-// order (a diagnostic: the default shuffles them, a fragmented pool).
-// --settle-ms=N (default 500): the GPU idles N ms before each figure's timed launches. At
+// Flags: `kvbench prefill --help` (settings.h). --kernel=both times the portable mma.sync
+// kernel too (ExtendKernel::kMmaSync), beside the one kAuto picks (wgmma on an H100).
+// --seq_pages puts the paged pool's pages in order (a diagnostic: the default shuffles
+// them, a fragmented pool).
+// --settle_ms=N (default 500): the GPU idles N ms before each figure's timed launches. At
 // these rates an H100 runs into its power cap within tenths of a second and lowers its
 // clock (nvidia-smi: "SW power cap", 1.4-2.0 GHz), so without a pause a figure depends on
 // what ran before it (the extend shape measured right after b4 came out 18 % lower than
@@ -29,7 +27,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -41,7 +38,8 @@
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
 #include "tools/kvbench/bench_util.h"
-#include "tools/kvbench/registry.h"
+#include "tools/kvbench/settings.h"
+#include "tools/kvbench/subcommands.h"
 
 namespace kvmem {
 namespace {
@@ -55,20 +53,6 @@ constexpr int kQHeads = 32;
 constexpr int kKvHeads = 8;
 constexpr int kHeadDim = 128;
 constexpr int kLayers = 32;  // of the all-layer arrangement: a token's stride spans them all
-
-struct Settings {
-  int reps = 20;
-  int warmup = 3;
-  int page = 16;
-  std::string layouts = "paged,virtual-all,virtual-layer";
-  std::string shapes = "p4k,p16k,b4,extend";
-  std::string kernel = "auto";  // auto | mma | both
-  bool seq_pages = false;       // paged: pages in order instead of shuffled (diagnostic)
-  int settle_ms = 500;          // idle before each figure's timing (the file's comment)
-  // virtual-all's chunk in tokens, a power of two (KvCacheConfig::chunk_tokens; 512 is
-  // what the cache picks for this shape on 2 MiB pages; 1: no chunks).
-  int chunk = 512;
-};
 
 struct Shape {
   const char* tag;
@@ -85,8 +69,8 @@ double Flops(const Shape& sh) {
 }
 
 // Times one (shape, layout); prints a row. *tflops gets the figure.
-bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, ExtendKernel kernel,
-            double* tflops) {
+bool RunOne(const kvbench::PrefillSettings& s, const Shape& sh, const std::string& layout,
+            ExtendKernel kernel, double* tflops) {
   const int64_t block = int64_t{kKvHeads} * kHeadDim;  // elements per token, one of K / V
   const int64_t ctx = int64_t{sh.prefix} + sh.fresh;
   const int64_t total_new = int64_t{sh.batch} * sh.fresh;
@@ -198,74 +182,37 @@ bool RunOne(const Settings& s, const Shape& sh, const std::string& layout, Exten
   return true;
 }
 
-bool Listed(const std::string& list, const std::string& name) {
-  return ("," + list + ",").find("," + name + ",") != std::string::npos;
-}
+}  // namespace
+}  // namespace kvmem
 
-int Main(const std::vector<std::string>& args) {
-  Settings s;
-  for (const std::string& a : args) {
-    auto value = [&](const char* flag) { return kvbench::FlagValue(a, flag); };
-    if (const char* v = value("--reps=")) {
-      s.reps = std::max(1, std::atoi(v));
-    } else if (const char* v = value("--warmup=")) {
-      s.warmup = std::max(0, std::atoi(v));
-    } else if (const char* v = value("--page=")) {
-      s.page = std::max(1, std::atoi(v));
-    } else if (const char* v = value("--layouts=")) {
-      s.layouts = v;
-    } else if (const char* v = value("--shapes=")) {
-      s.shapes = v;
-    } else if (const char* v = value("--kernel=")) {
-      s.kernel = v;
-    } else if (a == "--seq-pages") {
-      s.seq_pages = true;
-    } else if (const char* v = value("--settle-ms=")) {
-      s.settle_ms = std::max(0, std::atoi(v));
-    } else if (const char* v = value("--chunk=")) {
-      s.chunk = std::atoi(v);
-      if (s.chunk < 1 || (s.chunk & (s.chunk - 1)) != 0) {
-        std::fprintf(stderr, "prefill bench: --chunk=%s is not a power of two\n", v);
-        return 2;
-      }
-    } else {
-      std::fprintf(stderr,
-                   "usage: kvbench prefill [--reps=N] [--warmup=N] [--page=N]\n"
-                   "  [--layouts=paged,virtual-all,virtual-layer] [--shapes=p4k,p16k,b4,extend]\n"
-                   "  [--kernel=auto|mma|both] [--seq-pages] [--settle-ms=N] [--chunk=N]\n"
-                   "  --chunk=N: virtual-all's chunk in tokens (default 512, the cache's "
-                   "choice for this shape; 1: no chunks)\n");
-      return 2;
-    }
-  }
+namespace kvbench {
+
+int RunPrefill(const PrefillSettings& s) {
+  using kvmem::ExtendKernel;
   cudaDeviceProp prop;
-  if (!kvbench::CurrentDeviceProperties(&prop, kWho)) return 1;
+  if (!CurrentDeviceProperties(&prop, kvmem::kWho)) return 1;
   std::printf("prefill: %s, %d SMs; q_heads %d, kv_heads %d, head_dim %d, bf16; median of %d\n",
-              prop.name, prop.multiProcessorCount, kQHeads, kKvHeads, kHeadDim, s.reps);
-  const Shape shapes[] = {
+              prop.name, prop.multiProcessorCount, kvmem::kQHeads, kvmem::kKvHeads, kvmem::kHeadDim,
+              s.reps);
+  const kvmem::Shape shapes[] = {
       {"p4k", 1, 0, 4096}, {"p16k", 1, 0, 16384}, {"b4", 4, 0, 8192}, {"extend", 1, 4096, 512}};
-  const char* layouts[] = {"paged", "virtual-all", "virtual-layer"};
   std::vector<ExtendKernel> kernels;
-  if (s.kernel == "auto" || s.kernel == "both") kernels.push_back(ExtendKernel::kAuto);
-  if (s.kernel == "mma" || s.kernel == "both") kernels.push_back(ExtendKernel::kMmaSync);
-  if (kernels.empty()) {
-    std::fprintf(stderr, "prefill bench: --kernel=%s: want auto, mma or both\n", s.kernel.c_str());
-    return 2;
-  }
+  if (s.kernel != PrefillKernel::kMma) kernels.push_back(ExtendKernel::kAuto);
+  if (s.kernel != PrefillKernel::kAuto) kernels.push_back(ExtendKernel::kMmaSync);
   int rc = 0;
   for (const ExtendKernel kernel : kernels) {
-    for (const Shape& sh : shapes) {
+    for (const kvmem::Shape& sh : shapes) {
       if (!Listed(s.shapes, sh.tag)) continue;
       double paged = 0.0, virt = 0.0;
-      for (const char* l : layouts) {
+      for (const std::string& l : PrefillLayouts()) {
         if (!Listed(s.layouts, l)) continue;
         double t = 0.0;
-        if (!RunOne(s, sh, l, kernel, &t)) {
+        if (!kvmem::RunOne(s, sh, l, kernel, &t)) {
           rc = 1;
           continue;
         }
-        if (std::strcmp(l, "paged") == 0) paged = t;
-        if (std::strcmp(l, "virtual-all") == 0) virt = t;
+        if (l == "paged") paged = t;
+        if (l == "virtual-all") virt = t;
       }
       if (paged > 0 && virt > 0) {
         std::printf("%-8s paged / virtual-all = %.3f\n", sh.tag, paged / virt);
@@ -275,8 +222,4 @@ int Main(const std::vector<std::string>& args) {
   return rc;
 }
 
-}  // namespace
-}  // namespace kvmem
-
-KVBENCH_REGISTER(prefill, "prefill",
-                 "extend / prefill attention on P1 (paged and virtual), TFLOP/s", kvmem::Main);
+}  // namespace kvbench

@@ -1,3 +1,4 @@
+// MakeVirtualCacheBatch (virtual_cache.h): the cache, its requests and the fill.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -5,11 +6,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "allocators/virtual/virtual_layout.h"
 #include "kvmem/kv_cache.h"
-#include "src/core/int_math.h"
-#include "src/core/status_macros.h"
+#include "kvmem/memory_plan.h"
 #include "tools/kvbench/bench_util.h"
+#include "tools/kvbench/sizing.h"
+#include "tools/kvbench/status_macros.h"
 #include "tools/kvbench/virtual_cache.h"
 
 namespace kvbench {
@@ -33,27 +34,28 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
   c.max_context = max_context;
   c.device = kvmem::DeviceKind::kCuda;
   // Exactly the pages the batch maps: per request and segment (the all-layer row, or
-  // each layer's K and V), its whole chunks' bytes rounded up to 2 MiB pages.
-  constexpr int64_t kPage = int64_t{2} << 20;
+  // each layer's K and V), its whole chunks' bytes rounded up to the driver's pages.
   const bool all = arrangement == kvmem::Arrangement::kAllLayers;
-  KVMEM_ASSIGN_OR_RETURN(const kvmem::internal::VirtualGeometry geo,
-                         kvmem::internal::VirtualGeometry::Make(c, kPage));
+  KVBENCH_ASSIGN_OR_RETURN(const kvmem::MemoryPlan plan, kvmem::PlanMinimalMemory(c));
   int64_t pages = 0;
-  for (int32_t len : lens) pages += geo.PagesFor(len);
-  c.memory_budget_bytes = std::max<int64_t>(1, pages * geo.segments) * kPage;
+  for (int32_t len : lens) {
+    KVBENCH_ASSIGN_OR_RETURN(const int64_t request, RequestPages(c, plan, len));
+    pages += request;
+  }
+  c.memory_budget_bytes = std::max(pages * plan.page_bytes, plan.min_budget_bytes);
 
   VirtualCacheBatch out;
-  KVMEM_ASSIGN_OR_RETURN(out.cache, kvmem::KvCache::Create(c));
+  KVBENCH_ASSIGN_OR_RETURN(out.cache, kvmem::KvCache::Create(c));
   std::vector<kvmem::RequestId> ids;
   for (size_t i = 0; i < lens.size(); ++i) {
-    KVMEM_RETURN_IF_ERROR(out.cache->AddRequest(i).status());
-    KVMEM_RETURN_IF_ERROR(out.cache->Extend(i, lens[i]).status());
+    KVBENCH_RETURN_IF_ERROR(out.cache->AddRequest(i).status());
+    KVBENCH_RETURN_IF_ERROR(out.cache->Extend(i, lens[i]).status());
     ids.push_back(i);
   }
-  KVMEM_RETURN_IF_ERROR(out.cache->CheckInvariants());
-  KVMEM_RETURN_IF_ERROR(out.cache->BuildBatchMetadata(ids, &out.meta));
+  KVBENCH_RETURN_IF_ERROR(out.cache->CheckInvariants());
+  KVBENCH_RETURN_IF_ERROR(out.cache->BuildBatchMetadata(ids, &out.meta));
   for (int l = 0; l < layers; ++l) {
-    KVMEM_ASSIGN_OR_RETURN(kvmem::VirtualKv v, out.cache->VirtualView(l, out.meta));
+    KVBENCH_ASSIGN_OR_RETURN(kvmem::VirtualKv v, out.cache->VirtualView(l, out.meta));
     out.views.push_back(v);
   }
   // Fill what each row holds. All-layer: one tensor, the row's whole chunks from layer
@@ -69,7 +71,7 @@ absl::StatusOr<VirtualCacheBatch> MakeVirtualCacheBatch(kvmem::Arrangement arran
   for (size_t t = 0; t < tensors.size(); ++t) {
     for (size_t i = 0; i < lens.size(); ++i) {
       const int64_t chunk = int64_t{1} << shape.chunk_shift;
-      const int64_t bytes = shape.InRow(kvmem::internal::CeilDiv(lens[i], chunk) * chunk) * kElem;
+      const int64_t bytes = shape.InRow((lens[i] + chunk - 1) / chunk * chunk) * kElem;
       if (bytes == 0) continue;
       void* p = static_cast<char*>(tensors[t]) + out.meta.row_ids[i] * shape.row_stride * kElem;
       if (!FillRandom(p, bytes, static_cast<uint32_t>(7 + t + i), "virtual cache batch")) {

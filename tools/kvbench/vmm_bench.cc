@@ -9,12 +9,15 @@
 // the virtual layout does when it builds its pool; rounds repeat it, after one warm-up
 // round that is not counted. Latencies are host wall time per call: these calls are
 // synchronous on the host.
+//
+// The raw driver calls are looked up through the CUDA runtime
+// (cudaGetDriverEntryPointByVersion), not through kvmem: nothing of kvmem runs between the
+// benchmark and the driver, and, as with kvmem's CudaVmm, nothing links libcuda.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -24,12 +27,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kvmem/vmm.h"
-#include "tools/kvbench/registry.h"
+#include "tools/kvbench/settings.h"
+#include "tools/kvbench/subcommands.h"
 #ifdef KVMEM_WITH_CUDA
 #include <cuda.h>
 #include <cuda_runtime_api.h>
-
-#include "allocators/vmm/cuda_driver.h"
 #endif
 
 namespace kvbench {
@@ -70,52 +72,6 @@ void PrintRows(const std::vector<Row>& rows) {
   }
 }
 
-const Row* Find(const std::vector<Row>& rows, const std::string& name) {
-  for (const Row& r : rows) {
-    if (r.name == name) return &r;
-  }
-  return nullptr;
-}
-
-struct Options {
-  std::string backend = "cuda";
-  int handles = 256;
-  int rounds = 4;
-  int batch = 64;
-  int device = 0;
-};
-
-bool ParseArgs(const std::vector<std::string>& args, Options* o) {
-  for (const std::string& a : args) {
-    auto value = [&](const char* flag) -> const char* {
-      const size_t n = std::strlen(flag);
-      return a.compare(0, n, flag) == 0 ? a.c_str() + n : nullptr;
-    };
-    if (const char* v = value("--backend=")) {
-      o->backend = v;
-    } else if (const char* v = value("--handles=")) {
-      o->handles = std::atoi(v);
-    } else if (const char* v = value("--rounds=")) {
-      o->rounds = std::atoi(v);
-    } else if (const char* v = value("--batch=")) {
-      o->batch = std::atoi(v);
-    } else if (const char* v = value("--device=")) {
-      o->device = std::atoi(v);
-    } else {
-      std::fprintf(stderr,
-                   "usage: kvbench vmm [--backend=cuda|host] [--handles=256] [--rounds=4] "
-                   "[--batch=64] [--device=0]\n  unknown argument '%s'\n",
-                   a.c_str());
-      return false;
-    }
-  }
-  if (o->handles < 1 || o->rounds < 1 || o->batch < 1 || o->batch > o->handles) {
-    std::fprintf(stderr, "kvbench vmm: need handles >= 1, rounds >= 1, 1 <= batch <= handles\n");
-    return false;
-  }
-  return o->backend == "cuda" || o->backend == "host";
-}
-
 // Dies with a message: a benchmark has no way to go on after a failed call.
 #define BENCH_CHECK_OK(expr)                                                              \
   do {                                                                                    \
@@ -128,7 +84,7 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o) {
 
 // The five calls through the Vmm interface, per handle; then set access and unmap over
 // `batch` handles in one call, reported per handle.
-void BenchVmm(kvmem::Vmm* vmm, const Options& o, const std::string& prefix,
+void BenchVmm(kvmem::Vmm* vmm, const VmmSettings& o, const std::string& prefix,
               std::vector<Row>* rows) {
   const int64_t g = vmm->granularity();
   const int n = o.handles;
@@ -191,14 +147,71 @@ void BenchVmm(kvmem::Vmm* vmm, const Options& o, const std::string& prefix,
 
 #ifdef KVMEM_WITH_CUDA
 
-#define BENCH_CHECK_CU(drv, expr)                                    \
-  do {                                                               \
-    const CUresult r_ = (expr);                                      \
-    if (r_ != CUDA_SUCCESS) {                                        \
-      std::fprintf(stderr, "kvbench vmm: %s failed: %s\n", #expr,    \
-                   kvmem::internal::CudaErrorText(drv, r_).c_str()); \
-      std::exit(1);                                                  \
-    }                                                                \
+const Row* Find(const std::vector<Row>& rows, const std::string& name) {
+  for (const Row& r : rows) {
+    if (r.name == name) return &r;
+  }
+  return nullptr;
+}
+
+// The driver entry points V1 calls, typed from the declarations of <cuda.h>.
+#define KVBENCH_DRIVER_CALLS(X) \
+  X(cuDriverGetVersion)         \
+  X(cuGetErrorName)             \
+  X(cuMemAddressReserve)        \
+  X(cuMemAddressFree)           \
+  X(cuMemCreate)                \
+  X(cuMemRelease)               \
+  X(cuMemMap)                   \
+  X(cuMemUnmap)                 \
+  X(cuMemSetAccess)
+struct DriverCalls {
+#define KVBENCH_DRIVER_FIELD(name) decltype(&::name) name = nullptr;
+  KVBENCH_DRIVER_CALLS(KVBENCH_DRIVER_FIELD)
+#undef KVBENCH_DRIVER_FIELD
+};
+
+// The entry points of the driver the runtime loaded, at the ABI of the <cuda.h> this is
+// built with. REQUIRES: the runtime is initialised on the device.
+absl::StatusOr<DriverCalls> LoadDriverCalls() {
+  DriverCalls d;
+  auto load = [](const char* name, void** fn) -> absl::Status {
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion(name, fn, CUDA_VERSION, cudaEnableDefault, &found);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint(name, fn, cudaEnableDefault, &found);
+#endif
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || *fn == nullptr) {
+      return absl::UnavailableError(std::string("the driver has no entry point ") + name + " (" +
+                                    cudaGetErrorString(e) + ")");
+    }
+    return absl::OkStatus();
+  };
+#define KVBENCH_DRIVER_LOAD(name)                                                 \
+  if (absl::Status s = load(#name, reinterpret_cast<void**>(&d.name)); !s.ok()) { \
+    return s;                                                                     \
+  }
+  KVBENCH_DRIVER_CALLS(KVBENCH_DRIVER_LOAD)
+#undef KVBENCH_DRIVER_LOAD
+  return d;
+}
+
+// "CUDA_ERROR_OUT_OF_MEMORY (2)", or the number where the driver cannot name it.
+std::string DriverError(const DriverCalls& d, CUresult r) {
+  const char* name = nullptr;
+  if (d.cuGetErrorName(r, &name) != CUDA_SUCCESS || name == nullptr) name = "unknown error";
+  return std::string(name) + " (" + std::to_string(static_cast<int>(r)) + ")";
+}
+
+#define BENCH_CHECK_CU(drv, expr)                                                                 \
+  do {                                                                                            \
+    const CUresult r_ = (expr);                                                                   \
+    if (r_ != CUDA_SUCCESS) {                                                                     \
+      std::fprintf(stderr, "kvbench vmm: %s failed: %s\n", #expr, DriverError(*drv, r_).c_str()); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (0)
 #define BENCH_CHECK_CUDART(expr)                                                           \
   do {                                                                                     \
@@ -210,8 +223,7 @@ void BenchVmm(kvmem::Vmm* vmm, const Options& o, const std::string& prefix,
   } while (0)
 
 // The driver's calls with nothing of kvmem around them, in the runtime's primary context.
-void BenchDriver(const kvmem::internal::CudaDriver* d, const Options& o, size_t g,
-                 std::vector<Row>* rows) {
+void BenchDriver(const DriverCalls* d, const VmmSettings& o, size_t g, std::vector<Row>* rows) {
   const int n = o.handles;
   CUmemAllocationProp prop = {};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -289,12 +301,7 @@ void BenchDriver(const kvmem::internal::CudaDriver* d, const Options& o, size_t 
   }
 }
 
-int RunCuda(const Options& o) {
-  absl::StatusOr<const kvmem::internal::CudaDriver*> d = kvmem::internal::GetCudaDriver();
-  if (!d.ok()) {
-    std::fprintf(stderr, "kvbench vmm: %s\n", d.status().ToString().c_str());
-    return 1;
-  }
+int RunCuda(const VmmSettings& o) {
   absl::StatusOr<std::unique_ptr<kvmem::Vmm>> vmm = kvmem::MakeCudaVmm(o.device);
   if (!vmm.ok()) {
     std::fprintf(stderr, "kvbench vmm: %s\n", vmm.status().ToString().c_str());
@@ -302,10 +309,15 @@ int RunCuda(const Options& o) {
   }
   BENCH_CHECK_CUDART(cudaSetDevice(o.device));
   BENCH_CHECK_CUDART(cudaFree(nullptr));  // creates the runtime's (primary) context
+  absl::StatusOr<DriverCalls> d = LoadDriverCalls();
+  if (!d.ok()) {
+    std::fprintf(stderr, "kvbench vmm: %s\n", d.status().ToString().c_str());
+    return 1;
+  }
   cudaDeviceProp prop{};
   BENCH_CHECK_CUDART(cudaGetDeviceProperties(&prop, o.device));
   int driver_version = 0;
-  (*d)->cuDriverGetVersion(&driver_version);
+  d->cuDriverGetVersion(&driver_version);
   const size_t g = static_cast<size_t>((*vmm)->granularity());
   std::printf(
       "kvbench vmm (V1): device %d %s, driver API %d.%d, granularity %zu bytes, "
@@ -313,7 +325,7 @@ int RunCuda(const Options& o) {
       o.device, prop.name, driver_version / 1000, (driver_version % 1000) / 10, g, o.handles,
       o.rounds, o.batch);
   std::vector<Row> rows;
-  BenchDriver(*d, o, g, &rows);
+  BenchDriver(&*d, o, g, &rows);
   BenchVmm(vmm->get(), o, "kvmem CudaVmm ", &rows);
   PrintRows(rows);
   const double create = Percentile(Find(rows, "cuMemCreate")->us, 0.5);
@@ -334,13 +346,10 @@ int RunCuda(const Options& o) {
 
 #endif  // KVMEM_WITH_CUDA
 
-int RunVmmBench(const std::vector<std::string>& args) {
-  Options o;
-#ifndef KVMEM_WITH_CUDA
-  o.backend = "host";
-#endif
-  if (!ParseArgs(args, &o)) return 2;
-  if (o.backend == "host") {
+}  // namespace
+
+int RunVmm(const VmmSettings& o) {
+  if (o.backend == VmmBackend::kHost) {
     absl::StatusOr<std::unique_ptr<kvmem::Vmm>> vmm = kvmem::MakeHostVmm(int64_t{2} << 20);
     if (!vmm.ok()) {
       std::fprintf(stderr, "kvbench vmm: %s\n", vmm.status().ToString().c_str());
@@ -358,15 +367,10 @@ int RunVmmBench(const std::vector<std::string>& args) {
 #ifdef KVMEM_WITH_CUDA
   return RunCuda(o);
 #else
+  // Validate(VmmSettings*) turns --backend=cuda down in a build without CUDA.
   std::fprintf(stderr, "kvbench vmm: built without CUDA; use --backend=host\n");
   return 1;
 #endif
 }
-
-}  // namespace
-
-KVBENCH_REGISTER(vmm, "vmm",
-                 "V1: driver VMM call latency per 2 MiB handle vs cudaMalloc [--backend=cuda|host]",
-                 RunVmmBench);
 
 }  // namespace kvbench

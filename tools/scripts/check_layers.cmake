@@ -26,7 +26,8 @@ set(rules
     "allocators/virtual|${public},${core},${vmm},${layout}"
     "src/cache|${public},${core},${layout}"
     "attention|${public},kvmem/debug/,${core}"
-    "tools/kvstress|${public}")
+    "tools/kvstress|${public}"
+    "tools/kvbench|${public},kvmem/debug/")
 
 set(bad "")
 foreach(rule ${rules})

@@ -2,8 +2,7 @@
 # Installs the Debian 12 packages kvmem builds with, skipping what is already there.
 # Sourced by the Quick start scripts; needs root or sudo only when something is missing.
 set -euo pipefail
-kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-            libbenchmark-dev)
+kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev)
 missing=()
 for p in "${kvmem_deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
