@@ -181,6 +181,18 @@ std::vector<Scenario> Scenarios() {
                      },
                  .op = [](Env& e) { return StatusOf(e.model->Fork(1, 2)); },
                  .touched = {2}});
+  // The child lands in the row request 3 left, whose aliases of request 1's pages are
+  // dropped; a failed Share maps them back.
+  out.push_back({.name = "ForkIntoARowWithSharedPages",
+                 .setup =
+                     [](Env& e) {
+                       KVMEM_ASSERT_OK(e.model->Add(1));
+                       KVMEM_ASSERT_OK(e.model->Extend(1, 2 * e.tpp + 1));
+                       KVMEM_ASSERT_OK(e.model->Fork(1, 3));
+                       KVMEM_ASSERT_OK(e.model->Free(3));
+                     },
+                 .op = [](Env& e) { return StatusOf(e.model->Fork(1, 2)); },
+                 .touched = {2}});
   // The new request lands in the row request 1 left, which shares pages with 2.
   out.push_back({.name = "AddIntoARowWithSharedPages",
                  .setup =

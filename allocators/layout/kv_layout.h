@@ -42,6 +42,8 @@ class KvLayout {
   virtual absl::Status Release(int32_t row, int64_t len, Fence fence) = 0;
   // Gives back a row from AcquireRow that the caller did not use (a Fork whose Share
   // failed), leaving the layout as it was before AcquireRow: a failed call moves nothing.
+  // Where the backend fails that, the row is given back all the same, and the status
+  // (the backend's code, never Internal) says what could not be restored.
   virtual absl::Status ReturnRow(int32_t row) { return Release(row, 0, Fence{}); }
   // Gives unused physical memory back to the backend; returns bytes released.
   virtual absl::StatusOr<int64_t> Trim() = 0;

@@ -358,6 +358,7 @@ absl::Status VirtualLayout::ReturnRow(int32_t row) {
   // (the background mapper may have taken their handles): a failed Fork then leaves the
   // idle row as it found it. They hold no live token, so when they cannot come back only
   // the row's chance of reuse is lost.
+  absl::Status status;
   if (same && undo.epoch == rows_.mapping_epoch() && !undo.dropped.empty()) {
     std::sort(
         undo.dropped.begin(), undo.dropped.end(),
@@ -371,13 +372,17 @@ absl::Status VirtualLayout::ReturnRow(int32_t row) {
       tx.Commit();
     } else {
       s = Fail(tx, s);
-      Logger()->warn("virtual layout: could not map row {}'s shared pages back: {}", row,
-                     s.ToString());
+      status = absl::Status(
+          s.code(),
+          absl::StrFormat("virtual layout: mapping back the %d pages row %d shared before it was "
+                          "taken failed: %s; so the cache is not as before: row %d lost those "
+                          "pages (they held none of its tokens)",
+                          undo.dropped.size(), row, s.message(), row));
     }
   }
   rows_.RecomputeLiveBytes();
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
-  return absl::OkStatus();
+  return status;
 }
 
 absl::Status VirtualLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "allocators/layout/kv_layout.h"
@@ -158,7 +159,11 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
   absl::Status s = impl_->layout->Share(parent_req.row, parent_req.length, row);
   if (!s.ok()) {
     absl::Status r = impl_->layout->ReturnRow(row);
-    if (!r.ok()) return absl::InternalError("Fork rollback failed: " + r.ToString());
+    if (r.code() == absl::StatusCode::kInternal) {
+      return absl::InternalError("Fork rollback failed: " + r.ToString());
+    }
+    // The row is back; what the backend kept it from restoring is said after the cause.
+    if (!r.ok()) return absl::Status(s.code(), absl::StrCat(s.message(), "; ", r.message()));
     return s;
   }
   impl_->requests.emplace(child, Impl::Request{row, parent_req.length});
