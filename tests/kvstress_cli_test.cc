@@ -3,6 +3,7 @@
 // message, a good tiny run writes its table, JSON and SVG.
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -61,6 +62,35 @@ TEST(KvstressTraceTest, ErrorsNameTheLine) {
   const std::string g = "arrival_step,prompt_len,output_len,prefix_group\n";
   EXPECT_THAT(TraceError(g + "0,8,5,0\n"), HasSubstr("must exceed the shared prefix"));
   EXPECT_THAT(TraceError(g + "0,20,5,-2\n"), HasSubstr("prefix_group -2"));
+}
+
+// Group numbers are labels: a trace whose only group is 2 has one group, not three.
+TEST(KvstressTraceTest, CountsTheDistinctPrefixGroups) {
+  const std::string g = "arrival_step,prompt_len,output_len,prefix_group\n";
+  absl::StatusOr<Workload> one = ParseTrace(g + "0,20,3,2\n1,30,3,2\n", "t.csv", 100, 8);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_THAT(one->description, HasSubstr(", 1 prefix group sharing 8 tokens"));
+  absl::StatusOr<Workload> two =
+      ParseTrace(g + "0,20,3,7\n0,20,3,\n1,30,3,0\n2,30,3,7\n", "t.csv", 100, 8);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_THAT(two->description, HasSubstr(", 2 prefix groups sharing 8 tokens"));
+}
+
+// A binary file must not write raw bytes (terminal escapes) into the error, nor a
+// megabyte line.
+TEST(KvstressTraceTest, GarbageIsEscapedAndCut) {
+  const std::string h = "arrival_step,prompt_len,output_len\n";
+  const std::string garbage("\x1b[2J\x07\xff\xfe\x00zz", 10);
+  const std::string e = TraceError(h + "0," + garbage + ",5\n");
+  EXPECT_THAT(e, HasSubstr("t.csv:2: prompt_len '\\x1b[2J\\x07\\xff\\xfe\\x00zz' is not"));
+  EXPECT_TRUE(std::none_of(e.begin(), e.end(), [](char c) {
+    return static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f;
+  })) << e;
+  const std::string header = TraceError(std::string(5000, '\x01') + "\n");
+  EXPECT_THAT(header, HasSubstr("... (5000 bytes in all)"));
+  EXPECT_LT(header.size(), 400u);
+  EXPECT_EQ(Printable("a\\b\tc"), "a\\\\b\\x09c");
+  EXPECT_EQ(Printable("abcdef", 3), "abc... (6 bytes in all)");
 }
 
 TEST(KvstressTraceTest, MissingFileIsNotFound) {
