@@ -23,6 +23,7 @@ namespace kvstress {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // ---- trace parsing ---------------------------------------------------------
 
@@ -161,6 +162,58 @@ TEST(KvstressFlagsTest, BadValuesNameTheFlag) {
               HasSubstr("--prefix_len"));
 }
 
+// Sizes beyond what the layouts address stop at the flags, with the numbers, instead of
+// failing every virtual policy later.
+TEST(KvstressFlagsTest, BudgetAndSizesBeyondTheLayoutsAreRejected) {
+  FlagValues f;
+  f.budget_gib = 4294967295;
+  const std::string e = FlagError(f);
+  EXPECT_THAT(e, HasSubstr("--budget_gib: 4294967295 GiB is 2199023255040 pages of 2 MiB"));
+  EXPECT_THAT(e, HasSubstr("virtual, virtual-chunk, virtual-layer"));
+  EXPECT_THAT(e, HasSubstr("at most 2147483647 pages"));
+
+  FlagValues big;
+  big.budget_gib = 1e12;
+  EXPECT_THAT(FlagError(big), HasSubstr("--budget_gib: 1000000000000 (x --scale=1)"));
+  // 4096 rows of 4096 tokens of 16 MiB: 256 TiB of address space for the virtual rows.
+  FlagValues wide;
+  wide.head_dim = 16384;
+  wide.max_requests = 4096;
+  wide.max_context = 4096;
+  wide.policies = "virtual";
+  EXPECT_THAT(FlagError(wide), HasSubstr("--max_requests: 4096 rows x --max_context=4096 need "
+                                         "256 TiB of address space under policy virtual"));
+  FlagValues rate;
+  rate.arrival_rate = 1e9;
+  EXPECT_THAT(FlagError(rate), HasSubstr("--arrival_rate: 1e+09"));
+  FlagValues page;
+  page.budget_gib = 0.5;
+  page.max_context = 16;
+  page.host_page_kib = 1 << 20;
+  EXPECT_THAT(FlagError(page),
+              HasSubstr("--budget_gib: 0.5 GiB is less than one host page of 1 GiB"));
+}
+
+// A trace gives the requests, so the mix's flags would be ignored: given together, they
+// are an error (left at their defaults, they are not).
+TEST(KvstressFlagsTest, MixFlagsDoNotApplyToATrace) {
+  FlagValues f;
+  f.trace = "t.csv";
+  EXPECT_TRUE(BuildRunConfig(f).ok());
+  for (const char* flag : {"workload", "arrival_rate", "requests", "seed", "num_prefixes"}) {
+    f.specified = {flag};
+    EXPECT_THAT(FlagError(f),
+                HasSubstr(std::string("--") + flag + ": does not apply to --trace=t.csv"));
+  }
+  f.specified = {"prefix_len", "budget_gib"};  // these do apply to a trace
+  EXPECT_TRUE(BuildRunConfig(f).ok());
+  FlagValues chat;
+  chat.specified = {"num_prefixes"};
+  EXPECT_THAT(FlagError(chat), HasSubstr("applies only to --workload=shared-system-prompt"));
+  chat.workload = "shared-system-prompt";
+  EXPECT_TRUE(BuildRunConfig(chat).ok());
+}
+
 TEST(KvstressFlagsTest, PoliciesParseSubsetsAndDropDuplicates) {
   absl::StatusOr<std::vector<Policy>> p = ParsePolicies(" paged-16,static,paged-16 ");
   ASSERT_TRUE(p.ok()) << p.status();
@@ -287,6 +340,19 @@ TEST(KvstressBinaryTest, PolicyFailuresAreListedAndExitNonZero) {
   EXPECT_THAT(o.output, HasSubstr("2 of 2 policies failed"));
 }
 
+TEST(KvstressBinaryTest, HelpListsTheFlagsAndExitsZero) {
+  for (const char* help : {"--help", "-h", "--helpshort"}) {
+    const Outcome o = RunKvstress(help);
+    EXPECT_EQ(o.exit_code, 0) << help << "\n" << o.output;
+    EXPECT_THAT(o.output, HasSubstr("usage: kvstress"));
+    EXPECT_THAT(o.output, HasSubstr("  --budget_gib (default 64)\n"));
+    EXPECT_THAT(o.output, HasSubstr("  --workload (default chat)\n"));
+    EXPECT_THAT(o.output, HasSubstr("  --host_page_kib (default 2048)\n"));
+    EXPECT_THAT(o.output, Not(HasSubstr("No flags matched")));
+    EXPECT_THAT(o.output, Not(HasSubstr("absl")));  // only kvstress's own flags
+  }
+}
+
 TEST(KvstressBinaryTest, CudaDeviceFailsCleanlyWithoutCuda) {
   const Outcome o = RunKvstress("--device=cuda " + kTiny + " --requests=3");
 #ifdef KVMEM_WITH_CUDA
@@ -318,6 +384,15 @@ TEST(KvstressBinaryTest, TinyTraceWritesTableJsonAndPlot) {
   EXPECT_EQ(s.rfind("<svg", 0), 0u);
   EXPECT_THAT(s, HasSubstr("virtual-layer"));
   EXPECT_THAT(s, HasSubstr("</svg>"));
+}
+
+TEST(KvstressBinaryTest, TraceWithAWorkloadIsRejected) {
+  const std::string trace = WriteTemp("wl.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
+  const Outcome o = RunKvstress("--trace=" + trace + " --workload=long-context " + kTiny);
+  EXPECT_EQ(o.exit_code, 2) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("kvstress: --workload: does not apply to --trace="));
+  // Left at its default, --workload is no conflict.
+  EXPECT_EQ(RunKvstress("--trace=" + trace + " " + kTiny).exit_code, 0);
 }
 
 }  // namespace
