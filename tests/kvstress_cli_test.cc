@@ -244,6 +244,33 @@ TEST(KvstressOutputTest, JsonWriterNestsAndEscapes) {
   EXPECT_EQ(j.str(), R"({"a":1,"b":[2,0.5,null],"s":"x\"y\n","t":true})");
 }
 
+// Two policies on the same pixels are told apart: the shared line alternates their
+// colours, the legend names them, and a failed policy is named rather than dropped.
+TEST(KvstressOutputTest, PlotTellsCoincidingCurvesApartAndNamesFailures) {
+  SimResult a, b, c;
+  a.policy = "paged-16";
+  b.policy = "virtual";
+  c.policy = "static";
+  for (int64_t i = 0; i < 50; ++i) {
+    a.series.push_back({1, 0, (i + 1) << 20, i << 20, 0, 0});
+    c.series.push_back({1, 0, int64_t{64} << 20, i << 20, 0, 0});
+  }
+  b.series = a.series;
+  PlotInfo info;
+  info.budget_bytes = int64_t{64} << 20;
+  info.failed = {"virtual-layer"};
+  const std::vector<SimResult> results = {a, b, c};
+  EXPECT_EQ(CoincidingCurves(info, results, false), (std::vector<std::vector<size_t>>{{0, 1}}));
+  EXPECT_EQ(CoincidingCurves(info, results, true), (std::vector<std::vector<size_t>>{{0, 1, 2}}));
+  const std::string svg = RenderSvgPlot(info, results);
+  EXPECT_THAT(svg, HasSubstr("stroke-dasharray=\"12,12\" stroke-dashoffset=\"12\""));
+  EXPECT_THAT(svg, HasSubstr("stroke-dasharray=\"6,24\" stroke-dashoffset=\"20\""));
+  EXPECT_THAT(svg, HasSubstr("coinciding held lines:"));
+  EXPECT_THAT(svg, HasSubstr(">paged-16, virtual</text>"));
+  EXPECT_THAT(svg, HasSubstr(">paged-16, virtual, static</text>"));
+  EXPECT_THAT(svg, HasSubstr("virtual-layer: failed, no line"));
+}
+
 TEST(KvstressOutputTest, NiceTicksCoverTheRange) {
   for (double max : {0.7, 1.0, 3.0, 64.0, 65.3, 3995.0, 12029.0}) {
     const std::vector<double> t = NiceTicks(max, 6);
