@@ -1,9 +1,11 @@
 // kvstress's input handling: trace parsing (errors name the line), flag checking (errors
-// name the flag), and the binary end to end: bad input exits non-zero with a clear
-// message, a good tiny run writes its table, JSON and SVG.
+// name the flag), the check of the host's mapping limit, the pieces of the output, and
+// the binary end to end: bad input exits non-zero with one clear message, a good tiny run
+// writes its table, JSON and SVG.
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -11,11 +13,16 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tools/kvstress/host_mappings.h"
 #include "tools/kvstress/json_writer.h"
 #include "tools/kvstress/options.h"
 #include "tools/kvstress/policies.h"
+#include "tools/kvstress/report.h"
+#include "tools/kvstress/run.h"
+#include "tools/kvstress/scheduler.h"
 #include "tools/kvstress/svg_plot.h"
 #include "tools/kvstress/trace.h"
 
@@ -226,6 +233,118 @@ TEST(KvstressFlagsTest, PoliciesParseSubsetsAndDropDuplicates) {
   EXPECT_EQ(PolicyConfig((*p)[1], base).page_tokens, 4096);  // static = one max_context page
 }
 
+// ---- the host's mapping limit ---------------------------------------------------
+
+// The run's config and workload for `f`, as Run builds them.
+struct Prepared {
+  RunConfig rc;
+  Workload w;
+};
+Prepared Prepare(const FlagValues& f) {
+  absl::StatusOr<RunConfig> rc = BuildRunConfig(f);
+  EXPECT_TRUE(rc.ok()) << rc.status();
+  if (!rc.ok()) return {};
+  absl::StatusOr<Workload> w = MakeWorkload(*rc);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return {*rc, w.ok() ? *std::move(w) : Workload{}};
+}
+
+// Linux's default vm.max_map_count, and what a process holds before it makes a cache.
+constexpr MapLimit kDefaultLimit{65530, 100};
+
+std::string MappingError(const FlagValues& f) {
+  const Prepared p = Prepare(f);
+  const absl::Status s = CheckHostMappings(p.rc, p.w, kDefaultLimit);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  return std::string(s.message());
+}
+
+// The README's default run fits the default limit: every policy's estimate is below it,
+// and close to what /proc/self/maps showed at its peak (static and paged: 32770; virtual
+// 25104; virtual-chunk 16057; virtual-layer 56193).
+TEST(KvstressHostMappingsTest, DefaultRunFits) {
+  const Prepared p = Prepare(FlagValues{});
+  EXPECT_TRUE(CheckHostMappings(p.rc, p.w, kDefaultLimit).ok());
+  for (const Policy& policy : p.rc.policies) {
+    const int64_t n = EstimateHostMappings(policy, p.rc.base, p.w);
+    SCOPED_TRACE(policy.name);
+    EXPECT_GE(n, 16057);
+    EXPECT_LE(n, 62000);
+    if (policy.kind == PolicyKind::kVirtualPerLayer) {
+      EXPECT_GE(n, 56193 * 0.95);
+      EXPECT_LE(n, 56193 * 1.1);
+    }
+  }
+}
+
+// shared-system-prompt at 64 GiB: the per-layer layout maps the shared prefix again in
+// each of 64 tensors of every forked row (mmap failed at 64.4k mappings).
+TEST(KvstressHostMappingsTest, SharedPrefixPerLayerStopsWithTheFixes) {
+  FlagValues f;
+  f.workload = "shared-system-prompt";
+  const std::string e = MappingError(f);
+  EXPECT_THAT(e, HasSubstr("maps each 2048 KiB page"));
+  EXPECT_THAT(e, HasSubstr("vm.max_map_count = 65530 mappings (100 in use now)"));
+  EXPECT_THAT(e, HasSubstr("the estimated peak of virtual-layer is more than that"));
+  EXPECT_THAT(e, HasSubstr("sudo sysctl -w vm.max_map_count=131072"));
+  EXPECT_THAT(e, HasSubstr("--budget_gib="));
+  EXPECT_THAT(e, HasSubstr("--policies=static,paged-1,paged-16,paged-64,virtual,virtual-chunk"));
+  // The 1024-token prefix fills one 2 MiB page of each layer; on larger pages it would end
+  // inside one, and every fork would copy that page into real memory.
+  EXPECT_THAT(e, Not(HasSubstr("--host_page_kib=")));
+  f.prefix_len = 2048;
+  EXPECT_THAT(MappingError(f), HasSubstr("\n  --host_page_kib=4096"));
+}
+
+// The sizes are set past the flags: kvmem may refuse them itself when a cache is sized,
+// and this tests kvstress's own check.
+TEST(KvstressHostMappingsTest, LargeBudgetOrSmallPagesStop) {
+  FlagValues only_static;
+  only_static.policies = "static";
+  Prepared budget = Prepare(only_static);
+  budget.rc.base.memory_budget_bytes = int64_t{128} << 30;
+  const absl::Status b = CheckHostMappings(budget.rc, budget.w, kDefaultLimit);
+  EXPECT_THAT(std::string(b.message()), HasSubstr("estimates: static 65536"));
+  EXPECT_THAT(std::string(b.message()), HasSubstr("--host_page_kib=4096"));
+  EXPECT_THAT(std::string(b.message()), HasSubstr("--budget_gib=127"));
+  EXPECT_THAT(std::string(b.message()), Not(HasSubstr("--policies=")));  // none would fit
+
+  Prepared small = Prepare(FlagValues{});
+  small.rc.base.host_granularity = 4096;
+  const absl::Status s = CheckHostMappings(small.rc, small.w, kDefaultLimit);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("the estimated peak of every policy"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("estimates: static 16777216"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("--host_page_kib=2048"));
+  // A budget of the few hundred MiB that 4 KiB pages allow cannot hold one request at
+  // max_context 8192 (1 GiB): not offered.
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("--budget_gib=")));
+}
+
+// Every suggested fix is one that the check itself accepts.
+TEST(KvstressHostMappingsTest, SuggestedFixesFit) {
+  FlagValues f;
+  f.workload = "shared-system-prompt";
+  const std::string e = MappingError(f);
+  for (absl::string_view line : absl::StrSplit(e, '\n')) {
+    FlagValues fixed = f;
+    if (absl::ConsumePrefix(&line, "  --host_page_kib=")) {
+      ASSERT_TRUE(absl::SimpleAtoi(line, &fixed.host_page_kib));
+    } else if (absl::ConsumePrefix(&line, "  --budget_gib=")) {
+      ASSERT_TRUE(absl::SimpleAtod(line, &fixed.budget_gib));
+    } else if (absl::ConsumePrefix(&line, "  --policies=")) {
+      fixed.policies = std::string(line);
+    } else {
+      continue;
+    }
+    const Prepared p = Prepare(fixed);
+    EXPECT_TRUE(CheckHostMappings(p.rc, p.w, kDefaultLimit).ok()) << line;
+  }
+  // The GPU backends have no such limit.
+  f.device = "cuda";
+  const Prepared p = Prepare(f);
+  EXPECT_TRUE(CheckHostMappings(p.rc, p.w, kDefaultLimit).ok());
+}
+
 // ---- small pieces of the output ------------------------------------------------
 
 TEST(KvstressOutputTest, JsonWriterNestsAndEscapes) {
@@ -352,19 +471,20 @@ TEST(KvstressBinaryTest, BadInputExitsNonZeroWithAMessage) {
   }
 }
 
-// The flags allow one max_context request (100 tokens of 1.5 KiB = 153600 bytes), but
-// whole 4 KiB granules per pool do not: every policy fails to create its cache, each
-// failure is listed, and the exit status says so.
-TEST(KvstressBinaryTest, PolicyFailuresAreListedAndExitNonZero) {
+// The flags' own arithmetic allows one max_context request (100 tokens of 1.5 KiB =
+// 153600 bytes), but kvmem's pools of whole 4 KiB pages do not: kvmem's sizing stops the
+// run with its numbers before anything runs.
+TEST(KvstressBinaryTest, BudgetThatAPolicyCannotSizeStopsBeforeTheRun) {
   const std::string trace = WriteTemp("one.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
   const Outcome o = RunKvstress(
       "--trace=" + trace +
       " --layers=1 --kv_heads=1 --head_dim=192 --dtype=fp32 --budget_gib=0.0001430511474609375 "
-      "--max_context=100 --max_requests=2 --host_page_kib=4 --policies=static,virtual");
+      "--max_context=100 --max_requests=2 --host_page_kib=4 --policies=virtual,static");
   EXPECT_EQ(o.exit_code, 1) << o.output;
-  EXPECT_THAT(o.output, HasSubstr("FAILED static: policy static: cannot create the cache"));
-  EXPECT_THAT(o.output, HasSubstr("FAILED virtual: policy virtual: cannot create the cache"));
-  EXPECT_THAT(o.output, HasSubstr("2 of 2 policies failed"));
+  EXPECT_THAT(o.output, HasSubstr("kvstress: --budget_gib: 0.0001430511474609375 GiB at "
+                                  "--max_context=100 and --host_page_kib=4 does not fit policy "
+                                  "virtual: virtual layout: memory budget 153600 bytes"));
+  EXPECT_THAT(o.output, Not(HasSubstr("peak")));  // stopped before the table
 }
 
 TEST(KvstressBinaryTest, HelpListsTheFlagsAndExitsZero) {
@@ -378,6 +498,15 @@ TEST(KvstressBinaryTest, HelpListsTheFlagsAndExitsZero) {
     EXPECT_THAT(o.output, Not(HasSubstr("No flags matched")));
     EXPECT_THAT(o.output, Not(HasSubstr("absl")));  // only kvstress's own flags
   }
+}
+
+TEST(KvstressBinaryTest, TraceWithAWorkloadIsRejected) {
+  const std::string trace = WriteTemp("wl.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
+  const Outcome o = RunKvstress("--trace=" + trace + " --workload=long-context " + kTiny);
+  EXPECT_EQ(o.exit_code, 2) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("kvstress: --workload: does not apply to --trace="));
+  // Left at its default, --workload is no conflict.
+  EXPECT_EQ(RunKvstress("--trace=" + trace + " " + kTiny).exit_code, 0);
 }
 
 TEST(KvstressBinaryTest, CudaDeviceFailsCleanlyWithoutCuda) {
@@ -413,13 +542,43 @@ TEST(KvstressBinaryTest, TinyTraceWritesTableJsonAndPlot) {
   EXPECT_THAT(s, HasSubstr("</svg>"));
 }
 
-TEST(KvstressBinaryTest, TraceWithAWorkloadIsRejected) {
-  const std::string trace = WriteTemp("wl.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
-  const Outcome o = RunKvstress("--trace=" + trace + " --workload=long-context " + kTiny);
-  EXPECT_EQ(o.exit_code, 2) << o.output;
-  EXPECT_THAT(o.output, HasSubstr("kvstress: --workload: does not apply to --trace="));
-  // Left at its default, --workload is no conflict.
-  EXPECT_EQ(RunKvstress("--trace=" + trace + " " + kTiny).exit_code, 0);
+// The commands a new user tried: on a host whose vm.max_map_count they exceed, each
+// stops before simulating, with one message naming the limit and the fixes (they printed
+// tens of thousands of lines, or ran for minutes).
+TEST(KvstressBinaryTest, RunsOverTheMappingLimitStopAtOnce) {
+  const std::optional<MapLimit> limit = ReadMapLimit();
+  if (!limit.has_value()) GTEST_SKIP() << "no /proc/sys/vm/max_map_count";
+  for (const std::string args : {"--workload=shared-system-prompt",
+                                 "--budget_gib=128 --policies=static", "--host_page_kib=4"}) {
+    SCOPED_TRACE(args);
+    FlagValues f;
+    if (args == "--workload=shared-system-prompt") f.workload = "shared-system-prompt";
+    if (args == "--budget_gib=128 --policies=static") {
+      f.budget_gib = 128;
+      f.policies = "static";
+    }
+    if (args == "--host_page_kib=4") f.host_page_kib = 4;
+    // The run stops at the flags (where kvmem sizes each cache) or at kvstress's estimate;
+    // on a host that allows the mappings it would run, for minutes.
+    absl::StatusOr<RunConfig> rc = BuildRunConfig(f);
+    if (rc.ok()) {
+      absl::StatusOr<Workload> w = MakeWorkload(*rc);
+      ASSERT_TRUE(w.ok()) << w.status();
+      if (CheckHostMappings(*rc, *w, *limit).ok()) {
+        std::printf("skipped %s: this host allows %lld mappings\n", args.c_str(),
+                    static_cast<long long>(limit->max_map_count));
+        continue;
+      }
+    }
+    const Outcome o = RunKvstress(args);
+    EXPECT_NE(o.exit_code, 0) << o.output;
+    EXPECT_LT(o.exit_code, 128) << o.output;
+    EXPECT_EQ(o.output.rfind("kvstress: ", 0), 0u) << o.output;
+    EXPECT_THAT(o.output, HasSubstr("vm.max_map_count"));
+    EXPECT_THAT(o.output, HasSubstr("sysctl -w vm.max_map_count="));
+    EXPECT_THAT(o.output, Not(HasSubstr("FAILED")));
+    EXPECT_LE(std::count(o.output.begin(), o.output.end(), '\n'), 8) << o.output;
+  }
 }
 
 }  // namespace

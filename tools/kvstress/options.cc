@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "kvmem/memory_plan.h"
 
 namespace kvstress {
 namespace {
@@ -69,7 +70,7 @@ bool IsVirtual(PolicyKind k) {
 // Address space one policy reserves: the paged layouts a token index of every row at
 // max_context (int32 slots), the virtual ones every row at max_context of KV bytes, in
 // whole backend pages per tensor (a lower bound for chunked rows, which round up
-// further).
+// further). SizePolicies then asks kvmem for the exact sizes.
 double ReservedBytes(const Policy& p, const kvmem::KvCacheConfig& c, int64_t unit) {
   const double rows = c.max_requests;
   const double mc = static_cast<double>(c.max_context);
@@ -299,6 +300,23 @@ absl::StatusOr<RunConfig> BuildRunConfig(const FlagValues& f) {
   rc.sim.keep_series = !f.json.empty() || !f.plot.empty();
   rc.progress = f.progress;
   return rc;
+}
+
+absl::Status SizePolicies(const RunConfig& rc) {
+  // On CUDA kvmem would open the device to learn its page size; Run opens it first.
+  if (rc.base.device != kvmem::DeviceKind::kHost) return absl::OkStatus();
+  const kvmem::KvCacheConfig& c = rc.base;
+  for (const Policy& p : rc.policies) {
+    absl::StatusOr<kvmem::MemoryPlan> plan = kvmem::PlanMemory(PolicyConfig(p, c));
+    if (!plan.ok()) {
+      return Bad("budget_gib",
+                 absl::StrFormat("%s GiB at --max_context=%d and --host_page_kib=%d "
+                                 "does not fit policy %s: %s",
+                                 FlagNumber(c.memory_budget_bytes / kGiB / rc.scale), c.max_context,
+                                 c.host_granularity / 1024, p.name, plan.status().message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvstress

@@ -67,6 +67,12 @@ struct RunConfig {
 // the flag and the numbers.
 absl::StatusOr<RunConfig> BuildRunConfig(const FlagValues& flags);
 
+// kvmem's own sizing of every policy's cache (kvmem::PlanMemory), which takes no memory:
+// a configuration that KvCache::Create would reject, InvalidArgument with kvmem's reason
+// and numbers. Host only (on CUDA it would open the device). Run calls it after its check
+// of the host's mapping limit, which names the fixes in kvstress's flags.
+absl::Status SizePolicies(const RunConfig& rc);
+
 }  // namespace kvstress
 
 #endif  // KVMEM_TOOLS_KVSTRESS_OPTIONS_H_

@@ -3,11 +3,13 @@
 #include <sys/resource.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_format.h"
 #include "kvmem/dtype.h"
 #include "kvmem/vmm.h"
+#include "tools/kvstress/host_mappings.h"
 #include "tools/kvstress/progress.h"
 #include "tools/kvstress/report.h"
 #include "tools/kvstress/svg_plot.h"
@@ -79,6 +81,12 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
   absl::StatusOr<Workload> workload = MakeWorkload(rc);
   if (!workload.ok()) return workload.status();
   const Workload& w = *workload;
+  // Before anything runs: a policy that would hit the host's mapping limit fails deep in
+  // a run, after minutes, and its caches cannot even be torn down cleanly.
+  if (const std::optional<MapLimit> limit = ReadMapLimit(); limit.has_value()) {
+    if (absl::Status s = CheckHostMappings(rc, w, *limit); !s.ok()) return s;
+  }
+  if (absl::Status s = SizePolicies(rc); !s.ok()) return s;
 
   std::fprintf(out, "kvstress: serving simulation over kvmem's real caches (device %s)\n",
                rc.base.device == kvmem::DeviceKind::kHost
