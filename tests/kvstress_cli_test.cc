@@ -363,6 +363,26 @@ TEST(KvstressOutputTest, JsonWriterNestsAndEscapes) {
   EXPECT_EQ(j.str(), R"({"a":1,"b":[2,0.5,null],"s":"x\"y\n","t":true})");
 }
 
+// A run that held nothing has no utilisation: "-", never 100 %; a failed policy keeps
+// its row.
+TEST(KvstressOutputTest, TableShowsUndefinedAndFailedRows) {
+  SimResult idle;
+  idle.policy = "paged-16";
+  idle.steps = 2;
+  std::vector<PolicyOutcome> outcomes = {{"paged-16", idle},
+                                         {"virtual", absl::ResourceExhaustedError("no room")}};
+  const std::string t = FormatTable(outcomes);
+  EXPECT_THAT(t, Not(HasSubstr("100.0%")));
+  EXPECT_THAT(t, HasSubstr("- : undefined"));
+  EXPECT_THAT(t, HasSubstr("virtual       FAILED"));
+  EXPECT_THAT(t, Not(HasSubstr("out tok")));
+  RunInfo info;
+  const std::string j = FormatJson(info, outcomes);
+  EXPECT_THAT(j, HasSubstr("\"utilisation_mean\":null"));
+  EXPECT_THAT(
+      j, HasSubstr(R"({"policy":"virtual","failed":true,"error":"RESOURCE_EXHAUSTED: no room"})"));
+}
+
 // Two policies on the same pixels are told apart: the shared line alternates their
 // colours, the legend names them, and a failed policy is named rather than dropped.
 TEST(KvstressOutputTest, PlotTellsCoincidingCurvesApartAndNamesFailures) {
@@ -390,6 +410,41 @@ TEST(KvstressOutputTest, PlotTellsCoincidingCurvesApartAndNamesFailures) {
   EXPECT_THAT(svg, HasSubstr("virtual-layer: failed, no line"));
 }
 
+// out tok/step left the table: a running request decodes one token a step, so output
+// tokens / steps is mean running less preemptions / steps, and differs from it only where
+// a step preempted. The hand-checked trace of kvstress_test.cc preempts once under paged-1.
+TEST(KvstressOutputTest, TokensPerStepIsMeanRunningLessPreemptions) {
+  absl::StatusOr<Workload> w = ParseTrace(
+      "arrival_step,prompt_len,output_len\n0,100,4\n0,60,8\n1,90,3\n2,20,2\n", "tiny", 128, 0);
+  ASSERT_TRUE(w.ok()) << w.status();
+  kvmem::KvCacheConfig c;
+  c.num_layers = 1;
+  c.num_kv_heads = 1;
+  c.head_dim = 256;
+  c.dtype = kvmem::DType::kFloat32;
+  c.max_context = 128;
+  c.max_requests = 4;
+  c.memory_budget_bytes = 512 * 1024;
+  c.host_granularity = 4 * 1024;
+  for (const char* name : {"paged-1", "paged-16"}) {
+    SCOPED_TRACE(name);
+    const Policy p = ParsePolicies(name)->front();
+    absl::StatusOr<SimResult> r = Simulate(*w, p, PolicyConfig(p, c), SimOptions{});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_DOUBLE_EQ(r->mean_running * r->steps, r->output_tokens + r->preemptions);
+    EXPECT_DOUBLE_EQ(r->tokens_per_step, 17.0 / 9);
+    if (r->preemptions > 0) {
+      EXPECT_NE(r->tokens_per_step, r->mean_running);
+      EXPECT_DOUBLE_EQ(r->mean_running, 2.0);
+      // A, B and C are admitted when they arrive, D two steps late (steps 2, 3 are full).
+      EXPECT_DOUBLE_EQ(r->mean_wait_steps, 2.0 / 4);
+    } else {
+      // paged-16: C waits 3 steps (1 to 4), D 2 (2 to 4).
+      EXPECT_DOUBLE_EQ(r->mean_wait_steps, 5.0 / 4);
+    }
+  }
+}
+
 TEST(KvstressOutputTest, NiceTicksCoverTheRange) {
   for (double max : {0.7, 1.0, 3.0, 64.0, 65.3, 3995.0, 12029.0}) {
     const std::vector<double> t = NiceTicks(max, 6);
@@ -407,8 +462,10 @@ struct Outcome {
   std::string output;  // stdout and stderr
 };
 
-Outcome RunKvstress(const std::string& args) {
-  const std::string cmd = std::string(KVSTRESS_BINARY) + " --progress=false " + args + " 2>&1";
+// Runs the binary through the shell; `prefix` goes before it (e.g. a ulimit).
+Outcome RunKvstress(const std::string& args, const std::string& prefix = "") {
+  const std::string cmd =
+      prefix + std::string(KVSTRESS_BINARY) + " --progress=false " + args + " 2>&1";
   std::FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) return {-1, "popen failed"};
   std::string out;
@@ -487,6 +544,39 @@ TEST(KvstressBinaryTest, BudgetThatAPolicyCannotSizeStopsBeforeTheRun) {
   EXPECT_THAT(o.output, Not(HasSubstr("peak")));  // stopped before the table
 }
 
+// A policy that fails while the run goes on (here the virtual layouts cannot reserve their
+// rows' 512 GiB of address space under `ulimit -v` 8 GiB; paged-16 needs 1.1 GiB): one
+// line with its Status, its row in the table and its entry in the JSON kept as failed,
+// the plot names it, the other policy runs to the end, and the exit status says so.
+TEST(KvstressBinaryTest, PolicyFailuresAreListedAndExitNonZero) {
+  const std::string trace = WriteTemp("two.csv", "arrival_step,prompt_len,output_len\n0,10,2\n");
+  const std::string json = ::testing::TempDir() + "/kvstress_cli_failed.json";
+  const std::string svg = ::testing::TempDir() + "/kvstress_cli_failed.svg";
+  const Outcome o =
+      RunKvstress("--trace=" + trace +
+                      " --layers=1 --kv_heads=1 --head_dim=256 --dtype=fp32 --budget_gib=0.125 "
+                      "--max_context=65536 --max_requests=4096 --host_page_kib=4 "
+                      "--policies=paged-16,virtual,virtual-layer --json=" +
+                      json + " --plot=" + svg,
+                  "ulimit -v 8388608; ");
+  EXPECT_EQ(o.exit_code, 1) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("\npaged-16           1 "));
+  EXPECT_THAT(o.output, HasSubstr("\nvirtual       FAILED"));
+  EXPECT_THAT(o.output, HasSubstr("\nvirtual-layer FAILED"));
+  EXPECT_THAT(o.output, HasSubstr("\nFAILED virtual: RESOURCE_EXHAUSTED: policy virtual: cannot "
+                                  "create the cache"));
+  EXPECT_THAT(o.output, HasSubstr("(ulimit -v)"));
+  EXPECT_THAT(o.output, HasSubstr("\nFAILED virtual-layer: RESOURCE_EXHAUSTED: policy "
+                                  "virtual-layer: cannot create the cache"));
+  EXPECT_LE(std::count(o.output.begin(), o.output.end(), '\n'), 25) << o.output;
+  EXPECT_THAT(o.output, HasSubstr("kvstress: 2 of 3 policies failed"));
+  const std::string j = ReadFile(json);
+  EXPECT_THAT(j, HasSubstr("{\"policy\":\"paged-16\",\"failed\":false,"));
+  EXPECT_THAT(j, HasSubstr("{\"policy\":\"virtual\",\"failed\":true,\"error\":"
+                           "\"RESOURCE_EXHAUSTED: policy virtual: cannot create the cache"));
+  EXPECT_THAT(ReadFile(svg), HasSubstr("virtual-layer: failed, no line"));
+}
+
 TEST(KvstressBinaryTest, HelpListsTheFlagsAndExitsZero) {
   for (const char* help : {"--help", "-h", "--helpshort"}) {
     const Outcome o = RunKvstress(help);
@@ -498,6 +588,24 @@ TEST(KvstressBinaryTest, HelpListsTheFlagsAndExitsZero) {
     EXPECT_THAT(o.output, Not(HasSubstr("No flags matched")));
     EXPECT_THAT(o.output, Not(HasSubstr("absl")));  // only kvstress's own flags
   }
+}
+
+// A run that serves nothing has nothing to report: undefined utilisation ("-", not
+// 100 %), one message, and a non-zero exit.
+TEST(KvstressBinaryTest, ServingNothingIsAnError) {
+  const std::string late = WriteTemp("late.csv", "arrival_step,prompt_len,output_len\n5,10,2\n");
+  const Outcome o = RunKvstress("--trace=" + late + " " + kTiny + " --steps=2");
+  EXPECT_EQ(o.exit_code, 1) << o.output;
+  EXPECT_THAT(o.output, Not(HasSubstr("100.0%")));
+  EXPECT_THAT(o.output, HasSubstr("- : undefined"));
+  EXPECT_THAT(o.output, HasSubstr("kvstress: no policy finished a request within --steps=2 (the "
+                                  "first request arrives at step 5"));
+
+  const std::string empty = WriteTemp("empty.csv", "arrival_step,prompt_len,output_len\n");
+  const Outcome e = RunKvstress("--trace=" + empty + " " + kTiny);
+  EXPECT_EQ(e.exit_code, 1) << e.output;
+  EXPECT_THAT(e.output, HasSubstr("has no requests: nothing to simulate"));
+  EXPECT_THAT(e.output, Not(HasSubstr("policy ")));  // stopped before the table
 }
 
 TEST(KvstressBinaryTest, TraceWithAWorkloadIsRejected) {
