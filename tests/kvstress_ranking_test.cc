@@ -58,6 +58,8 @@ TEST_F(KvstressChatRankingTest, StaticReservationIsFarLower) {
   // Fewer requests fit, so the same work takes more steps.
   EXPECT_LT(results_->at("static").peak_running, results_->at("paged-16").peak_running);
   EXPECT_GT(results_->at("static").steps, results_->at("paged-16").steps);
+  // And requests queue for longer before their prefill: the table's wait column.
+  EXPECT_GT(results_->at("static").mean_wait_steps, 2 * results_->at("paged-16").mean_wait_steps);
 }
 
 TEST_F(KvstressChatRankingTest, PagedSixteenMeetsTarget) { EXPECT_GE(Util("paged-16"), 0.97); }

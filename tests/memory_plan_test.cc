@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 #include "kvmem/config.h"
@@ -245,6 +246,18 @@ TEST_P(MemoryPlanTest, MinBudgetIsTheSmallestCreateAccepts) {
   EXPECT_EQ(again.min_budget_bytes, min);
 }
 
+TEST_P(MemoryPlanTest, ABudgetBeyondWhatTheRowsUseHoldsWhatTheyUse) {
+  KvCacheConfig c = GetParam().config;
+  KVMEM_ASSERT_OK_AND_ASSIGN(const MemoryPlan minimal, PlanMinimalMemory(c));
+  c.memory_budget_bytes = minimal.min_budget_bytes * (c.max_requests + 4);
+  KVMEM_ASSERT_OK_AND_ASSIGN(const MemoryPlan plan, PlanMemory(c));
+  EXPECT_EQ(plan.max_full_requests, c.max_requests);
+  KVMEM_ASSERT_OK_AND_ASSIGN(std::unique_ptr<KvCache> cache, KvCache::Create(c));
+  EXPECT_EQ(plan.pages_total, cache->GetStats().pages_total);
+  EXPECT_EQ(plan.physical_bytes, c.layout == Layout::kVirtual ? cache->GetStats().physical_bytes
+                                                              : plan.reservation_bytes);
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, MemoryPlanTest, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<PlanCase>& info) {
                            return info.param.name;
@@ -309,6 +322,31 @@ TEST(MemoryPlanErrors, VirtualBudgetOfTooManyPages) {
   EXPECT_EQ(PlanMemory(c).status(), created);
 }
 
+// Pools whose host bookkeeping (a record per page and per physical handle) would pass
+// what a cache may take on any host: Create checks that before it allocates, and so does
+// the plan.
+TEST(MemoryPlanErrors, HostBookkeepingAsCreate) {
+  KvCacheConfig paged;  // 64 pools of 4 KiB granules: 2^27 handles at this budget
+  paged.page_tokens = 16;
+  paged.max_requests = 128;
+  paged.max_context = 32768;
+  paged.host_granularity = 4096;
+  paged.memory_budget_bytes = int64_t{1} << 40;
+  KvCacheConfig virt;  // 2^27 physical pages of 4 KiB
+  virt.layout = Layout::kVirtual;
+  virt.chunk_tokens = 1;
+  virt.max_requests = 1024;
+  virt.max_context = 4096;
+  virt.host_granularity = 4096;
+  virt.memory_budget_bytes = int64_t{1} << 39;
+  for (const KvCacheConfig& c : {paged, virt}) {
+    const absl::Status created = KvCache::Create(c).status();
+    EXPECT_EQ(created.code(), absl::StatusCode::kInvalidArgument) << created;
+    EXPECT_TRUE(absl::StrContains(created.message(), "bookkeeping")) << created;
+    EXPECT_EQ(PlanMemory(c).status(), created);
+  }
+}
+
 TEST(MemoryPlanErrors, MinimalPlanRejectsBadShapes) {
   KvCacheConfig c;
   c.num_kv_heads = 0;
@@ -338,10 +376,12 @@ TEST(MemoryPlanCuda, DriverGranularityOrTheBackendsStatus) {
 TEST(MemoryPlanHost, HostGranularityWithoutABackend) {
   KvCacheConfig c;
   c.host_granularity = 4096;
-  c.max_context = 1024;
+  c.max_context = 256;                        // 32 MiB a request
+  c.memory_budget_bytes = int64_t{64} << 20;  // 16384 mappings of 4 KiB: within any limit
   KVMEM_ASSERT_OK_AND_ASSIGN(const MemoryPlan plan, PlanMemory(c));
   EXPECT_EQ(plan.granularity, 4096);
   c.host_granularity = int64_t{2} << 20;
+  c.memory_budget_bytes = int64_t{256} << 20;  // 64 pools of whole 2 MiB granules
   KVMEM_ASSERT_OK_AND_ASSIGN(const MemoryPlan big, PlanMemory(c));
   EXPECT_EQ(big.granularity, int64_t{2} << 20);
 }

@@ -72,14 +72,16 @@ absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& c
 absl::StatusOr<std::unique_ptr<KvLayout>> MakeVirtualLayout(const KvCacheConfig& config,
                                                             std::shared_ptr<Vmm> vmm);
 
-// PlanMemory (kvmem/memory_plan.h) of each layout on a backend of `granularity` bytes:
-// the geometry its Make*Layout builds, and the same InvalidArgument for a config that it
-// rejects. With `minimal_budget`, at the smallest budget that fits instead of
+// PlanMemory (kvmem/memory_plan.h) of each layout on a backend of `granularity` bytes
+// (`device`: Vmm::is_device): the geometry its Make*Layout builds, and the same
+// InvalidArgument for a config that it rejects, host checks included (not their
+// ResourceExhausted: a pool that only does not fit beside this process's mappings now).
+// With `minimal_budget`, at the smallest budget that fits instead of
 // config.memory_budget_bytes. Nothing is reserved, created or mapped.
 absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
-                                           bool minimal_budget);
+                                           bool device, bool minimal_budget);
 absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
-                                             bool minimal_budget);
+                                             bool device, bool minimal_budget);
 
 }  // namespace kvmem::internal
 

@@ -112,31 +112,6 @@ absl::StatusOr<PagedGeometry> ComputePagedGeometry(const KvCacheConfig& config,
   return g;
 }
 
-absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
-                                           bool minimal_budget) {
-  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
-  KvCacheConfig sized = config;
-  if (minimal_budget) sized.memory_budget_bytes = g.min_budget_bytes;
-  KVMEM_RETURN_IF_ERROR(FitBudget(sized, &g));
-  MemoryPlan plan;
-  plan.layout = Layout::kPaged;
-  plan.granularity = granularity;
-  plan.budget_bytes = sized.memory_budget_bytes;
-  plan.token_bytes = config.TokenBytes();
-  plan.token_layer_bytes = config.TokenLayerBytes();
-  plan.unit_tokens = config.page_tokens;
-  plan.chunk_tokens = 1;
-  plan.page_bytes = config.page_tokens * config.TokenBytes();
-  plan.pages_total = g.num_pages;
-  plan.pages_per_request = g.pages_per_request;
-  plan.max_full_requests =
-      std::min<int64_t>(config.max_requests, g.num_pages / g.pages_per_request);
-  plan.min_budget_bytes = g.min_budget_bytes;
-  plan.reservation_bytes = g.num_pools * g.region_bytes;
-  plan.physical_bytes = plan.reservation_bytes;
-  return plan;
-}
-
 namespace {
 
 // What a pool of `geo` takes on the host, checked before any of it is allocated: the
@@ -156,16 +131,12 @@ absl::Status CheckHost(const KvCacheConfig& config, const PagedGeometry& geo, bo
                       geo.num_pools, geo.chunks_total, kHandleBookkeepingBytes),
       SatAdd(SatAdd(rows, pages), bytes)));
   if (device) return absl::OkStatus();
-  const int64_t pages_per_request = CeilDiv(config.max_context, config.page_tokens);
   return CheckHostMappings(HostMappingNeed{
       .layout = "paged layout",
       .mappings = handles,
       .granularity = geo.granularity,
       .budget_bytes = config.memory_budget_bytes,
-      .min_budget_bytes =
-          SatMul(geo.num_pools,
-                 SatMul(CeilDiv(SatMul(pages_per_request, geo.pool_page_bytes), geo.granularity),
-                        geo.granularity)),
+      .min_budget_bytes = geo.min_budget_bytes,
       // A backend of host_granularity: the config picks the page (or a backend like it).
       .granularity_is_config =
           config.device == DeviceKind::kHost && geo.granularity == config.host_granularity,
@@ -173,6 +144,32 @@ absl::Status CheckHost(const KvCacheConfig& config, const PagedGeometry& geo, bo
 }
 
 }  // namespace
+
+absl::StatusOr<MemoryPlan> PlanPagedLayout(const KvCacheConfig& config, int64_t granularity,
+                                           bool device, bool minimal_budget) {
+  KVMEM_ASSIGN_OR_RETURN(PagedGeometry g, PagedShape(config, granularity));
+  KvCacheConfig sized = config;
+  if (minimal_budget) sized.memory_budget_bytes = g.min_budget_bytes;
+  KVMEM_RETURN_IF_ERROR(FitBudget(sized, &g));
+  if (absl::Status s = CheckHost(sized, g, device); absl::IsInvalidArgument(s)) return s;
+  MemoryPlan plan;
+  plan.layout = Layout::kPaged;
+  plan.granularity = granularity;
+  plan.budget_bytes = sized.memory_budget_bytes;
+  plan.token_bytes = config.TokenBytes();
+  plan.token_layer_bytes = config.TokenLayerBytes();
+  plan.unit_tokens = config.page_tokens;
+  plan.chunk_tokens = 1;
+  plan.page_bytes = config.page_tokens * config.TokenBytes();
+  plan.pages_total = g.num_pages;
+  plan.pages_per_request = g.pages_per_request;
+  plan.max_full_requests =
+      std::min<int64_t>(config.max_requests, g.num_pages / g.pages_per_request);
+  plan.min_budget_bytes = g.min_budget_bytes;
+  plan.reservation_bytes = g.num_pools * g.region_bytes;
+  plan.physical_bytes = plan.reservation_bytes;
+  return plan;
+}
 
 absl::StatusOr<std::unique_ptr<KvLayout>> MakePagedLayout(const KvCacheConfig& config,
                                                           std::shared_ptr<Vmm> vmm) {

@@ -117,13 +117,14 @@ absl::StatusOr<int64_t> BudgetPages(const KvCacheConfig& config, const VirtualGe
 }  // namespace
 
 absl::StatusOr<MemoryPlan> PlanVirtualLayout(const KvCacheConfig& config, int64_t granularity,
-                                             bool minimal_budget) {
+                                             bool device, bool minimal_budget) {
   KVMEM_RETURN_IF_ERROR(ValidateShape(config));
   KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, granularity));
   KvCacheConfig sized = config;
   // The reservation's size bounds pages_per_request * granularity, so this cannot overflow.
   if (minimal_budget) sized.memory_budget_bytes = geo.pages_per_request() * granularity;
   KVMEM_ASSIGN_OR_RETURN(const int64_t pages, BudgetPages(sized, geo));
+  if (absl::Status s = CheckHost(sized, geo, pages, device); absl::IsInvalidArgument(s)) return s;
   MemoryPlan plan;
   plan.layout = Layout::kVirtual;
   plan.arrangement = config.arrangement;

@@ -46,8 +46,9 @@ struct MemoryPlan {
   // The layout's pages, as Stats counts them. Paged: a page of page_tokens tokens over all
   // layers. Virtual: one physical page of `granularity` bytes.
   int64_t page_bytes = 0;
-  // Pages the budget holds (Stats::pages_total). Paged: also at most max_requests full
-  // requests' pages and what int32 slots can address.
+  // Pages the budget holds (Stats::pages_total), at most what the rows can use: paged,
+  // max_requests full requests' pages (and what int32 slots address); virtual, every row
+  // at max_context and one page that copy on write stages.
   int64_t pages_total = 0;
   // Pages one request at max_context holds (virtual: over all its segments, in whole
   // chunks).
@@ -68,11 +69,14 @@ struct MemoryPlan {
 };
 
 // The plan of `config` at config.memory_budget_bytes. InvalidArgument, with the same
-// message as KvCache::Create, for a config that Create rejects before it takes memory (a
-// bad shape, a budget that cannot hold one request at max_context: the message gives the
-// smallest that can, a shape that overflows the layout's offsets). On CUDA the backend is
-// opened to read the driver's granularity: its error (Unavailable without a driver or
-// GPU) is returned as is. Nothing is reserved, created or mapped.
+// message as KvCache::Create, for a config that Create rejects before it takes memory: a
+// bad shape, a budget that cannot hold one request at max_context (the message gives the
+// smallest that can), a shape that overflows the layout's offsets, a pool whose
+// bookkeeping or host-backend mappings this host can never hold. (Create's
+// ResourceExhausted for a pool that only does not fit beside the process's mappings of
+// the moment is no error here.) On CUDA the backend is opened to read the driver's
+// granularity: its error (Unavailable without a driver or GPU) is returned as is.
+// Nothing is reserved, created or mapped.
 absl::StatusOr<MemoryPlan> PlanMemory(const KvCacheConfig& config);
 
 // The plan of `config` at the smallest budget that fits (config.memory_budget_bytes is

@@ -15,22 +15,30 @@
 namespace kvmem {
 namespace {
 
-// The granularity of the backend Create would use. The host backend's is the config's;
-// the driver's is only known by asking it, so CUDA opens the backend (and closes it).
-absl::StatusOr<int64_t> BackendGranularity(const KvCacheConfig& config) {
-  if (config.vmm != nullptr) return config.vmm->granularity();
-  if (config.device == DeviceKind::kHost) return config.host_granularity;
+// What the layouts need of the backend Create would use: its granularity and whether
+// it is a device. The host backend's granularity is the config's; the driver's is only
+// known by asking it, so CUDA opens the backend (and closes it).
+struct Backend {
+  int64_t granularity = 0;
+  bool device = false;
+};
+
+absl::StatusOr<Backend> BackendOf(const KvCacheConfig& config) {
+  if (config.vmm != nullptr) return Backend{config.vmm->granularity(), config.vmm->is_device()};
+  if (config.device == DeviceKind::kHost) return Backend{config.host_granularity, false};
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Vmm> vmm, MakeCudaVmm(config.device_ordinal));
-  return vmm->granularity();
+  return Backend{vmm->granularity(), vmm->is_device()};
 }
 
 absl::StatusOr<MemoryPlan> Plan(const KvCacheConfig& config, bool minimal_budget) {
   // Create's order: the shape first, then the backend, then the layout.
   KVMEM_RETURN_IF_ERROR(ValidateShape(config));
-  KVMEM_ASSIGN_OR_RETURN(const int64_t granularity, BackendGranularity(config));
+  KVMEM_ASSIGN_OR_RETURN(const Backend backend, BackendOf(config));
   return config.layout == Layout::kPaged
-             ? internal::PlanPagedLayout(config, granularity, minimal_budget)
-             : internal::PlanVirtualLayout(config, granularity, minimal_budget);
+             ? internal::PlanPagedLayout(config, backend.granularity, backend.device,
+                                         minimal_budget)
+             : internal::PlanVirtualLayout(config, backend.granularity, backend.device,
+                                           minimal_budget);
 }
 
 }  // namespace

@@ -1,12 +1,20 @@
 // kvstress: replays a serving workload against kvmem's real KV caches under several
 // memory policies and reports what each costs. docs/kvstress.md describes every flag.
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "tools/kvstress/options.h"
 #include "tools/kvstress/run.h"
 
@@ -51,11 +59,79 @@ ABSL_FLAG(int64_t, check_invariants, kDefaults.check_invariants,
           "run KvCache::CheckInvariants every N steps (0: only at the end)");
 ABSL_FLAG(bool, progress, kDefaults.progress, "progress bar on stderr when it is a terminal");
 
+namespace {
+
+// kvstress's flags are the ones defined in this file.
+bool IsKvstressFile(absl::string_view file) {
+  return absl::EndsWith(file, "tools/kvstress/main.cc");
+}
+
+bool IsHelpFlag(absl::string_view arg) {
+  return arg == "--help" || arg == "-help" || arg == "-h" || arg == "--helpshort" ||
+         arg == "-helpshort";
+}
+
+// --help: the usage line and kvstress's flags with their defaults, on stdout. absl's own
+// --help lists only flags of a file named after the program (kvstress.cc), finds none
+// here ("No flags matched") and exits 1; --helpfull stays absl's, listing every flag.
+void PrintHelp() {
+  std::vector<absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (IsKvstressFile(flag->Filename())) flags.push_back(flag);
+  }
+  std::sort(flags.begin(), flags.end(),
+            [](const absl::CommandLineFlag* a, const absl::CommandLineFlag* b) {
+              return a->Name() < b->Name();
+            });
+  std::string text =
+      absl::StrFormat("%s\n\nflags (docs/kvstress.md says more):\n", absl::ProgramUsageMessage());
+  for (const absl::CommandLineFlag* f : flags) {
+    const std::string def = f->DefaultValue();
+    text += absl::StrFormat("  --%s (default %s)\n      %s\n", f->Name(),
+                            def.empty() ? "\"\"" : def, f->Help());
+  }
+  text += "  --helpfull lists the libraries' flags too\n";
+  std::fputs(text.c_str(), stdout);
+}
+
+// Names of kvstress's flags on the command line, read from argv as absl parses it
+// ("--name=value", "--name value", "-name", "--noname" for booleans; nothing after "--"):
+// this absl keeps its own record of them private.
+std::set<std::string> SpecifiedFlags(int argc, char** argv) {
+  std::set<std::string> names;
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (!absl::ConsumePrefix(&arg, "-")) continue;
+    absl::ConsumePrefix(&arg, "-");
+    absl::string_view name = arg.substr(0, arg.find('='));
+    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr && absl::ConsumePrefix(&name, "no")) flag = absl::FindCommandLineFlag(name);
+    if (flag != nullptr && IsKvstressFile(flag->Filename())) names.insert(std::string(name));
+  }
+  return names;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "serving simulation over kvmem's KV caches: compares static reservation, paged and "
       "virtual layouts on one workload.\nusage: kvstress [--workload=chat|long-context|"
       "shared-system-prompt|adversarial | --trace=FILE] [flags]");
+  // absl's --helpshort and --helppackage then list kvstress's flags too.
+  absl::FlagsUsageConfig usage;
+  usage.contains_helpshort_flags = IsKvstressFile;
+  usage.contains_help_flags = IsKvstressFile;
+  usage.contains_helppackage_flags = IsKvstressFile;
+  absl::SetFlagsUsageConfig(usage);
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--") == 0) break;
+    if (IsHelpFlag(argv[i])) {
+      PrintHelp();
+      return 0;
+    }
+  }
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) {
     std::fprintf(stderr, "kvstress: unexpected argument '%s' (flags are --name=value)\n", rest[1]);
@@ -85,6 +161,7 @@ int main(int argc, char** argv) {
   f.host_page_kib = absl::GetFlag(FLAGS_host_page_kib);
   f.check_invariants = absl::GetFlag(FLAGS_check_invariants);
   f.progress = absl::GetFlag(FLAGS_progress);
+  f.specified = SpecifiedFlags(argc, argv);
 
   absl::StatusOr<kvstress::RunConfig> rc = kvstress::BuildRunConfig(f);
   if (!rc.ok()) {

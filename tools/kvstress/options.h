@@ -5,6 +5,7 @@
 #define KVMEM_TOOLS_KVSTRESS_OPTIONS_H_
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,9 @@ struct FlagValues {
   int64_t host_page_kib = 2048;
   int64_t check_invariants = 0;
   bool progress = true;
+  // Names of the flags given on the command line (not left at their defaults): a flag
+  // that does not apply to the run is an error only when the user set it.
+  std::set<std::string> specified;
 };
 
 struct RunConfig {
@@ -54,10 +58,20 @@ struct RunConfig {
   std::string json_path;
   std::string plot_path;
   bool progress = true;
+  double scale = 1.0;  // --scale, already applied above; kept to state sizes as flags
 };
 
-// Checks and converts the flags (after --scale). InvalidArgument names the flag.
+// Checks and converts the flags (after --scale): every numeric flag against its range,
+// sizes computed without overflow, the budget against what the selected layouts can
+// address, and flags given together that do not apply together. InvalidArgument names
+// the flag and the numbers.
 absl::StatusOr<RunConfig> BuildRunConfig(const FlagValues& flags);
+
+// kvmem's own sizing of every policy's cache (kvmem::PlanMemory), which takes no memory:
+// a configuration that KvCache::Create would reject, InvalidArgument with kvmem's reason
+// and numbers. Host only (on CUDA it would open the device). Run calls it after its check
+// of the host's mapping limit, which names the fixes in kvstress's flags.
+absl::Status SizePolicies(const RunConfig& rc);
 
 }  // namespace kvstress
 

@@ -1,11 +1,13 @@
 #include "tools/kvstress/report.h"
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string_view>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "kvmem/dtype.h"
 #include "tools/kvstress/json_writer.h"
 
@@ -74,34 +76,55 @@ void Series(JsonWriter& j, absl::string_view key, const std::vector<StepSample>&
 
 }  // namespace
 
-std::string FormatTable(const std::vector<SimResult>& results) {
-  std::string out = absl::StrFormat("%-13s %6s %8s %7s %7s %6s %10s %8s %10s %9s %9s %8s %7s\n",
-                                    "policy", "peak", "mean", "util", "util", "frag", "peak",
-                                    "preempt", "kvmem", "kvmem", "vmm", "out tok", "steps");
+std::string FailureLine(const absl::Status& status) {
+  return absl::StrReplaceAll(status.ToString(), {{"\n", "; "}});
+}
+
+std::string FormatTable(const std::vector<PolicyOutcome>& outcomes) {
+  // A percentage, or "-" where it is undefined (no step held a byte).
+  auto pct = [](double v) {
+    return std::isfinite(v) ? absl::StrFormat("%.1f%%", 100 * v) : std::string("-");
+  };
+  auto steps = [](double v) {
+    return std::isfinite(v) ? absl::StrFormat("%.1f", v) : std::string("-");
+  };
+  std::string out = absl::StrFormat("%-13s %6s %8s %7s %7s %7s %6s %10s %8s %10s %9s %9s %7s\n",
+                                    "policy", "peak", "mean", "mean", "util", "util", "frag",
+                                    "peak", "preempt", "kvmem", "kvmem", "vmm", "steps");
   out +=
-      absl::StrFormat("%-13s %6s %8s %7s %7s %6s %10s %8s %10s %9s %9s %8s %7s\n", "", "run", "run",
-                      "mean", "@peak", "", "held", "", "calls", "ms", "calls", "/step", "");
-  for (const SimResult& r : results) {
-    out += absl::StrFormat(
-        "%-13s %6d %8.1f %6.1f%% %6.1f%% %5.1f%% %10s %8d %10d %9.1f %9d %8.1f %6d%s\n", r.policy,
-        r.peak_running, r.mean_running, 100 * r.utilisation_mean, 100 * r.utilisation_at_peak,
-        100 * r.internal_fragmentation, FormatBytes(r.peak_held_bytes), r.preemptions,
-        r.kvmem_calls, r.kvmem_nanos / 1e6, r.vmm_calls, r.tokens_per_step, r.steps,
-        r.drained ? "" : "+");
+      absl::StrFormat("%-13s %6s %8s %7s %7s %7s %6s %10s %8s %10s %9s %9s %7s\n", "", "run", "run",
+                      "wait", "mean", "@peak", "", "held", "", "calls", "ms", "calls", "");
+  bool any_cut = false, any_undefined = false, any_failed = false;
+  for (const PolicyOutcome& o : outcomes) {
+    if (!o.result.ok()) {
+      any_failed = true;
+      out += absl::StrFormat("%-13s FAILED (the error is below)\n", o.policy);
+      continue;
+    }
+    const SimResult& r = *o.result;
+    any_cut |= !r.drained;
+    any_undefined |= !std::isfinite(r.utilisation_mean) || !std::isfinite(r.mean_wait_steps);
+    out += absl::StrFormat("%-13s %6d %8.1f %7s %7s %7s %6s %10s %8d %10d %9.1f %9d %6d%s\n",
+                           r.policy, r.peak_running, r.mean_running, steps(r.mean_wait_steps),
+                           pct(r.utilisation_mean), pct(r.utilisation_at_peak),
+                           pct(r.internal_fragmentation), FormatBytes(r.peak_held_bytes),
+                           r.preemptions, r.kvmem_calls, r.kvmem_nanos / 1e6, r.vmm_calls, r.steps,
+                           r.drained ? "" : "+");
   }
   out +=
-      "\nutil = live bytes / held bytes (kvmem Stats), mean = time-averaged (sum live / sum held "
-      "over steps),\n@peak = at the step holding the most bytes; frag = 1 - mean util; kvmem "
-      "calls/ms = AddRequest,\nExtend, Fork, Free made by the scheduler and the time inside them; "
-      "vmm calls = backend calls;\nout tok/step = output tokens / steps to drain the workload";
-  bool any_cut = false;
-  for (const SimResult& r : results) any_cut |= !r.drained;
+      "\nrun = running requests after a step; wait = steps from a request's arrival to its "
+      "admission;\nutil = live bytes / held bytes (kvmem Stats), mean = time-averaged (sum live / "
+      "sum held over steps),\n@peak = at the step holding the most bytes; frag = 1 - mean util; "
+      "kvmem calls/ms = AddRequest,\nExtend, Fork, Free made by the scheduler and the time inside "
+      "them; vmm calls = backend calls";
+  if (any_undefined) out += "\n- : undefined (no request was admitted, or no step held memory)";
   if (any_cut) out += "\n+ : stopped at --steps before the workload drained";
+  if (any_failed) out += "\nFAILED: the policy stopped with an error; the others ran to the end";
   out += "\n";
   return out;
 }
 
-std::string FormatJson(const RunInfo& info, const std::vector<SimResult>& results) {
+std::string FormatJson(const RunInfo& info, const std::vector<PolicyOutcome>& outcomes) {
   JsonWriter j;
   const kvmem::KvCacheConfig& c = info.base;
   j.BeginObject();
@@ -135,9 +158,16 @@ std::string FormatJson(const RunInfo& info, const std::vector<SimResult>& result
   }
   j.Key("policies");
   j.BeginArray();
-  for (const SimResult& r : results) {
+  for (const PolicyOutcome& o : outcomes) {
     j.BeginObject();
-    j.Field("policy", r.policy);
+    j.Field("policy", o.policy);
+    j.Field("failed", !o.result.ok());
+    if (!o.result.ok()) {
+      j.Field("error", FailureLine(o.result.status()));
+      j.EndObject();
+      continue;
+    }
+    const SimResult& r = *o.result;
     j.Field("config", r.config);
     j.Field("steps", r.steps);
     j.Field("drained", r.drained);
@@ -149,6 +179,7 @@ std::string FormatJson(const RunInfo& info, const std::vector<SimResult>& result
     j.Field("holders_created", r.holders_created);
     j.Field("peak_running", r.peak_running);
     j.Field("mean_running", r.mean_running);
+    j.Field("mean_wait_steps", r.mean_wait_steps);
     j.Field("utilisation_mean", r.utilisation_mean);
     j.Field("utilisation_at_peak", r.utilisation_at_peak);
     j.Field("internal_fragmentation", r.internal_fragmentation);
@@ -178,12 +209,14 @@ std::string FormatJson(const RunInfo& info, const std::vector<SimResult>& result
     j.EndObject();
   }
   j.EndArray();
+  // Also listed on their own, for readers that look for failures only.
   j.Key("failures");
   j.BeginArray();
-  for (const auto& [policy, error] : info.failures) {
+  for (const PolicyOutcome& o : outcomes) {
+    if (o.result.ok()) continue;
     j.BeginObject();
-    j.Field("policy", policy);
-    j.Field("error", error);
+    j.Field("policy", o.policy);
+    j.Field("error", FailureLine(o.result.status()));
     j.EndObject();
   }
   j.EndArray();

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kvmem/config.h"
 #include "tools/kvstress/scheduler.h"
 #include "tools/kvstress/workload.h"
@@ -18,15 +19,24 @@ struct RunInfo {
   kvmem::KvCacheConfig base;  // shape, capacity, budget, device (layout fields unused)
   const Workload* workload = nullptr;
   int64_t max_steps = 0;
-  // Policies that could not be simulated: (name, error).
-  std::vector<std::pair<std::string, std::string>> failures;
 };
 
-// The side-by-side table, one row per policy, with a legend of the columns.
-std::string FormatTable(const std::vector<SimResult>& results);
+// One policy of the run: its result, or the error that stopped it.
+struct PolicyOutcome {
+  std::string policy;
+  absl::StatusOr<SimResult> result;
+};
 
-// Everything: run parameters, per-policy summaries, final Stats and per-step series.
-std::string FormatJson(const RunInfo& info, const std::vector<SimResult>& results);
+// The error of a failed policy on one line (Status text, newlines folded).
+std::string FailureLine(const absl::Status& status);
+
+// The side-by-side table, one row per policy in run order (a failed policy's row says
+// so), with a legend of the columns.
+std::string FormatTable(const std::vector<PolicyOutcome>& outcomes);
+
+// Everything: run parameters, per-policy summaries (failed policies with their error),
+// final Stats and per-step series.
+std::string FormatJson(const RunInfo& info, const std::vector<PolicyOutcome>& outcomes);
 
 // Writes `contents` to `path`; errors name the path.
 absl::Status WriteFile(const std::string& path, const std::string& contents);

@@ -2,12 +2,15 @@
 
 #include <sys/resource.h>
 
-#include <cstring>
+#include <algorithm>
+#include <optional>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "kvmem/dtype.h"
 #include "kvmem/vmm.h"
+#include "tools/kvstress/host_mappings.h"
 #include "tools/kvstress/progress.h"
 #include "tools/kvstress/report.h"
 #include "tools/kvstress/svg_plot.h"
@@ -27,31 +30,31 @@ std::string ShapeLine(const kvmem::KvCacheConfig& c) {
       c.max_requests);
 }
 
-struct PolicyFailure {
-  std::string policy;
-  absl::Status status;
-};
-
-// The error, with a hint where the cause is a known limit of the host backend: it maps
-// every granule on its own, and Linux caps the mappings of a process at
-// vm.max_map_count, past which mmap fails with ENOMEM (on a GPU there is no such cap).
-std::string FailureText(const RunConfig& rc, const absl::Status& s) {
-  std::string text(s.message());
-  if (rc.base.device == kvmem::DeviceKind::kHost &&
-      text.find("Cannot allocate memory") != std::string::npos) {
-    std::string limit = "?";
-    if (std::FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
-      char buf[32] = {};
-      if (std::fgets(buf, sizeof buf, f) != nullptr) limit = std::string(buf, strcspn(buf, "\n"));
-      std::fclose(f);
-    }
-    text += absl::StrFormat(
-        "\n  hint: the host backend maps each %d KiB granule separately and Linux allows "
-        "vm.max_map_count = %s mappings per process; lower --budget_gib (or --scale) or raise "
-        "vm.max_map_count",
-        rc.base.host_granularity / 1024, limit);
+// A failed policy's Status, with a hint where mmap ran out (ENOMEM) on the host: that is
+// one of two limits of the process, not of the machine's memory. The host backend maps
+// every page on its own, and Linux caps a process's mappings at vm.max_map_count (the
+// check before the run estimates that, but can miss); and `ulimit -v` caps its address
+// space, which every policy reserves for its whole capacity. A GPU has neither.
+absl::Status WithHint(const RunConfig& rc, const absl::Status& s) {
+  if (rc.base.device != kvmem::DeviceKind::kHost ||
+      !absl::StrContains(s.message(), "Cannot allocate memory")) {
+    return s;
   }
-  return text;
+  const std::optional<MapLimit> limit = ReadMapLimit();
+  std::string hint = absl::StrFormat(
+      "hint: the host backend maps each %d KiB page on its own and Linux allows "
+      "vm.max_map_count = %s mappings per process; lower --budget_gib, raise --host_page_kib "
+      "or raise vm.max_map_count",
+      rc.base.host_granularity / 1024,
+      limit ? absl::StrFormat("%d", limit->max_map_count) : std::string("?"));
+  struct rlimit as {};
+  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY) {
+    hint += absl::StrFormat(
+        "; or the address space of this process is capped at %.4g GiB (ulimit -v): lower "
+        "--max_requests or --max_context, or lift the cap",
+        static_cast<double>(as.rlim_cur) / (1 << 30));
+  }
+  return absl::Status(s.code(), absl::StrFormat("%s (%s)", s.message(), hint));
 }
 
 }  // namespace
@@ -71,14 +74,24 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
                                           rc.base.device_ordinal, vmm.status().message()));
     }
   }
+  absl::StatusOr<Workload> workload = MakeWorkload(rc);
+  if (!workload.ok()) return workload.status();
+  const Workload& w = *workload;
+  if (w.requests.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s has no requests: nothing to simulate", w.name));
+  }
+  // Before anything runs: a policy that would hit the host's mapping limit fails deep in
+  // a run, after minutes, and its caches cannot even be torn down cleanly.
+  if (const std::optional<MapLimit> limit = ReadMapLimit(); limit.has_value()) {
+    if (absl::Status s = CheckHostMappings(rc, w, *limit); !s.ok()) return s;
+  }
+  if (absl::Status s = SizePolicies(rc); !s.ok()) return s;
   // Output files are created now so that a bad path fails before a long simulation.
   for (const std::string* path : {&rc.json_path, &rc.plot_path}) {
     if (path->empty()) continue;
     if (absl::Status s = WriteFile(*path, ""); !s.ok()) return s;
   }
-  absl::StatusOr<Workload> workload = MakeWorkload(rc);
-  if (!workload.ok()) return workload.status();
-  const Workload& w = *workload;
 
   std::fprintf(out, "kvstress: serving simulation over kvmem's real caches (device %s)\n",
                rc.base.device == kvmem::DeviceKind::kHost
@@ -94,8 +107,9 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
   std::fprintf(out, "policies: %s\n\n", names.c_str());
   std::fflush(out);
 
+  std::vector<PolicyOutcome> outcomes;
   std::vector<SimResult> results;
-  std::vector<PolicyFailure> failures;
+  int failed = 0;
   ProgressBar bar(rc.progress);
   const int n = static_cast<int>(rc.policies.size());
   for (int i = 0; i < n; ++i) {
@@ -103,17 +117,21 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
     absl::StatusOr<SimResult> r = Simulate(w, policy, PolicyConfig(policy, rc.base), rc.sim,
                                            [&](const SimProgress& p) { bar.Update(i, n, p); });
     bar.Clear();
-    // One policy failing (a kvmem error, a backend limit) does not hide the others.
+    // One policy failing (a kvmem error, a backend limit) does not hide the others; it
+    // keeps its place in the table and the JSON.
     if (!r.ok()) {
-      failures.push_back({policy.name, r.status()});
+      ++failed;
+      outcomes.push_back({policy.name, WithHint(rc, r.status())});
       continue;
     }
-    results.push_back(*std::move(r));
+    results.push_back(*r);
+    outcomes.push_back({policy.name, *std::move(r)});
   }
 
-  std::fprintf(out, "%s", FormatTable(results).c_str());
-  for (const PolicyFailure& f : failures) {
-    std::fprintf(out, "FAILED %s: %s\n", f.policy.c_str(), FailureText(rc, f.status).c_str());
+  std::fprintf(out, "%s", FormatTable(outcomes).c_str());
+  for (const PolicyOutcome& o : outcomes) {
+    if (o.result.ok()) continue;
+    std::fprintf(out, "FAILED %s: %s\n", o.policy.c_str(), FailureLine(o.result.status()).c_str());
   }
   struct rusage ru {};
   if (getrusage(RUSAGE_SELF, &ru) == 0) {
@@ -123,12 +141,9 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
                  ru.ru_maxrss / 1024.0);
   }
 
-  RunInfo info{rc.base, &w, rc.sim.max_steps, {}};
-  for (const PolicyFailure& f : failures) {
-    info.failures.emplace_back(f.policy, FailureText(rc, f.status));
-  }
+  RunInfo info{rc.base, &w, rc.sim.max_steps};
   if (!rc.json_path.empty()) {
-    if (absl::Status s = WriteFile(rc.json_path, FormatJson(info, results)); !s.ok()) return s;
+    if (absl::Status s = WriteFile(rc.json_path, FormatJson(info, outcomes)); !s.ok()) return s;
     std::fprintf(out, "wrote %s\n", rc.json_path.c_str());
   }
   if (!rc.plot_path.empty()) {
@@ -141,13 +156,28 @@ absl::StatusOr<std::vector<SimResult>> Run(const RunConfig& rc, std::FILE* out) 
         c.num_layers, c.num_kv_heads, c.head_dim, kvmem::DTypeName(c.dtype),
         c.memory_budget_bytes / kGiB, c.max_context, w.requests.size());
     pi.budget_bytes = rc.base.memory_budget_bytes;
+    for (const PolicyOutcome& o : outcomes) {
+      if (!o.result.ok()) pi.failed.push_back(o.policy);
+    }
     if (absl::Status s = WriteFile(rc.plot_path, RenderSvgPlot(pi, results)); !s.ok()) return s;
     std::fprintf(out, "wrote %s\n", rc.plot_path.c_str());
   }
-  if (!failures.empty()) {
-    return absl::Status(failures.front().status.code(),
-                        absl::StrFormat("%d of %d policies failed (see FAILED above)",
-                                        failures.size(), rc.policies.size()));
+  if (failed > 0) {
+    const absl::Status& first =
+        std::find_if(outcomes.begin(), outcomes.end(), [](const PolicyOutcome& o) {
+          return !o.result.ok();
+        })->result.status();
+    return absl::Status(first.code(),
+                        absl::StrFormat("%d of %d policies failed (see FAILED above)", failed, n));
+  }
+  // A run that finished nothing has nothing to compare; its utilisation is undefined
+  // ("-" above), and exiting 0 would let a script take it for a result.
+  if (std::none_of(results.begin(), results.end(),
+                   [](const SimResult& r) { return r.finished > 0; })) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "no policy finished a request within --steps=%d (the first request arrives at step %d "
+        "and needs %d steps of output); raise --steps",
+        rc.sim.max_steps, w.requests.front().arrival_step, w.requests.front().output_len));
   }
   return results;
 }

@@ -29,7 +29,8 @@ class Simulation {
         policy_(policy),
         cache_(std::move(cache)),
         options_(options),
-        generated_(w.requests.size(), 0) {
+        generated_(w.requests.size(), 0),
+        admitted_once_(w.requests.size(), false) {
     result_.policy = policy.name;
     result_.config = kvmem::DescribeConfig(cache_->config());
     result_.requests = static_cast<int64_t>(w.requests.size());
@@ -81,6 +82,8 @@ class Simulation {
       r.mean_running = static_cast<double>(running_sum_) / step_;
       r.tokens_per_step = static_cast<double>(r.output_tokens) / step_;
     }
+    if (first_admissions_ > 0)
+      r.mean_wait_steps = static_cast<double>(wait_sum_) / first_admissions_;
     if (held_sum_ > 0) r.utilisation_mean = static_cast<double>(live_sum_) / held_sum_;
     r.internal_fragmentation = 1.0 - r.utilisation_mean;
     return std::move(result_);
@@ -237,6 +240,11 @@ class Simulation {
       prefilled = length - w_.prefix_len + (created ? w_.prefix_len : 0);
     }
     running_.push_back({index, length, q.prompt_len + q.output_len});
+    if (!admitted_once_[index]) {
+      admitted_once_[index] = true;
+      wait_sum_ += step_ - q.arrival_step;
+      ++first_admissions_;
+    }
     ++result_.admissions;
     result_.prefill_tokens += prefilled;
     result_.recomputed_tokens += generated_[index];
@@ -292,10 +300,13 @@ class Simulation {
   std::deque<size_t> waiting_;
   std::vector<Running> running_;  // in admission order
   std::vector<int64_t> generated_;
+  std::vector<bool> admitted_once_;
   absl::flat_hash_map<int32_t, Holder> holders_;
   std::vector<int64_t> locs_;
 
   int64_t running_sum_ = 0;
+  int64_t wait_sum_ = 0;
+  int64_t first_admissions_ = 0;
   double live_sum_ = 0;
   double held_sum_ = 0;
   SimResult result_;

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -65,15 +66,19 @@ struct SimResult {
   int64_t holders_created = 0;  // prefix holders prefilled
 
   int64_t peak_running = 0;
-  double mean_running = 0;
+  double mean_running = 0;  // running requests after each step, averaged over steps
+  // Steps from a request's arrival to its first admission, averaged over the requests
+  // admitted (NaN when none was): the queueing a smaller footprint saves.
+  double mean_wait_steps = std::numeric_limits<double>::quiet_NaN();
 
   // Utilisation = live / held bytes (Stats). Time-averaged: sum of live over steps /
   // sum of held over steps (byte-weighted, so near-empty steps at start and drain do not
-  // dominate). At peak: at the step with the most held bytes.
-  double utilisation_mean = 1.0;
-  double utilisation_at_peak = 1.0;
-  // 1 - utilisation_mean: held bytes that hold no live token.
-  double internal_fragmentation = 0;
+  // dominate). At peak: at the step with the most held bytes. NaN when no step held a
+  // byte: there is nothing to measure, and 100 % would claim a perfect run.
+  double utilisation_mean = std::numeric_limits<double>::quiet_NaN();
+  double utilisation_at_peak = std::numeric_limits<double>::quiet_NaN();
+  // 1 - utilisation_mean: held bytes that hold no live token (NaN with it).
+  double internal_fragmentation = std::numeric_limits<double>::quiet_NaN();
   int64_t peak_held_bytes = 0;
   int64_t peak_held_step = -1;
   int64_t peak_live_bytes = 0;
@@ -81,7 +86,10 @@ struct SimResult {
   int64_t output_tokens = 0;      // decode tokens that survived (= total output when drained)
   int64_t prefill_tokens = 0;     // tokens prefilled, recomputation included
   int64_t recomputed_tokens = 0;  // of which generated tokens recomputed after preemption
-  double tokens_per_step = 0;     // output_tokens / steps
+  // output_tokens / steps. A running request decodes one token per step, so this is
+  // mean_running less preemptions / steps (a request preempted in a step was counted
+  // running after the step before and decoded nothing): the table shows mean_running.
+  double tokens_per_step = 0;
 
   // kvmem calls made by the scheduler (AddRequest, Extend, Fork, Free) and the steady-clock
   // time spent inside them; backend (VMM) calls and time from Stats.

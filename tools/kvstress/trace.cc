@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -22,14 +23,32 @@ constexpr absl::string_view kHeader4 = "arrival_step,prompt_len,output_len,prefi
 
 }  // namespace
 
+std::string Printable(absl::string_view text, size_t max_bytes) {
+  std::string out;
+  const absl::string_view shown = text.substr(0, max_bytes);
+  for (char ch : shown) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c < 0x20 || c >= 0x7f) {
+      out += absl::StrFormat("\\x%02x", c);
+    } else {
+      out += ch;
+    }
+  }
+  if (shown.size() < text.size()) {
+    out += absl::StrFormat("... (%d bytes in all)", text.size());
+  }
+  return out;
+}
+
 absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view source,
                                     int64_t max_context, int64_t prefix_len) {
   Workload w;
   w.name = absl::StrFormat("trace:%s", source);
   bool have_header = false;
   bool have_groups = false;
-  bool any_group = false;
-  int32_t max_group = -1;
+  std::set<int32_t> groups;
   int64_t line_no = 0;
   for (absl::string_view raw : absl::StrSplit(text, '\n')) {
     ++line_no;
@@ -47,8 +66,8 @@ absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view so
       } else if (joined == kHeader4) {
         have_groups = true;
       } else {
-        return bad(
-            absl::StrFormat("expected the header '%s[,prefix_group]', got '%s'", kHeader3, line));
+        return bad(absl::StrFormat("expected the header '%s[,prefix_group]', got '%s'", kHeader3,
+                                   Printable(line)));
       }
       have_header = true;
       continue;
@@ -65,7 +84,7 @@ absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view so
     for (size_t i = 0; i < fields.size(); ++i) {
       if (i == 3 && fields[i].empty()) continue;
       if (!absl::SimpleAtoi(fields[i], &v[i])) {
-        return bad(absl::StrFormat("%s '%s' is not an integer", kNames[i], fields[i]));
+        return bad(absl::StrFormat("%s '%s' is not an integer", kNames[i], Printable(fields[i])));
       }
     }
     Request r;
@@ -88,8 +107,7 @@ absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view so
     r.prompt_len = v[1];
     r.output_len = v[2];
     r.prefix_group = static_cast<int32_t>(v[3]);
-    any_group |= r.prefix_group >= 0;
-    max_group = std::max(max_group, r.prefix_group);
+    if (r.prefix_group >= 0) groups.insert(r.prefix_group);
     w.requests.push_back(r);
   }
   if (!have_header) {
@@ -99,13 +117,14 @@ absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view so
   std::stable_sort(w.requests.begin(), w.requests.end(), [](const Request& a, const Request& b) {
     return a.arrival_step < b.arrival_step;
   });
-  w.prefix_len = any_group ? prefix_len : 0;
+  w.prefix_len = groups.empty() ? 0 : prefix_len;
   w.description =
       absl::StrFormat("trace %s: %d requests, arrivals over steps [0, %d]", source,
                       w.requests.size(), w.requests.empty() ? 0 : w.requests.back().arrival_step);
-  if (any_group) {
-    w.description +=
-        absl::StrFormat(", %d prefix groups sharing %d tokens", max_group + 1, prefix_len);
+  if (!groups.empty()) {
+    // Group numbers are labels, not a count: "2" alone is one group.
+    w.description += absl::StrFormat(", %d prefix group%s sharing %d tokens", groups.size(),
+                                     groups.size() == 1 ? "" : "s", prefix_len);
   }
   return w;
 }

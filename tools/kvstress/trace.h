@@ -29,6 +29,12 @@ absl::StatusOr<Workload> ParseTrace(absl::string_view text, absl::string_view so
 absl::StatusOr<Workload> LoadTrace(const std::string& path, int64_t max_context,
                                    int64_t prefix_len);
 
+// `text` made safe to print inside an error message: bytes outside printable ASCII and
+// backslashes are escaped (\xNN, \\) and text past `max_bytes` input bytes is cut,
+// saying how long it was. A binary file would otherwise write control sequences to the
+// user's terminal.
+std::string Printable(absl::string_view text, size_t max_bytes = 60);
+
 }  // namespace kvstress
 
 #endif  // KVMEM_TOOLS_KVSTRESS_TRACE_H_
