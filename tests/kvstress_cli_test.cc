@@ -621,7 +621,9 @@ TEST(KvstressBinaryTest, CudaDeviceFailsCleanlyWithoutCuda) {
   const Outcome o = RunKvstress("--device=cuda " + kTiny + " --requests=3");
 #ifdef KVMEM_WITH_CUDA
   // Built with CUDA: either it runs, or it says why the device is unavailable.
-  if (o.exit_code != 0) EXPECT_THAT(o.output, HasSubstr("--device=cuda:0 is not available"));
+  if (o.exit_code != 0) {
+    EXPECT_THAT(o.output, HasSubstr("--device=cuda:0 is not available"));
+  }
 #else
   EXPECT_EQ(o.exit_code, 1) << o.output;
   EXPECT_THAT(o.output, HasSubstr("--device=cuda:0 is not available"));
