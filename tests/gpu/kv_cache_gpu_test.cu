@@ -299,6 +299,9 @@ struct LayoutCase {
   int chunk_tokens = 0;  // virtual all-layer: KvCacheConfig::chunk_tokens
 };
 
+// ctest shows the parameter by name, not as raw bytes.
+void PrintTo(const LayoutCase& c, std::ostream* os) { *os << c.name; }
+
 // 4 layers, 4 KV heads, head_dim 128, bf16: 1 KiB per token and layer, 8 KiB per token
 // over all layers; with 2 MiB granules a virtual all-layer row maps chunks of 1024 tokens
 // (8 MiB, each page one layer's K and V), a per-layer page holds 2048 tokens; a paged
