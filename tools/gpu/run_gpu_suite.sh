@@ -55,9 +55,9 @@ esac
 
 [ -x "$bundle/run.sh" ] || { echo "no bundle at $bundle: run '$0 build' first" >&2; exit 2; }
 steps=${*:-tests memcheck bench}
-out=${KVMEM_GPU_OUT:-out}
-mkdir -p "$out"
-summary=$out/summary.txt
+logs=${KVMEM_GPU_OUT:-out}
+mkdir -p "$logs"
+summary=$logs/summary.txt
 export LD_LIBRARY_PATH="$PWD/$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 status=0
@@ -77,9 +77,9 @@ for binary in $(gpu_tests); do
   [ -x "$bundle/bin/$binary" ] || { echo "$binary: not in the bundle" | tee -a "$summary"; status=1; continue; }
   if [[ " $steps " == *" tests "* ]]; then
     log=$(mktemp)
-    echo "== $binary" | tee -a "$out/tests.log"
+    echo "== $binary" | tee -a "$logs/tests.log"
     timeout -k 10 "${KVMEM_TEST_TIMEOUT:-300}" "$bundle/bin/$binary" --gtest_color=no 2>&1 |
-      tee "$log" >>"$out/tests.log"
+      tee "$log" >>"$logs/tests.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
     echo "test     $binary rc=$rc $(verdict "$log")" | tee -a "$summary"
@@ -87,11 +87,11 @@ for binary in $(gpu_tests); do
   fi
   if [[ " $steps " == *" memcheck "* ]]; then
     log=$(mktemp)
-    echo "== memcheck $binary" | tee -a "$out/memcheck.log"
+    echo "== memcheck $binary" | tee -a "$logs/memcheck.log"
     timeout -k 10 "${KVMEM_MEMCHECK_TIMEOUT:-400}" "$sanitizer" --tool memcheck \
       --error-exitcode 86 "$bundle/bin/$binary" --gtest_color=no \
       "--gtest_filter=${KVMEM_MEMCHECK_FILTER:--*OutOfMemory*:*DriverError*}" 2>&1 |
-      tee "$log" >>"$out/memcheck.log"
+      tee "$log" >>"$logs/memcheck.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
     echo "memcheck $binary rc=$rc $(grep -m1 'ERROR SUMMARY' "$log" | sed 's/=* *//') $(verdict "$log")" |
@@ -105,10 +105,10 @@ if [[ " $steps " == *" bench "* ]]; then
     for name in $("$bundle/bin/kvbench" --help | awk '/^  [a-z0-9_]+ /{print $1}'); do
       selected "$name" "${KVBENCH_ONLY:-}" || continue
       var="KVBENCH_ARGS_$name"
-      echo "== kvbench $name ${!var:-}" | tee -a "$out/bench.log"
+      echo "== kvbench $name ${!var:-}" | tee -a "$logs/bench.log"
       # shellcheck disable=SC2086
       timeout -k 10 "${KVMEM_BENCH_TIMEOUT:-300}" "$bundle/bin/kvbench" "$name" ${!var:-} 2>&1 |
-        tee -a "$out/bench.log"
+        tee -a "$logs/bench.log"
       rc=${PIPESTATUS[0]}
       [ "$rc" -eq 0 ] || status=1
       echo "bench    kvbench $name rc=$rc" >>"$summary"
@@ -119,6 +119,6 @@ if [[ " $steps " == *" bench "* ]]; then
   fi
 fi
 
-echo "== summary ($out/summary.txt)"
+echo "== summary ($logs/summary.txt)"
 cat "$summary"
 exit $status
