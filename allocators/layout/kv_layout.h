@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/kv_cache.h"
@@ -45,6 +46,37 @@ class KvLayout {
   // Where the backend fails that, the row is given back all the same, and the status
   // (the backend's code, never Internal) says what could not be restored.
   virtual absl::Status ReturnRow(int32_t row) { return Release(row, 0, Fence{}); }
+  // One row of a batch call. The rows of one batch are distinct and live, each with
+  // its current length `len` (KvCache has checked both).
+  struct GrowStep {
+    int32_t row;
+    int64_t len;
+    int64_t n;  // tokens to add, >= 0
+  };
+  struct ShrinkStep {
+    int32_t row;
+    int64_t len;
+    int64_t new_len;  // <= len
+  };
+  struct ReleaseStep {
+    int32_t row;
+    int64_t len;
+  };
+  // Grows every row of `steps` and writes the new tokens' slots to out[0, sum of n), in
+  // the order of the steps. All or nothing for the whole batch: on error no row grew and
+  // nothing stayed mapped, taken or counted (out's contents are then unspecified).
+  // The defaults run the single-row calls and undo with Shrink; a layout overrides them
+  // where that undo would not restore everything (pages mapped, copies made).
+  virtual absl::Status GrowBatch(absl::Span<const GrowStep> steps, int64_t* out);
+  // Shrinks every row of `steps`; all or nothing.
+  virtual absl::Status ShrinkBatch(absl::Span<const ShrinkStep> steps);
+  // Releases every row of `steps` under one fence; all or nothing.
+  virtual absl::Status ReleaseBatch(absl::Span<const ReleaseStep> steps, Fence fence);
+
+  // Paged: the page ids of `row` (ceil(len / page_tokens) of them, in order), valid until
+  // the next mutating call. Empty for a layout without pages.
+  virtual absl::Span<const int32_t> Pages(int32_t row) const { return {}; }
+
   // Gives unused physical memory back to the backend; returns bytes released.
   virtual absl::StatusOr<int64_t> Trim() = 0;
 
