@@ -348,6 +348,59 @@ class CacheModel {
     return slots;
   }
 
+  // ExtendBatch over `ids` (distinct, owned by the model), then as Extend for each: fresh
+  // tags written, slots distinct across the whole batch and listed by the index. The
+  // out buffer is one entry longer than needed: that entry must stay untouched.
+  absl::StatusOr<std::vector<int64_t>> ExtendBatch(absl::Span<const RequestId> ids,
+                                                   absl::Span<const int64_t> counts) {
+    int64_t total = 0;
+    for (int64_t n : counts) total += std::max<int64_t>(n, 0);
+    constexpr int64_t kGuard = -12345;
+    std::vector<int64_t> out(total + 1, kGuard);
+    KVMEM_RETURN_IF_ERROR(cache_->ExtendBatch(ids, counts, absl::MakeSpan(out)));
+    if (out.back() != kGuard) {
+      return absl::InternalError("ExtendBatch wrote past the batch's tokens");
+    }
+    out.pop_back();
+    std::set<int64_t> distinct(out.begin(), out.end());
+    if (static_cast<int64_t>(distinct.size()) != total) {
+      return absl::InternalError("ExtendBatch gave repeated slots");
+    }
+    std::vector<uint32_t> tags(total);
+    for (auto& t : tags) t = next_tag_++;
+    KVMEM_RETURN_IF_ERROR(WriteTokens(*cache_, out, tags));
+    int64_t at = 0;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      std::vector<uint32_t>& model = requests_.at(ids[i]);
+      std::vector<int32_t> r2t;
+      KVMEM_RETURN_IF_ERROR(cache_->ReqToToken(ids[i], &r2t));
+      for (int64_t k = 0; k < counts[i]; ++k) {
+        const size_t pos = model.size() + k;
+        if (pos >= r2t.size() || r2t[pos] != out[at + k]) {
+          return absl::InternalError(absl::StrFormat(
+              "request %d pos %d: the index disagrees with ExtendBatch's slot %d", ids[i], pos,
+              out[at + k]));
+        }
+      }
+      model.insert(model.end(), tags.begin() + at, tags.begin() + at + counts[i]);
+      at += counts[i];
+    }
+    return out;
+  }
+
+  absl::Status TruncateBatch(absl::Span<const RequestId> ids,
+                             absl::Span<const int64_t> new_lengths) {
+    KVMEM_RETURN_IF_ERROR(cache_->TruncateBatch(ids, new_lengths));
+    for (size_t i = 0; i < ids.size(); ++i) requests_.at(ids[i]).resize(new_lengths[i]);
+    return absl::OkStatus();
+  }
+
+  absl::Status FreeBatch(absl::Span<const RequestId> ids, Fence fence = {}) {
+    KVMEM_RETURN_IF_ERROR(cache_->FreeBatch(ids, fence));
+    for (RequestId id : ids) requests_.erase(id);
+    return absl::OkStatus();
+  }
+
   absl::Status Truncate(RequestId id, int64_t new_length) {
     KVMEM_RETURN_IF_ERROR(cache_->Truncate(id, new_length));
     requests_.at(id).resize(new_length);

@@ -114,6 +114,7 @@ class Runner {
     EXPECT_LE(s.physical_bytes, config_.memory_budget_bytes);
     EXPECT_GE(s.peak_requests, s.num_requests);
     EXPECT_GE(s.peak_held_bytes, s.held_bytes);
+    CheckRunningBatch();
   }
 
   // An operation failed with `status`: it must be `code`, and nothing changed.
@@ -148,8 +149,8 @@ class Runner {
     // until the fence completes (virtual), so a new row may or may not be found.
     const bool full = model_.size() == static_cast<size_t>(config_.max_requests);
     const bool maybe_full =
-        model_.size() + pending_.size() >= static_cast<size_t>(config_.max_requests);
-    const int r = Uniform(0, 99);
+        model_.size() + PendingRows() >= static_cast<size_t>(config_.max_requests);
+    const int r = Uniform(0, 109);
     std::string what;
     if (model_.size() == 0 || r < 14) {  // AddRequest
       what = absl::StrCat("AddRequest(", fresh, ")");
@@ -207,6 +208,7 @@ class Runner {
       Fence fence;
       if (pending_.size() < kMaxPendingFences && Chance(0.3)) {
         pending_.push_back(&fences_->emplace_back(false));
+        pending_rows_.push_back(1);
         fence = HostFence(pending_.back());
       }
       what = absl::StrCat("Free(", id, fence.event != nullptr ? ", fence)" : ")");
@@ -222,7 +224,10 @@ class Runner {
       if (!pending_.empty()) {
         pending_.front()->store(true);
         pending_.pop_front();
+        pending_rows_.pop_front();
       }
+    } else if (r >= 100) {
+      what = BatchStep(r - 100, before, ids);
     } else {  // calls that must fail
       const RequestId id = PickLive();
       what = absl::StrCat("bad calls on ", id);
@@ -239,6 +244,121 @@ class Runner {
     Check(what);
   }
 
+  size_t PendingRows() const {
+    size_t n = 0;
+    for (int r : pending_rows_) n += r;
+    return n;
+  }
+
+  // A random subset of the live requests, in random order.
+  std::vector<RequestId> PickSome() {
+    std::vector<RequestId> ids = model_.ids();
+    std::shuffle(ids.begin(), ids.end(), rng_);
+    ids.resize(Uniform<size_t>(1, ids.size()));
+    return ids;
+  }
+
+  // The batch calls and the running batch (r in [0, 10)); returns what it did.
+  std::string BatchStep(int r, const Snapshot& before, const std::vector<RequestId>& ids) {
+    const std::vector<RequestId> some = PickSome();
+    std::string what;
+    if (r < 4) {  // ExtendBatch
+      std::vector<int64_t> counts;
+      bool over = false;
+      for (RequestId id : some) {
+        counts.push_back(Uniform<int64_t>(0, Chance(0.2) ? 3 * tpp_ : 2));
+        over |= model_.LengthOf(id) + counts.back() > config_.max_context;
+      }
+      what = absl::StrCat("ExtendBatch({", absl::StrJoin(some, ","), "}, {",
+                          absl::StrJoin(counts, ","), "})");
+      Log(what);
+      absl::StatusOr<std::vector<int64_t>> out = model_.ExtendBatch(some, counts);
+      if (over) {
+        ExpectFailedUnchanged(out.status(), StatusCode::kOutOfRange, before, ids);
+      } else if (out.status().code() != StatusCode::kResourceExhausted) {
+        KVMEM_EXPECT_OK(out);
+      } else {
+        OkOrExhausted(out.status(), before, ids);
+      }
+    } else if (r < 6) {  // TruncateBatch, rewinding a few tokens
+      std::vector<int64_t> lengths;
+      for (RequestId id : some) {
+        lengths.push_back(std::max<int64_t>(0, model_.LengthOf(id) - Uniform<int64_t>(0, 8)));
+      }
+      what = absl::StrCat("TruncateBatch({", absl::StrJoin(some, ","), "}, {",
+                          absl::StrJoin(lengths, ","), "})");
+      Log(what);
+      KVMEM_EXPECT_OK(model_.TruncateBatch(some, lengths));
+    } else if (r < 7) {  // FreeBatch
+      Fence fence;
+      if (pending_.size() < kMaxPendingFences && Chance(0.3)) {
+        pending_.push_back(&fences_->emplace_back(false));
+        pending_rows_.push_back(static_cast<int>(some.size()));
+        fence = HostFence(pending_.back());
+      }
+      what = absl::StrCat("FreeBatch({", absl::StrJoin(some, ","), "}",
+                          fence.event != nullptr ? ", fence)" : ")");
+      Log(what);
+      KVMEM_EXPECT_OK(model_.FreeBatch(some, fence));
+    } else if (r < 9) {  // a new running batch
+      what = absl::StrCat("SetRunningBatch({", absl::StrJoin(some, ","), "})");
+      Log(what);
+      KVMEM_EXPECT_OK(cache_->SetRunningBatch(some));
+      running_ = some;
+    } else {  // batch calls that must fail, changing nothing
+      what = absl::StrCat("bad batch calls on {", absl::StrJoin(some, ","), "}");
+      Log(what);
+      const RequestId id = some[0];
+      const RequestId twice[] = {id, id};
+      const int64_t ones[] = {1, 1};
+      int64_t loc[4];
+      KVMEM_EXPECT_CODE(cache_->ExtendBatch(twice, ones, loc), StatusCode::kInvalidArgument);
+      KVMEM_EXPECT_CODE(cache_->ExtendBatch({&id, 1}, ones, loc), StatusCode::kInvalidArgument);
+      if (model_.LengthOf(id) < config_.max_context) {  // else OutOfRange comes first
+        KVMEM_EXPECT_CODE(cache_->ExtendBatch({&id, 1}, {ones, 1}, {loc, 0}),
+                          StatusCode::kInvalidArgument);
+      }
+      const int64_t minus[] = {-1};
+      KVMEM_EXPECT_CODE(cache_->ExtendBatch({&id, 1}, minus, loc), StatusCode::kInvalidArgument);
+      const RequestId unknown[] = {id, next_id_ + 1000};
+      KVMEM_EXPECT_CODE(cache_->ExtendBatch(unknown, ones, loc), StatusCode::kNotFound);
+      const int64_t lengths[] = {0, 0};
+      KVMEM_EXPECT_CODE(cache_->TruncateBatch(twice, lengths), StatusCode::kInvalidArgument);
+      const int64_t longer[] = {model_.LengthOf(id) + 1};
+      KVMEM_EXPECT_CODE(cache_->TruncateBatch({&id, 1}, longer), StatusCode::kOutOfRange);
+      KVMEM_EXPECT_CODE(cache_->FreeBatch(twice), StatusCode::kInvalidArgument);
+      KVMEM_EXPECT_CODE(cache_->FreeBatch(unknown), StatusCode::kNotFound);
+      KVMEM_EXPECT_CODE(cache_->SetRunningBatch(twice), StatusCode::kInvalidArgument);
+      EXPECT_EQ(SnapshotDiff(before, TakeSnapshot(*cache_, ids, /*with_data=*/false),
+                             /*fences_may_complete=*/true),
+                "");
+    }
+    return what;
+  }
+
+  // The running batch's entries say what the model says of its members.
+  void CheckRunningBatch() {
+    const RunningBatchView v = cache_->RunningBatch();
+    ASSERT_EQ(v.size, static_cast<int32_t>(running_.size()));
+    int32_t longest = 0;
+    for (size_t b = 0; b < running_.size(); ++b) {
+      const int64_t len = model_.Has(running_[b]) ? model_.LengthOf(running_[b]) : 0;
+      EXPECT_EQ(v.seq_lens[b], len) << "entry " << b << ", request " << running_[b];
+      longest = std::max<int32_t>(longest, static_cast<int32_t>(len));
+    }
+    EXPECT_EQ(v.max_seq_len, longest);
+    if (config_.layout != Layout::kPaged || running_.empty()) return;
+    absl::StatusOr<RunningBatchCsr> csr = cache_->PackRunningBatch();
+    KVMEM_ASSERT_OK(csr);
+    for (size_t b = 0; b < running_.size(); ++b) {
+      std::vector<int32_t> table;
+      if (model_.Has(running_[b])) table = cache_->BlockTable(running_[b]).value();
+      const std::vector<int32_t> packed(csr->indices + csr->indptr[b],
+                                        csr->indices + csr->indptr[b + 1]);
+      EXPECT_EQ(packed, table) << "CSR entry " << b;
+    }
+  }
+
   void RecordSummary() {
     ::testing::Test::RecordProperty("resource_exhausted", static_cast<int>(exhausted_));
     ::testing::Test::RecordProperty("forks", static_cast<int>(forks_));
@@ -253,6 +373,8 @@ class Runner {
   const int64_t tpp_;
   RequestId next_id_ = 1;
   std::deque<std::atomic<bool>*> pending_;
+  std::deque<int> pending_rows_;  // rows freed under each pending fence
+  std::vector<RequestId> running_;  // the last SetRunningBatch
   std::deque<std::string> history_;
   int64_t exhausted_ = 0;
   int64_t forks_ = 0;

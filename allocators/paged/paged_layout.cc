@@ -216,7 +216,8 @@ PagedLayout::PagedLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm, 
       rows_(config.max_requests),
       free_rows_(config.max_requests),
       partial_refs_(geo.num_pages, 0),
-      partial_sum_(geo.num_pages, 0) {
+      partial_sum_(geo.num_pages, 0),
+      copies_(geo.num_pages, 0) {
   for (int32_t r = 0; r < config.max_requests; ++r) free_rows_.Insert(r);
 }
 
@@ -380,25 +381,28 @@ void PagedLayout::ReclaimQuarantine(bool scan_all) {
   pool_.Reclaim([this](const Fence& f) { return vmm_->FenceComplete(f); }, scan_all);
 }
 
-absl::StatusOr<std::vector<int32_t>> PagedLayout::TakePages(int64_t count, int32_t near) {
-  std::vector<int32_t> pages;
-  if (count <= 0) return pages;
-  ReclaimQuarantine(/*scan_all=*/pool_.free_count() < count);
-  if (pool_.free_count() < count) {
+absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, int64_t total) {
+  fresh_.clear();
+  if (total <= 0) return absl::OkStatus();
+  ReclaimQuarantine(/*scan_all=*/pool_.free_count() < total);
+  if (pool_.free_count() < total) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "paged layout: need %d pages of %d bytes but %d are free (%d used, %d quarantined "
         "waiting on a fence, %d total)",
-        count, pt_ * config_.TokenBytes(), pool_.free_count(), pool_.used_count(),
+        total, pt_ * config_.TokenBytes(), pool_.free_count(), pool_.used_count(),
         pool_.quarantined_count(), geo_.num_pages));
   }
-  pages.reserve(count);
   const bool contiguous = config_.page_placement == PagePlacement::kContiguous;
   const int64_t mapped_pages = UsablePagesFor(mapped_chunks());
   int32_t highest = -1;
-  for (int64_t i = 0; i < count; ++i) {
-    pages.push_back(contiguous ? pool_.AllocateNear(near, mapped_pages) : pool_.Allocate());
-    near = pages.back();
-    highest = std::max(highest, near);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const Row& r = rows_[steps[i].row];
+    int32_t near = r.pages.empty() ? -1 : r.pages.back();
+    for (int64_t k = 0; k < plan_[i].count; ++k) {
+      fresh_.push_back(contiguous ? pool_.AllocateNear(near, mapped_pages) : pool_.Allocate());
+      near = fresh_.back();
+      highest = std::max(highest, near);
+    }
   }
   const int64_t need_chunks =
       CeilDiv((int64_t{highest} + 1) * geo_.pool_page_bytes, geo_.granularity);
@@ -406,13 +410,14 @@ absl::StatusOr<std::vector<int32_t>> PagedLayout::TakePages(int64_t count, int32
     const int64_t before = mapped_chunks();
     absl::Status s = MapChunks(need_chunks);
     if (!s.ok()) {
-      for (int32_t p : pages) pool_.Unref(p);
+      for (int32_t p : fresh_) pool_.Unref(p);
+      fresh_.clear();
       return WithContext(
           s, absl::StrFormat("paged layout: growing the pool from %d to %d chunks (for %d pages)",
-                             before, need_chunks, count));
+                             before, need_chunks, total));
     }
   }
-  return pages;
+  return absl::OkStatus();
 }
 
 absl::Status PagedLayout::UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before) {
@@ -477,81 +482,128 @@ absl::Status BadRow(absl::string_view op, int32_t row, int64_t len, int64_t have
 }  // namespace
 
 absl::Status PagedLayout::Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) {
-  if (row < 0 || row >= config_.max_requests) return BadRow("Grow", row, len, -1);
-  Row& r = rows_[row];
-  if (!r.live || r.len != len) return BadRow("Grow", row, len, r.live ? r.len : -1);
-  if (n < 0 || n > config_.max_context - len) {
-    return absl::OutOfRangeError(
-        absl::StrFormat("paged layout: row %d cannot grow from %d by %d tokens (max_context %d)",
-                        row, len, n, config_.max_context));
-  }
-  if (n == 0) return absl::OkStatus();
+  const size_t before = locs->size();
+  locs->resize(before + std::max<int64_t>(n, 0));
+  const GrowStep step{row, len, n};
+  absl::Status s = GrowBatch({&step, 1}, locs->data() + before);
+  if (!s.ok()) locs->resize(before);
+  return s;
+}
 
-  // Plan: the pages to add, plus one when the partly filled last page is shared, by
-  // another row or by a freed one whose fence is pending (its kernel may still read the
-  // slots this write would overwrite).
-  const int64_t fill = len % pt_;
-  const int32_t old_tail = fill != 0 ? r.pages.back() : -1;
-  const bool cow = old_tail >= 0 && pool_.WriteNeedsCopy(old_tail, [this](const Fence& f) {
-    return vmm_->FenceComplete(f);
-  });
-  const int64_t count = PagesFor(len + n) - static_cast<int64_t>(r.pages.size()) + (cow ? 1 : 0);
+absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* out) {
+  // 1. Plan every row: the pages to add, plus one when the partly filled last page is
+  //    shared, by another row or by a freed one whose fence is pending (its kernel may
+  //    still read the slots this write would overwrite). Of several rows of the batch
+  //    that share one last page, the last to plan writes in place once the others copy.
+  plan_.clear();
+  int64_t total = 0;
+  const auto complete = [this](const Fence& f) { return vmm_->FenceComplete(f); };
+  for (const GrowStep& st : steps) {
+    if (st.row < 0 || st.row >= config_.max_requests) {
+      UnplanCopies();
+      return BadRow("Grow", st.row, st.len, -1);
+    }
+    const Row& r = rows_[st.row];
+    if (!r.live || r.len != st.len) {
+      UnplanCopies();
+      return BadRow("Grow", st.row, st.len, r.live ? r.len : -1);
+    }
+    if (st.n < 0 || st.n > config_.max_context - st.len) {
+      UnplanCopies();
+      return absl::OutOfRangeError(absl::StrFormat(
+          "paged layout: row %d cannot grow from %d by %d tokens (max_context %d)", st.row,
+          st.len, st.n, config_.max_context));
+    }
+    GrowPlan g;
+    const int64_t fill = st.len % pt_;
+    g.old_tail = (st.n > 0 && fill != 0) ? r.pages.back() : -1;
+    g.cow = g.old_tail >= 0 && pool_.WriteNeedsCopy(g.old_tail, complete, copies_[g.old_tail]);
+    if (g.cow) ++copies_[g.old_tail];
+    g.count = st.n == 0 ? 0
+                        : PagesFor(st.len + st.n) - static_cast<int64_t>(r.pages.size()) +
+                              (g.cow ? 1 : 0);
+    g.first = total;
+    total += g.count;
+    plan_.push_back(g);
+  }
+  UnplanCopies();
+
+  // 2. Pages for the whole batch, each row's next to its last page; chunks mapped once.
   const int64_t chunks_before = mapped_chunks();
-  std::vector<int32_t> fresh;
-  if (count > 0) {
-    absl::StatusOr<std::vector<int32_t>> taken =
-        TakePages(count, r.pages.empty() ? -1 : r.pages.back());
-    if (!taken.ok()) {
-      return WithContext(taken.status(),
-                         absl::StrFormat("row %d growing from %d by %d tokens", row, len, n));
+  if (absl::Status s = TakePagesForBatch(steps, total); !s.ok()) {
+    if (steps.size() == 1) {
+      return WithContext(s, absl::StrFormat("row %d growing from %d by %d tokens", steps[0].row,
+                                            steps[0].len, steps[0].n));
     }
-    fresh = std::move(*taken);
+    return WithContext(s, absl::StrFormat("a batch of %d rows growing by %d pages",
+                                          steps.size(), total));
   }
-  if (cow) {
-    const int64_t bytes = fill * config_.TokenLayerBytes();
-    for (int64_t i = 0; i < geo_.num_pools; ++i) {
-      absl::Status s = vmm_->Copy(PageAddr(i, fresh[0]), PageAddr(i, old_tail), bytes);
-      if (!s.ok()) {
-        absl::Status cause = WithContext(
-            s, absl::StrFormat("row %d: copy on write of shared page %d to page %d (pool %d)", row,
-                               old_tail, fresh[0], i));
-        absl::Status undo = UndoTake(fresh, chunks_before);
-        if (!undo.ok()) {
-          return absl::InternalError(
-              absl::StrCat(cause.message(), "; rollback failed: ", undo.ToString()));
-        }
-        return cause;
+
+  // 3. Copies of shared last pages.
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const GrowPlan& g = plan_[i];
+    if (!g.cow) continue;
+    const int32_t copy = fresh_[g.first];
+    const int64_t bytes = (steps[i].len % pt_) * config_.TokenLayerBytes();
+    for (int64_t pool = 0; pool < geo_.num_pools; ++pool) {
+      absl::Status s = vmm_->Copy(PageAddr(pool, copy), PageAddr(pool, g.old_tail), bytes);
+      if (s.ok()) continue;
+      absl::Status cause = WithContext(
+          s, absl::StrFormat("row %d: copy on write of shared page %d to page %d (pool %d)",
+                             steps[i].row, g.old_tail, copy, pool));
+      absl::Status undo = UndoTake(fresh_, chunks_before);
+      if (!undo.ok()) {
+        return absl::InternalError(
+            absl::StrCat(cause.message(), "; rollback failed: ", undo.ToString()));
       }
+      return cause;
     }
   }
 
-  // Commit: nothing below can fail.
-  const int64_t before = old_tail >= 0 ? PageFill(old_tail) : 0;
-  DetachTail(r);
-  size_t next = 0;
-  if (cow) {
-    const int32_t copy = fresh[next++];
-    r.pages.back() = copy;
-    pool_.Unref(old_tail);  // still held by the other owners
-    ++cow_copies_;
-    for (int64_t pos = len - fill; pos < len; ++pos) {
-      index_.Set(row, pos, static_cast<int32_t>(Slot(copy, pos % pt_)));
-    }
+  // 4. Commit: nothing below can fail.
+  int64_t* next_out = out;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    CommitGrow(steps[i], plan_[i], next_out);
+    next_out += steps[i].n;
   }
-  for (; next < fresh.size(); ++next) r.pages.push_back(fresh[next]);
-  locs->reserve(locs->size() + n);
-  for (int64_t pos = len; pos < len + n; ++pos) {
-    const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
-    index_.Set(row, pos, static_cast<int32_t>(slot));
-    locs->push_back(slot);
-  }
-  r.len = len + n;
-  AttachTail(r);
-  int64_t after = old_tail >= 0 ? PageFill(old_tail) : 0;
-  for (int32_t p : fresh) after += PageFill(p);
-  stored_tokens_ += after - before;
   UpdatePeaks();
   return absl::OkStatus();
+}
+
+void PagedLayout::UnplanCopies() {
+  for (const GrowPlan& g : plan_) {
+    if (g.cow) copies_[g.old_tail] = 0;
+  }
+}
+
+void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out) {
+  if (st.n == 0) return;
+  Row& r = rows_[st.row];
+  const int64_t len = st.len;
+  const int64_t before = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
+  DetachTail(r);
+  int64_t next = g.first;
+  const int64_t end = g.first + g.count;
+  if (g.cow) {
+    const int32_t copy = fresh_[next++];
+    r.pages.back() = copy;
+    pool_.Unref(g.old_tail);  // still held by the other owners
+    ++cow_copies_;
+    for (int64_t pos = len - len % pt_; pos < len; ++pos) {
+      index_.Set(st.row, pos, static_cast<int32_t>(Slot(copy, pos % pt_)));
+    }
+  }
+  for (; next < end; ++next) r.pages.push_back(fresh_[next]);
+  for (int64_t pos = len; pos < len + st.n; ++pos) {
+    const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
+    index_.Set(st.row, pos, static_cast<int32_t>(slot));
+    *out++ = slot;
+  }
+  r.len = len + st.n;
+  AttachTail(r);
+  int64_t after = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
+  for (int64_t i = g.first; i < end; ++i) after += PageFill(fresh_[i]);
+  stored_tokens_ += after - before;
 }
 
 absl::Status PagedLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {

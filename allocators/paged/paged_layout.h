@@ -68,6 +68,11 @@ class PagedLayout final : public KvLayout {
 
   absl::StatusOr<int32_t> AcquireRow() override;
   absl::Status Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) override;
+  // All or nothing for the batch: pages for every row are taken (and chunks mapped) at
+  // once, copies made, and only then is any row changed. Shrink and Release cannot fail
+  // on rows KvCache has checked, so the default batch loops of those are all or nothing.
+  absl::Status GrowBatch(absl::Span<const GrowStep> steps, int64_t* out) override;
+  absl::Span<const int32_t> Pages(int32_t row) const override { return rows_[row].pages; }
   absl::Status Shrink(int32_t row, int64_t len, int64_t new_len) override;
   absl::Status Share(int32_t parent, int64_t len, int32_t child) override;
   absl::Status Release(int32_t row, int64_t len, Fence fence) override;
@@ -107,11 +112,23 @@ class PagedLayout final : public KvLayout {
   int64_t PagesFor(int64_t len) const { return (len + pt_ - 1) / pt_; }
   int64_t UsablePagesFor(int64_t chunks) const;
 
-  // Takes `count` pages for a request whose last page is `near` (-1: none), placed by
-  // config_.page_placement, reclaiming quarantine and mapping chunks as needed. On error
-  // nothing is taken or mapped.
-  absl::StatusOr<std::vector<int32_t>> TakePages(int64_t count, int32_t near);
-  // Undoes TakePages: frees `pages` and unmaps chunks beyond `chunks_before`.
+  // What GrowBatch does to one row: `count` new pages at fresh_[first...], the first of
+  // them a copy of the shared last page `old_tail` when `cow`.
+  struct GrowPlan {
+    int32_t old_tail = -1;
+    bool cow = false;
+    int64_t count = 0;
+    int64_t first = 0;
+  };
+  // Takes the pages of plan_ (`total` in all) into fresh_, each row's placed by
+  // config_.page_placement after its last page, reclaiming quarantine and mapping
+  // chunks as needed. On error nothing is taken or mapped.
+  absl::Status TakePagesForBatch(absl::Span<const GrowStep> steps, int64_t total);
+  // Clears the copies_ counts that planning set.
+  void UnplanCopies();
+  // Applies one planned row (cannot fail) and writes its new slots to out.
+  void CommitGrow(const GrowStep& step, const GrowPlan& plan, int64_t* out);
+  // Undoes TakePagesForBatch: frees `pages` and unmaps chunks beyond `chunks_before`.
   absl::Status UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before);
   // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool.
   absl::Status MapChunks(int64_t target);
@@ -143,6 +160,10 @@ class PagedLayout final : public KvLayout {
   IdBitmap free_rows_;
   std::vector<int32_t> partial_refs_;  // [page] rows whose partly filled last page it is
   std::vector<int64_t> partial_sum_;   // [page] sum of those rows' fills
+  // GrowBatch's scratch, kept between calls so that a step allocates nothing.
+  std::vector<GrowPlan> plan_;
+  std::vector<int32_t> fresh_;
+  std::vector<int32_t> copies_;  // [page] rows of the batch being planned that copy it
 
   int64_t stored_tokens_ = 0;
   int64_t cow_copies_ = 0;

@@ -36,6 +36,7 @@
 #include "kvmem/batch_metadata.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
+#include "kvmem/running_batch.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
 
@@ -79,6 +80,35 @@ class KvCache {
   // events through a pool rather than destroying them after the step.
   absl::Status Free(RequestId id, Fence fence = {});
 
+  // ---- One call per step for a whole batch ----------------------------------------
+  // Each takes the lock once and is all or nothing for the batch: on any error no
+  // request changed. Bad input (InvalidArgument): spans of different sizes, an id given
+  // twice, a negative count, an output too small; NotFound / OutOfRange as the
+  // single-request calls, naming the request.
+  //
+  // Extends ids[i] by counts[i] tokens and writes the new tokens' locations to
+  // out_cache_loc, request after request (ids[0]'s first); out_cache_loc needs at least
+  // sum(counts) entries, and the rest is left as it was.
+  absl::Status ExtendBatch(absl::Span<const RequestId> ids, absl::Span<const int64_t> counts,
+                           absl::Span<int64_t> out_cache_loc);
+  // Rewinds ids[i] to new_lengths[i] tokens (speculative decoding's rejected drafts).
+  absl::Status TruncateBatch(absl::Span<const RequestId> ids,
+                             absl::Span<const int64_t> new_lengths);
+  // Ends every request of `ids` under one fence (see Free).
+  absl::Status FreeBatch(absl::Span<const RequestId> ids, Fence fence = {});
+
+  // ---- The running batch: kernel metadata kept up to date (kvmem/running_batch.h) ----
+  // Makes `ids` the running batch, in this order (at most max_requests of them).
+  // Costs the pages of the requests that are new to it or moved; members keep their
+  // entries up to date through every later Extend, Truncate, Free and batch call. A
+  // member that is freed leaves an empty entry (seq_len 0) until the next call.
+  absl::Status SetRunningBatch(absl::Span<const RequestId> ids);
+  // The running batch's arrays (fixed addresses; see RunningBatchView for when to read).
+  RunningBatchView RunningBatch() const;
+  // Its CSR form (FlashInfer), packed again from the first entry whose page count
+  // changed. Paged only: FailedPrecondition for the virtual layout.
+  absl::StatusOr<RunningBatchCsr> PackRunningBatch();
+
   // Gives back memory that no request holds. Paged: unmaps and releases the free chunks
   // at the end of an elastic pool (the device gets the memory back). Virtual: unmaps the
   // pages that idle rows keep (deferred reclamation) into the free pool; the physical
@@ -98,6 +128,8 @@ class KvCache {
   // Paged: the page ids of `id` in order. FailedPrecondition for virtual.
   absl::StatusOr<std::vector<int32_t>> BlockTable(RequestId id) const;
 
+  // Metadata of an ad-hoc batch, built afresh: O(batch x longest request) for paged.
+  // For the batch an engine runs step after step, keep a running batch instead.
   absl::Status BuildBatchMetadata(absl::Span<const RequestId> ids, BatchMetadata* out) const;
 
   // Views of one layer for kernels. The batch pointers (page_table / row_ids) point into

@@ -1,4 +1,5 @@
-// KvCache: request ids, lengths, argument checks and locking over a KvLayout.
+// KvCache: request ids, lengths, argument checks and locking over a KvLayout. The
+// batch calls and the running batch are in kv_cache_batch.cc.
 #include "kvmem/kv_cache.h"
 
 #include <cstdint>
@@ -11,46 +12,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "allocators/layout/kv_layout.h"
+#include "src/cache/kv_cache_impl.h"
 #include "src/core/status_macros.h"
 
 namespace kvmem {
-
-struct KvCache::Impl {
-  struct Request {
-    int32_t row;
-    int64_t length;
-  };
-
-  KvCacheConfig config;
-  std::shared_ptr<Vmm> vmm;
-  mutable absl::Mutex mu;
-  std::unique_ptr<internal::KvLayout> layout ABSL_GUARDED_BY(mu);
-  absl::flat_hash_map<RequestId, Request> requests ABSL_GUARDED_BY(mu);
-  int64_t logical_tokens ABSL_GUARDED_BY(mu) = 0;
-  int64_t peak_requests ABSL_GUARDED_BY(mu) = 0;
-  int64_t extends ABSL_GUARDED_BY(mu) = 0;
-  int64_t forks ABSL_GUARDED_BY(mu) = 0;
-
-  absl::StatusOr<Request*> Find(RequestId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    auto it = requests.find(id);
-    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
-    return &it->second;
-  }
-  absl::StatusOr<const Request*> Find(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
-    auto it = requests.find(id);
-    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
-    return &it->second;
-  }
-  absl::Status CheckNew(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
-    if (requests.contains(id)) {
-      return absl::AlreadyExistsError(absl::StrFormat("request %d already exists", id));
-    }
-    return absl::OkStatus();
-  }
-  void Admitted() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    peak_requests = std::max<int64_t>(peak_requests, requests.size());
-  }
-};
 
 namespace {
 
@@ -110,24 +75,13 @@ absl::StatusOr<int32_t> KvCache::AddRequest(RequestId id) {
 absl::Status KvCache::ExtendInto(RequestId id, int64_t n, std::vector<int64_t>* out) {
   if (out == nullptr) return absl::InvalidArgumentError("ExtendInto: out is null");
   absl::MutexLock lock(&impl_->mu);
-  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
-  if (n < 0) return absl::InvalidArgumentError(absl::StrFormat("Extend by %d tokens", n));
-  if (n > impl_->config.max_context - req->length) {
-    return absl::OutOfRangeError(
-        absl::StrFormat("request %d: %d + %d tokens exceeds max_context %d", id, req->length, n,
-                        impl_->config.max_context));
-  }
-  if (n == 0) return absl::OkStatus();
   const size_t before = out->size();
-  absl::Status s = impl_->layout->Grow(req->row, req->length, n, out);
-  if (!s.ok()) {
-    out->resize(before);
-    return s;
-  }
-  req->length += n;
-  impl_->logical_tokens += n;
-  ++impl_->extends;
-  return absl::OkStatus();
+  // Resized only once the arguments are known good: a huge n must not allocate.
+  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
+  if (n > 0 && n <= impl_->config.max_context - req->length) out->resize(before + n);
+  absl::Status s = impl_->ExtendLocked({&id, 1}, {&n, 1}, absl::MakeSpan(*out).subspan(before));
+  if (!s.ok()) out->resize(before);
+  return s;
 }
 
 absl::StatusOr<std::vector<int64_t>> KvCache::Extend(RequestId id, int64_t n) {
@@ -138,16 +92,7 @@ absl::StatusOr<std::vector<int64_t>> KvCache::Extend(RequestId id, int64_t n) {
 
 absl::Status KvCache::Truncate(RequestId id, int64_t new_length) {
   absl::MutexLock lock(&impl_->mu);
-  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
-  if (new_length < 0 || new_length > req->length) {
-    return absl::OutOfRangeError(absl::StrFormat("request %d: Truncate to %d tokens, but it has %d",
-                                                 id, new_length, req->length));
-  }
-  if (new_length == req->length) return absl::OkStatus();
-  KVMEM_RETURN_IF_ERROR(impl_->layout->Shrink(req->row, req->length, new_length));
-  impl_->logical_tokens -= req->length - new_length;
-  req->length = new_length;
-  return absl::OkStatus();
+  return impl_->TruncateLocked({&id, 1}, {&new_length, 1});
 }
 
 absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
@@ -175,11 +120,7 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
 
 absl::Status KvCache::Free(RequestId id, Fence fence) {
   absl::MutexLock lock(&impl_->mu);
-  KVMEM_ASSIGN_OR_RETURN(Impl::Request * req, impl_->Find(id));
-  KVMEM_RETURN_IF_ERROR(impl_->layout->Release(req->row, req->length, fence));
-  impl_->logical_tokens -= req->length;
-  impl_->requests.erase(id);
-  return absl::OkStatus();
+  return impl_->FreeLocked({&id, 1}, fence);
 }
 
 absl::StatusOr<int64_t> KvCache::Trim() {
@@ -313,7 +254,8 @@ absl::Status KvCache::CheckInvariants() const {
     return absl::InternalError(absl::StrFormat("logical tokens %d, but requests sum to %d",
                                                impl_->logical_tokens, tokens));
   }
-  return impl_->layout->CheckInvariants(live);
+  KVMEM_RETURN_IF_ERROR(impl_->layout->CheckInvariants(live));
+  return impl_->CheckRunningBatch();
 }
 
 }  // namespace kvmem

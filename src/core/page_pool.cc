@@ -202,9 +202,9 @@ bool PagePool::Unref(int32_t page, const Fence& fence) {
   return true;
 }
 
-bool PagePool::WriteNeedsCopy(int32_t page,
-                              const std::function<bool(const Fence&)>& complete) const {
-  if (refcount_[page] > 1) return true;
+bool PagePool::WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete,
+                              int32_t copies_before) const {
+  if (refcount_[page] - copies_before > 1) return true;
   if (pending_fences_.empty()) return false;  // the common case: one hash probe saved
   const auto it = pending_fences_.find(page);
   return it != pending_fences_.end() &&

@@ -106,8 +106,11 @@ class PagePool {
   // request holds it, or a request that dropped it under a fence that `complete` does
   // not report finished yet (its kernel may still be reading the page). Such a page
   // counts as shared until that fence completes, so a writer must copy it first.
-  // REQUIRES: page is used.
-  bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete) const;
+  // `copies_before`: writers of one batch that already chose to copy this page (each
+  // will drop its reference), so the last of several sharing writers writes in place.
+  // REQUIRES: page is used; 0 <= copies_before < refcount(page).
+  bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete,
+                      int32_t copies_before = 0) const;
 
   // Quarantined pages that Reclaim(complete, true) would leave in quarantine: those with
   // a fence `complete` does not report finished. Stats count the others as free, so

@@ -1,0 +1,95 @@
+// KvCache's state, shared by the files that implement it (kv_cache.cc: the
+// single-request calls and queries; kv_cache_batch.cc: the batch calls and the running
+// batch). Internal.
+#ifndef KVMEM_SRC_CACHE_KV_CACHE_IMPL_H_
+#define KVMEM_SRC_CACHE_KV_CACHE_IMPL_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "allocators/layout/kv_layout.h"
+#include "kvmem/kv_cache.h"
+#include "src/cache/running_batch_table.h"
+
+namespace kvmem {
+
+struct KvCache::Impl {
+  struct Request {
+    int32_t row;
+    int64_t length;
+    int32_t slot = -1;   // entry in the running batch, -1 when not a member
+    uint64_t stamp = 0;  // the batch call that last saw it (repeated ids)
+  };
+
+  KvCacheConfig config;
+  std::shared_ptr<Vmm> vmm;
+  mutable absl::Mutex mu;
+  std::unique_ptr<internal::KvLayout> layout ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<RequestId, Request> requests ABSL_GUARDED_BY(mu);
+  int64_t logical_tokens ABSL_GUARDED_BY(mu) = 0;
+  int64_t peak_requests ABSL_GUARDED_BY(mu) = 0;
+  int64_t extends ABSL_GUARDED_BY(mu) = 0;
+  int64_t forks ABSL_GUARDED_BY(mu) = 0;
+
+  // The running batch: its arrays (made by the first SetRunningBatch) and the id of each
+  // entry (nullopt: its request ended).
+  std::optional<internal::RunningBatchTable> batch ABSL_GUARDED_BY(mu);
+  std::vector<std::optional<RequestId>> batch_ids ABSL_GUARDED_BY(mu);
+
+  // Scratch of the batch calls, kept so that a step allocates nothing.
+  uint64_t next_stamp ABSL_GUARDED_BY(mu) = 0;
+  std::vector<Request*> scratch_reqs ABSL_GUARDED_BY(mu);
+  std::vector<internal::KvLayout::GrowStep> grow_steps ABSL_GUARDED_BY(mu);
+  std::vector<internal::KvLayout::ShrinkStep> shrink_steps ABSL_GUARDED_BY(mu);
+  std::vector<internal::KvLayout::ReleaseStep> release_steps ABSL_GUARDED_BY(mu);
+
+  absl::StatusOr<Request*> Find(RequestId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto it = requests.find(id);
+    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
+    return &it->second;
+  }
+  absl::StatusOr<const Request*> Find(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    auto it = requests.find(id);
+    if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
+    return &it->second;
+  }
+  absl::Status CheckNew(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    if (requests.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrFormat("request %d already exists", id));
+    }
+    return absl::OkStatus();
+  }
+  void Admitted() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    peak_requests = std::max<int64_t>(peak_requests, requests.size());
+  }
+
+  // Looks up every id of a batch call into scratch_reqs: NotFound for an unknown one,
+  // InvalidArgument for one given twice. Changes nothing the caller can observe.
+  absl::Status FindBatch(absl::Span<const RequestId> ids, const char* call)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // The batch calls, under the lock; the single-request calls run them with one id.
+  absl::Status ExtendLocked(absl::Span<const RequestId> ids, absl::Span<const int64_t> counts,
+                            absl::Span<int64_t> out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::Status TruncateLocked(absl::Span<const RequestId> ids,
+                              absl::Span<const int64_t> new_lengths)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  absl::Status FreeLocked(absl::Span<const RequestId> ids, Fence fence)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // Internal unless the running batch's entries match the requests and the layout.
+  absl::Status CheckRunningBatch() const ABSL_SHARED_LOCKS_REQUIRED(mu);
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_SRC_CACHE_KV_CACHE_IMPL_H_
