@@ -204,6 +204,39 @@ std::vector<Scenario> Scenarios() {
                        KVMEM_ASSERT_OK(e.model->Extend(2, 1));
                      },
                  .op = [](Env& e) { return e.model->Free(1); }});
+  // A batch whose rows need a copy on write, new memory and nothing, together: a
+  // failure at any backend call leaves every row of the batch as it was.
+  out.push_back({.name = "ExtendBatchCopiesAndMaps",
+                 .setup =
+                     [forked](Env& e) {
+                       forked(e);
+                       ASSERT_FALSE(::testing::Test::HasFatalFailure());
+                       KVMEM_ASSERT_OK(e.model->Add(3));
+                       KVMEM_ASSERT_OK(e.model->Extend(3, 1));
+                       KVMEM_ASSERT_OK(e.cache->SetRunningBatch({3, 1, 2}));
+                     },
+                 .op = [](Env& e) {
+                   const RequestId ids[] = {1, 2, 3};
+                   const int64_t counts[] = {1, e.tpp + 1, GrowthTokens(e)};
+                   return StatusOf(e.model->ExtendBatch(ids, counts));
+                 }});
+  out.push_back({.name = "TruncateBatchShared", .setup = forked, .op = [](Env& e) {
+                   const RequestId ids[] = {2, 1};
+                   const int64_t lengths[] = {1, e.tpp};
+                   return e.model->TruncateBatch(ids, lengths);
+                 }});
+  out.push_back({.name = "FreeBatchShared",
+                 .setup =
+                     [forked](Env& e) {
+                       forked(e);
+                       ASSERT_FALSE(::testing::Test::HasFatalFailure());
+                       KVMEM_ASSERT_OK(e.model->Add(3));
+                       KVMEM_ASSERT_OK(e.model->Extend(3, 2 * e.tpp));
+                     },
+                 .op = [](Env& e) {
+                   const RequestId ids[] = {1, 3};
+                   return e.model->FreeBatch(ids);
+                 }});
   out.push_back({.name = "Trim",
                  .setup =
                      [forked](Env& e) {
