@@ -393,7 +393,13 @@ absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, in
         pool_.quarantined_count(), geo_.num_pages));
   }
   const bool contiguous = config_.page_placement == PagePlacement::kContiguous;
-  const int64_t mapped_pages = UsablePagesFor(mapped_chunks());
+  // The pages a row may be placed on without growing the pool: the mapped ones, and
+  // the ones the chunks of earlier rows of the batch will map (as single-row calls in
+  // a row would have mapped them by then).
+  auto chunks_for = [this](int32_t page) {
+    return CeilDiv((int64_t{page} + 1) * geo_.pool_page_bytes, geo_.granularity);
+  };
+  int64_t mapped_pages = UsablePagesFor(mapped_chunks());
   int32_t highest = -1;
   for (size_t i = 0; i < steps.size(); ++i) {
     const Row& r = rows_[steps[i].row];
@@ -403,9 +409,9 @@ absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, in
       near = fresh_.back();
       highest = std::max(highest, near);
     }
+    if (highest >= mapped_pages) mapped_pages = UsablePagesFor(chunks_for(highest));
   }
-  const int64_t need_chunks =
-      CeilDiv((int64_t{highest} + 1) * geo_.pool_page_bytes, geo_.granularity);
+  const int64_t need_chunks = chunks_for(highest);
   if (need_chunks > mapped_chunks()) {
     const int64_t before = mapped_chunks();
     absl::Status s = MapChunks(need_chunks);
