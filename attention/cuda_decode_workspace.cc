@@ -82,9 +82,11 @@ absl::Status ValidateLens(absl::Span<const int32_t> lens, const DecodeOptions& o
 
 // Plans `lens` into the next staging buffer, lets `fill_index(int32_t* index)` write the
 // index rows, and enqueues one upload of the used part of the block.
+// Without `with_index` the index is neither filled nor copied (the kernel reads the
+// caller's, e.g. a DeviceRunningBatch's page table).
 template <typename FillIndex>
 absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
-                    FillIndex&& fill_index, CudaStream stream) {
+                    FillIndex&& fill_index, CudaStream stream, bool with_index = true) {
   using Impl = DecodeWorkspace::Impl;
   const int slot = w.next_stage;
   // The buffer's previous upload (two plans ago) must be done before it is rewritten.
@@ -106,7 +108,8 @@ absl::Status Upload(DecodeWorkspace::Impl& w, absl::Span<const int32_t> lens,
                               absl::MakeSpan(Impl::At<internal::DecodeWork>(buf, w.off_work),
                                              static_cast<size_t>(num_work)));
   }
-  const size_t bytes = w.off_index + lens.size() * w.index_stride * sizeof(int32_t);
+  const size_t bytes =
+      w.off_index + (with_index ? lens.size() * w.index_stride * sizeof(int32_t) : 0);
   KVMEM_RETURN_IF_ERROR(internal::CudaStatus(
       cudaMemcpyAsync(w.block, buf, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
   KVMEM_RETURN_IF_ERROR(
@@ -256,6 +259,34 @@ absl::Status DecodeWorkspace::Plan(const BatchMetadata& meta, CudaStream stream)
     return PlanPaged(meta.seq_lens, meta.page_table, meta.page_table_stride, stream);
   }
   return PlanVirtual(meta.seq_lens, meta.row_ids, stream);
+}
+
+absl::Status DecodeWorkspace::Plan(const RunningBatchView& batch, CudaStream stream) {
+  const DecodeOptions& o = impl_->options;
+  if (batch.size < 0 || batch.size > batch.max_batch || batch.seq_lens == nullptr ||
+      batch.row_ids == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Plan: a running batch of ", batch.size, " entries of ", batch.max_batch,
+                     " without its arrays"));
+  }
+  const absl::Span<const int32_t> lens(batch.seq_lens, batch.size);
+  KVMEM_RETURN_IF_ERROR(ValidateLens(lens, o));
+  if (o.layout == Layout::kPaged) {
+    // The table stays where it is; only the plan goes up.
+    return Upload(*impl_, lens, [](int32_t*) {}, stream, /*with_index=*/false);
+  }
+  for (int32_t b = 0; b < batch.size; ++b) {
+    if (lens[b] > 0 && batch.row_ids[b] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("row_ids[", b, "] < 0"));
+    }
+  }
+  return Upload(
+      *impl_, lens,
+      [&](int32_t* index) {
+        // An empty entry (a freed member, row -1) gets no work item; 0 keeps it in range.
+        for (int32_t b = 0; b < batch.size; ++b) index[b] = lens[b] > 0 ? batch.row_ids[b] : 0;
+      },
+      stream);
 }
 
 PagedKv DecodeWorkspace::Bind(PagedKv view) const {

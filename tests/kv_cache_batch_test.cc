@@ -97,7 +97,9 @@ TEST_P(KvCacheBatchTest, SiblingsWritingOneSharedPageInOneBatch) {
   KVMEM_ASSERT_OK(model.ExtendBatch(ids, counts));
   KVMEM_EXPECT_OK(model.VerifyAll());
   KVMEM_EXPECT_OK(cache->CheckInvariants());
-  if (cache->config().layout == Layout::kPaged) EXPECT_EQ(cache->GetStats().cow_copies, copies + 1);
+  if (cache->config().layout == Layout::kPaged) {
+    EXPECT_EQ(cache->GetStats().cow_copies, copies + 1);
+  }
 }
 
 TEST_P(KvCacheBatchTest, TruncateAndFreeBatch) {

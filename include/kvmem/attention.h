@@ -25,6 +25,7 @@
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/reference_attention.h"
+#include "kvmem/running_batch.h"
 
 // The runtime's stream type, declared here so that this header needs no CUDA headers:
 // cudaStream_t is `CUstream_st*`.
@@ -111,6 +112,12 @@ class DecodeWorkspace {
                            CudaStream stream);
   // Either of the above, by options().layout.
   absl::Status Plan(const BatchMetadata& meta, CudaStream stream);
+  // A step of a cache's running batch (running_batch.h) from its host arrays. Paged: the
+  // page table is not copied: bind the layer views to a DeviceRunningBatch
+  // (device_running_batch.h), whose table the kernel then reads, instead of Bind() below.
+  // Virtual: the row ids go with the plan, as in PlanVirtual. Empty entries (seq_len 0)
+  // get no work and zero output.
+  absl::Status Plan(const RunningBatchView& batch, CudaStream stream);
 
   // `view` with its batch index (page_table / row_ids) replaced by the workspace's device
   // copy, the one Plan() fills.

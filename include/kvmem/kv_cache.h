@@ -108,6 +108,9 @@ class KvCache {
   // Its CSR form (FlashInfer), packed again from the first entry whose page count
   // changed. Paged only: FailedPrecondition for the virtual layout.
   absl::StatusOr<RunningBatchCsr> PackRunningBatch();
+  // Moves into *out what changed in the running batch's page table since the last call
+  // (the first call says "all"), for a device mirror (DeviceRunningBatch::Upload).
+  absl::Status TakeRunningBatchChanges(RunningBatchChanges* out);
 
   // Gives back memory that no request holds. Paged: unmaps and releases the free chunks
   // at the end of an elastic pool (the device gets the memory back). Virtual: unmaps the

@@ -14,6 +14,7 @@
 #define KVMEM_RUNNING_BATCH_H_
 
 #include <cstdint>
+#include <vector>
 
 namespace kvmem {
 
@@ -46,6 +47,20 @@ struct RunningBatchCsr {
   const int32_t* indptr = nullptr;   // [max_batch + 1]
   const int32_t* indices = nullptr;  // [max_batch * page_table_stride]
   const int32_t* last_page_len = nullptr;
+};
+
+// What changed in the running batch since the last KvCache::TakeRunningBatchChanges, for
+// a copy of it elsewhere (a device mirror: DeviceRunningBatch in device_running_batch.h).
+// seq_lens, row_ids and last_page_len are small (12 bytes an entry): a mirror copies
+// their first `size` entries every time. The padded page table is large: only the
+// entries listed changed, unless `all`.
+struct RunningBatchChanges {
+  // Every entry of the page table may have changed (the first call, or more changes
+  // than a list is worth): copy rows [0, size) whole.
+  bool all = false;
+  // Indices into page_table (b * page_table_stride + k) written since (an index may
+  // repeat); the values are the host table's current ones.
+  std::vector<int64_t> page_table_entries;
 };
 
 }  // namespace kvmem

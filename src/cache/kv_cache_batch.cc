@@ -196,6 +196,18 @@ absl::StatusOr<RunningBatchCsr> KvCache::PackRunningBatch() {
   return impl_->batch->Csr();
 }
 
+absl::Status KvCache::TakeRunningBatchChanges(RunningBatchChanges* out) {
+  if (out == nullptr) return absl::InvalidArgumentError("TakeRunningBatchChanges: out is null");
+  absl::MutexLock lock(&impl_->mu);
+  if (!impl_->batch.has_value()) {
+    out->all = true;
+    out->page_table_entries.clear();
+    return absl::OkStatus();
+  }
+  impl_->batch->TakeChanges(out);
+  return absl::OkStatus();
+}
+
 absl::Status KvCache::Impl::CheckRunningBatch() const {
   if (!batch.has_value()) return absl::OkStatus();
   const RunningBatchView v = batch->View();

@@ -73,6 +73,8 @@ RunningBatchTable& RunningBatchTable::operator=(RunningBatchTable&& o) noexcept 
     max_len_ = o.max_len_;
     max_stale_ = o.max_stale_;
     csr_valid_ = o.csr_valid_;
+    changed_ = std::move(o.changed_);
+    all_changed_ = o.all_changed_;
   }
   return *this;
 }
@@ -106,7 +108,10 @@ void RunningBatchTable::Set(int32_t slot, int32_t row, int64_t len,
   row_ids_[slot] = row;
   SetLen(slot, len);
   const int64_t n = std::min<int64_t>(PagesFor(len), static_cast<int64_t>(pages.size()));
-  std::copy(pages.begin(), pages.begin() + n, page_table_ + slot * stride_);
+  const int32_t* entry = page_table_ + slot * stride_;
+  for (int64_t k = 0; k < n; ++k) {
+    if (entry[k] != pages[k]) Write(slot, k, pages[k]);
+  }
   csr_valid_ = std::min(csr_valid_, slot);
 }
 
@@ -120,12 +125,30 @@ void RunningBatchTable::Grew(int32_t slot, int64_t old_len, int64_t len,
   const bool packed = slot < csr_valid_;
   for (int64_t k = from; k < to; ++k) {
     if (row[k] == pages[k]) continue;
-    row[k] = pages[k];
+    Write(slot, k, pages[k]);
     // A replaced page (copy on write) is patched in the packed form where it stands.
     if (packed && k < PagesFor(old_len)) indices_[indptr_[slot] + k] = pages[k];
   }
   // A page more moves every later entry's pages in the packed form.
   if (PagesFor(len) != PagesFor(old_len)) csr_valid_ = std::min(csr_valid_, slot);
+}
+
+void RunningBatchTable::Write(int32_t slot, int64_t k, int32_t page) {
+  page_table_[slot * stride_ + k] = page;
+  if (all_changed_) return;
+  if (changed_.size() >= kLogPerEntry * static_cast<size_t>(max_batch_)) {
+    all_changed_ = true;  // a whole upload is cheaper than a list this long
+    changed_.clear();
+    return;
+  }
+  changed_.push_back(slot * stride_ + k);
+}
+
+void RunningBatchTable::TakeChanges(RunningBatchChanges* out) {
+  out->all = all_changed_;
+  out->page_table_entries.swap(changed_);
+  changed_.clear();
+  all_changed_ = false;
 }
 
 void RunningBatchTable::Shrank(int32_t slot, int64_t len) {

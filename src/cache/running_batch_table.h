@@ -12,6 +12,7 @@
 #define KVMEM_SRC_CACHE_RUNNING_BATCH_TABLE_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -54,6 +55,9 @@ class RunningBatchTable {
   void Refresh();
   // The arrays; max_seq_len is current only after Refresh (max_seq_len_current()).
   RunningBatchView View() const;
+  // Moves the page-table entries changed since the last call into *out (its vector's
+  // capacity is reused).
+  void TakeChanges(RunningBatchChanges* out);
   bool max_seq_len_current() const { return !max_stale_; }
   // Materialises the CSR form from the first entry changed since the last call.
   RunningBatchCsr Csr();
@@ -61,6 +65,8 @@ class RunningBatchTable {
  private:
   int64_t PagesFor(int64_t len) const { return page_tokens_ > 0 ? (len + page_tokens_ - 1) / page_tokens_ : 0; }
   void SetLen(int32_t slot, int64_t len);
+  // Writes page_table[slot][k] = page and logs the change.
+  void Write(int32_t slot, int64_t k, int32_t page);
   void Unmap();
 
   void* base_ = nullptr;
@@ -78,6 +84,11 @@ class RunningBatchTable {
   // The longest entry, and whether it must be recounted (the longest shrank or ended).
   int32_t max_len_ = 0;
   bool max_stale_ = false;
+  // Page-table entries written since the last TakeChanges; past kLogPerEntry per entry the
+  // log gives up and says "all".
+  static constexpr size_t kLogPerEntry = 4;
+  std::vector<int64_t> changed_;
+  bool all_changed_ = true;
   // The CSR form is current for entries below this one.
   int32_t csr_valid_ = 0;
 };
