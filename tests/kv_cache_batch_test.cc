@@ -102,6 +102,39 @@ TEST_P(KvCacheBatchTest, SiblingsWritingOneSharedPageInOneBatch) {
   }
 }
 
+// Speculative decoding over forks of one prefix: every fork rewinds into the shared,
+// partly filled last page by a different amount, then writes again; the pages' fill
+// bookkeeping (several rows ending part-way through one page) stays exact throughout.
+TEST_P(KvCacheBatchTest, ForksRewindIntoOneSharedPage) {
+  std::unique_ptr<KvCache> cache = MakeCache();
+  ASSERT_TRUE(cache != nullptr);
+  const int64_t tpp = Tpp(*cache);
+  CacheModel model(cache.get());
+  KVMEM_ASSERT_OK(model.Add(1));
+  KVMEM_ASSERT_OK(model.Extend(1, 2 * tpp + std::max<int64_t>(tpp - 1, 1)));
+  std::vector<RequestId> forks;
+  for (RequestId id = 2; id < 2 + 5; ++id) {
+    KVMEM_ASSERT_OK(model.Fork(1, id));
+    forks.push_back(id);
+  }
+  for (int round = 0; round < 4; ++round) {
+    SCOPED_TRACE(testing::Message() << "round " << round);
+    std::vector<int64_t> counts, lengths;
+    for (size_t i = 0; i < forks.size(); ++i) counts.push_back(1 + (i + round) % 3);
+    KVMEM_ASSERT_OK(model.ExtendBatch(forks, counts));
+    KVMEM_ASSERT_OK(cache->CheckInvariants());
+    for (size_t i = 0; i < forks.size(); ++i) {
+      lengths.push_back(std::max<int64_t>(0, model.LengthOf(forks[i]) - 2 - int64_t(i)));
+    }
+    KVMEM_ASSERT_OK(model.TruncateBatch(forks, lengths));
+    KVMEM_ASSERT_OK(cache->CheckInvariants());
+    KVMEM_ASSERT_OK(model.VerifyAll());
+  }
+  KVMEM_ASSERT_OK(model.FreeBatch(forks));
+  KVMEM_ASSERT_OK(cache->CheckInvariants());
+  KVMEM_ASSERT_OK(model.VerifyAll());
+}
+
 TEST_P(KvCacheBatchTest, TruncateAndFreeBatch) {
   std::unique_ptr<KvCache> cache = MakeCache();
   ASSERT_TRUE(cache != nullptr);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <limits>
+#include <map>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -439,26 +440,39 @@ int64_t PagedLayout::PageFill(int32_t page) const {
   const int32_t partial = partial_refs_[page];
   if (rc > partial) return pt_;  // some owner holds the page whole
   if (partial == 1) return partial_sum_[page];
-  // Several rows end partway through this page (a fork, then a truncation): rare.
-  int64_t best = 0;
-  for (const Row& r : rows_) {
-    if (r.live && r.len % pt_ != 0 && r.pages.back() == page) best = std::max(best, r.len % pt_);
-  }
-  return best;
+  // Several rows end part-way through this page (forks, then rewinds into it).
+  return shared_fills_.at(page).rbegin()->first;
 }
 
 void PagedLayout::DetachTail(const Row& r) {
   const int64_t fill = r.len % pt_;
   if (fill == 0) return;
-  --partial_refs_[r.pages.back()];
-  partial_sum_[r.pages.back()] -= fill;
+  const int32_t page = r.pages.back();
+  if (partial_refs_[page] >= 2) {
+    auto it = shared_fills_.find(page);
+    auto f = it->second.find(fill);
+    if (--f->second == 0) it->second.erase(f);
+    if (partial_refs_[page] == 2) shared_fills_.erase(it);  // one owner left: the sum says it
+  }
+  --partial_refs_[page];
+  partial_sum_[page] -= fill;
 }
 
 void PagedLayout::AttachTail(const Row& r) {
   const int64_t fill = r.len % pt_;
   if (fill == 0) return;
-  ++partial_refs_[r.pages.back()];
-  partial_sum_[r.pages.back()] += fill;
+  const int32_t page = r.pages.back();
+  if (partial_refs_[page] == 1) {
+    // A second row ends in this page: its fills go into a multiset (the sum holds the
+    // first one's), so that the page's fill, their maximum, costs O(log owners).
+    std::map<int64_t, int32_t>& fills = shared_fills_[page];
+    ++fills[partial_sum_[page]];
+    ++fills[fill];
+  } else if (partial_refs_[page] >= 2) {
+    ++shared_fills_[page][fill];
+  }
+  ++partial_refs_[page];
+  partial_sum_[page] += fill;
 }
 
 void PagedLayout::UpdatePeaks() {
@@ -853,6 +867,23 @@ absl::Status PagedLayout::CheckInvariants(
     if (owners[p] != pool_.refcount(p)) {
       return Corrupt("page %d has refcount %d but %d live rows hold it", p, pool_.refcount(p),
                      owners[p]);
+    }
+    const auto shared = shared_fills_.find(p);
+    if ((partial[p] >= 2) != (shared != shared_fills_.end())) {
+      return Corrupt("page %d: %d rows end in it, but its fills are %stracked", p, partial[p],
+                     shared != shared_fills_.end() ? "" : "not ");
+    }
+    if (shared != shared_fills_.end()) {
+      int64_t n = 0;
+      int64_t sum = 0;
+      for (const auto& [f, count] : shared->second) {
+        n += count;
+        sum += f * count;
+      }
+      if (n != partial[p] || sum != partial_sum[p]) {
+        return Corrupt("page %d: %d rows end in it filling %d slots; its fills say %d rows, %d",
+                       p, partial[p], partial_sum[p], n, sum);
+      }
     }
     if (partial[p] != partial_refs_[p] || partial_sum[p] != partial_sum_[p]) {
       return Corrupt("page %d: %d rows end in it filling %d slots; tracked %d rows, %d slots", p,

@@ -26,10 +26,12 @@
 #define KVMEM_ALLOCATORS_PAGED_PAGED_LAYOUT_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocators/layout/kv_layout.h"
@@ -140,8 +142,9 @@ class PagedLayout final : public KvLayout {
 
   // Distinct live tokens of page p: the most any owner fills it.
   int64_t PageFill(int32_t page) const;
-  // A row's partly filled last page is tracked in partial_refs_ / partial_sum_ so that
-  // PageFill is O(1) unless several rows end partway through the same page.
+  // A row's partly filled last page is tracked in partial_refs_ / partial_sum_ (and
+  // shared_fills_ where several rows end part-way through it), so that PageFill is O(1),
+  // or O(log rows) on such a page.
   void DetachTail(const Row& r);
   void AttachTail(const Row& r);
   void UpdatePeaks();
@@ -160,6 +163,8 @@ class PagedLayout final : public KvLayout {
   IdBitmap free_rows_;
   std::vector<int32_t> partial_refs_;  // [page] rows whose partly filled last page it is
   std::vector<int64_t> partial_sum_;   // [page] sum of those rows' fills
+  // Pages where two or more rows end part-way: fill -> rows (sparse; PageFill's max).
+  absl::flat_hash_map<int32_t, std::map<int64_t, int32_t>> shared_fills_;
   // GrowBatch's scratch, kept between calls so that a step allocates nothing.
   std::vector<GrowPlan> plan_;
   std::vector<int32_t> fresh_;
