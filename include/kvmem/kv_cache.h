@@ -139,6 +139,10 @@ class KvCache {
   // `meta`, which must outlive the view. FailedPrecondition on the wrong layout.
   absl::StatusOr<PagedKv> PagedView(int layer, const BatchMetadata& meta) const;
   absl::StatusOr<VirtualKv> VirtualView(int layer, const BatchMetadata& meta) const;
+  // The same over the running batch's host arrays (for the CPU reference; on a GPU bind
+  // the view to a DeviceRunningBatch instead).
+  absl::StatusOr<PagedKv> PagedView(int layer, const RunningBatchView& batch) const;
+  absl::StatusOr<VirtualKv> VirtualView(int layer, const RunningBatchView& batch) const;
 
   Stats GetStats() const;
   // Checks every internal invariant (pages owned once, ref counts match owners, mapped

@@ -8,6 +8,7 @@
 #include "kvmem/kv_cache.h"
 #include "kvmem/memory_plan.h"
 #include "kvmem/reference_attention.h"
+#include "kvmem/running_batch.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
 

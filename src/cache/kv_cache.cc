@@ -217,6 +217,23 @@ absl::StatusOr<VirtualKv> KvCache::VirtualView(int layer, const BatchMetadata& m
   return view;
 }
 
+absl::StatusOr<PagedKv> KvCache::PagedView(int layer, const RunningBatchView& batch) const {
+  KVMEM_RETURN_IF_ERROR(CheckLayer(impl_->config, layer));
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(PagedKv view, impl_->layout->PagedView(layer));
+  view.page_table = batch.page_table;
+  view.page_table_stride = batch.page_table_stride;
+  return view;
+}
+
+absl::StatusOr<VirtualKv> KvCache::VirtualView(int layer, const RunningBatchView& batch) const {
+  KVMEM_RETURN_IF_ERROR(CheckLayer(impl_->config, layer));
+  absl::ReaderMutexLock lock(&impl_->mu);
+  KVMEM_ASSIGN_OR_RETURN(VirtualKv view, impl_->layout->VirtualView(layer));
+  view.row_ids = batch.row_ids;
+  return view;
+}
+
 Stats KvCache::GetStats() const {
   absl::ReaderMutexLock lock(&impl_->mu);
   Stats s;
