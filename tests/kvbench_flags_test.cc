@@ -155,6 +155,84 @@ TEST(KvbenchSettings, DocumentedCommandsParse) {
   }
   VmmSettings v;
   EXPECT_TRUE(Check("--backend=host --handles=8 --rounds=1 --batch=8", &v).ok());
+  StepsSettings st;
+  for (const char* c : {"", "--quick", "--quick --json=/tmp/steps.json",
+                        "--scenarios=decode --layouts=paged-16 --batches=64 --context=2048-32768",
+                        "--layers=1 --granularity=2097152 --reps=200 --warmup=20 --max_ms=2000 "
+                        "--max_tokens=16777216 --scenarios=pressure --pressure_batch=1024"}) {
+    EXPECT_TRUE(Check(c, &st).ok()) << "steps " << c << ": " << Check(c, &st);
+  }
+}
+
+TEST(KvbenchSettings, StepsDefaultsAndLists) {
+  StepsSettings s;
+  ASSERT_TRUE(Check("", &s).ok());
+  EXPECT_EQ(s.reps, 200);
+  EXPECT_EQ(s.warmup, 20);
+  EXPECT_EQ(s.max_ms, 2000);
+  EXPECT_EQ(s.max_tokens, int64_t{16} << 20);
+  EXPECT_EQ(s.pressure_batch, 1024);
+  EXPECT_EQ(s.batch_list, (std::vector<int>{64, 256, 1024, 4096}));
+  EXPECT_EQ(s.prefill_list, (std::vector<int64_t>{512, 2048, 8192, 32768}));
+  EXPECT_EQ(s.row_list, (std::vector<int>{64, 4096}));
+  EXPECT_EQ(s.fork_list, (std::vector<int64_t>{2048, 8192, 32768}));
+  EXPECT_EQ(s.rewind_list, (std::vector<int>{64, 256}));
+  EXPECT_EQ(s.context_min, 2048);
+  EXPECT_EQ(s.context_max, 32768);
+  ASSERT_EQ(s.layout_list.size(), StepsLayouts().size());
+  EXPECT_EQ(s.layout_list[0].name, "paged-1");
+  EXPECT_EQ(s.layout_list[0].page_tokens, 1);
+  EXPECT_EQ(s.layout_list[4].name, "virtual");
+  EXPECT_EQ(s.layout_list[4].chunk_tokens, 1);
+  EXPECT_EQ(s.layout_list[5].arrangement, kvmem::Arrangement::kPerLayer);
+
+  ASSERT_TRUE(Check("--quick", &s).ok());
+  EXPECT_EQ(s.reps, 20);
+  EXPECT_EQ(s.warmup, 3);
+  EXPECT_EQ(s.max_tokens, int64_t{1} << 20);
+  EXPECT_EQ(s.pressure_batch, 64);
+  EXPECT_EQ(s.batch_list, (std::vector<int>{64, 256}));
+  EXPECT_EQ(s.context_max, 8192);
+
+  ASSERT_TRUE(Check("--quick --reps=7 --warmup=0 --batches=4096,64 --context=1000 "
+                    "--layouts=virtual-layer,paged-64",
+                    &s)
+                  .ok());
+  EXPECT_EQ(s.reps, 7);
+  EXPECT_EQ(s.warmup, 0);
+  EXPECT_EQ(s.batch_list, (std::vector<int>{4096, 64}));
+  EXPECT_EQ(s.context_min, 1000);
+  EXPECT_EQ(s.context_max, 1000);
+  ASSERT_EQ(s.layout_list.size(), 2u);
+  EXPECT_EQ(s.layout_list[0].name, "paged-64") << "in the tables' order";
+}
+
+TEST(KvbenchSettings, StepsErrors) {
+  StepsSettings s;
+  for (const char* c : {"--layouts=paged-32",
+                        "--layouts=",
+                        "--scenarios=decode,serve",
+                        "--batches=0",
+                        "--batches=64,x",
+                        "--batches=,",
+                        "--context=0",
+                        "--context=4096-2048",
+                        "--context=1-2-3",
+                        "--context=abc",
+                        "--prefill=-1",
+                        "--rows=8",
+                        "--fork=0",
+                        "--rewind=0",
+                        "--reps=-1",
+                        "--warmup=-2",
+                        "--max_ms=-1",
+                        "--max_tokens=-1",
+                        "--pressure_batch=-1",
+                        "--layers=0",
+                        "--granularity=3000",
+                        "--granularity=2048"}) {
+    EXPECT_EQ(Check(c, &s).code(), absl::StatusCode::kInvalidArgument) << c;
+  }
 }
 
 TEST(KvbenchSettings, DecodeShapesAndDefaults) {

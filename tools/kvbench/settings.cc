@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -305,6 +306,157 @@ absl::Status Validate(MapperSettings* s) {
   KVBENCH_RETURN_IF_ERROR(CheckList("modes", s->modes, {"off", "on"}));
   s->mode_off = Listed(s->modes, "off");
   s->mode_on = Listed(s->modes, "on");
+  return absl::OkStatus();
+}
+
+// ---- steps ----------------------------------------------------------------------
+
+namespace {
+
+// The comma-separated integers of `list` (or of `fallback` when `list` is empty), each in
+// [lo, hi], into *out.
+template <typename Int>
+absl::Status ParseInts(const char* name, const std::string& list, const char* fallback, int64_t lo,
+                       int64_t hi, std::vector<Int>* out) {
+  const std::string& text = list.empty() ? std::string(fallback) : list;
+  out->clear();
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(item, &v) || v < lo || v > hi) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", name, "=", text, ": '", item, "' is not an integer in [", lo, ", ", hi, "]"));
+    }
+    out->push_back(static_cast<Int>(v));
+  }
+  if (out->empty()) return absl::InvalidArgumentError(absl::StrCat("--", name, "= names nothing"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const std::vector<StepsLayout>& StepsLayouts() {
+  using kvmem::Arrangement;
+  using kvmem::Layout;
+  static const std::vector<StepsLayout> layouts = {
+      {"paged-1", Layout::kPaged, Arrangement::kAllLayers, 1, 0},
+      {"paged-16", Layout::kPaged, Arrangement::kAllLayers, 16, 0},
+      {"paged-64", Layout::kPaged, Arrangement::kAllLayers, 64, 0},
+      {"virtual-chunk", Layout::kVirtual, Arrangement::kAllLayers, 16, 0},
+      {"virtual", Layout::kVirtual, Arrangement::kAllLayers, 16, 1},
+      {"virtual-layer", Layout::kVirtual, Arrangement::kPerLayer, 16, 0},
+  };
+  return layouts;
+}
+
+const std::vector<std::string>& StepsScenarios() {
+  static const std::vector<std::string> scenarios = {"decode", "prefill", "churn",
+                                                     "fork",   "rewind",  "pressure"};
+  return scenarios;
+}
+
+void DeclareFlags(StepsSettings* s, FlagSet* f) {
+  f->String("layouts", &s->layouts,
+            "comma-separated: paged-1, paged-16, paged-64 (page_tokens), virtual-chunk (all "
+            "layers of a token together, in the library's chunks), virtual (the same, "
+            "chunk_tokens = 1), virtual-layer (a tensor per layer and K/V)");
+  f->String("scenarios", &s->scenarios,
+            "comma-separated: decode (one token for every request of a batch: the per-request "
+            "calls + BuildBatchMetadata vs ExtendBatch + the running batch), prefill (one "
+            "request extended by many tokens), churn (AddRequest + Free), fork (of a long "
+            "prefix), rewind (speculative decoding: extend by 1-8, truncate back), pressure "
+            "(decode at a budget 1.02x what the batch holds, requests ending and starting)");
+  f->String("batches", &s->batches,
+            "decode: requests per step (empty: 64,256,1024,4096; 64,256 with --quick)");
+  f->String("context", &s->context,
+            "decode and pressure: the requests' tokens, MIN-MAX (spread geometrically over the "
+            "range) or N (empty: 2048-32768; 2048-8192 with --quick); scaled down together "
+            "where the batch would pass --max_tokens");
+  f->String("prefill", &s->prefill,
+            "prefill: tokens per extend (empty: 512,2048,8192,32768; 512,4096 with --quick)");
+  f->String("rows", &s->rows,
+            "churn: the cache's max_requests, all but 8 rows in use (empty: 64,4096; 64,1024 "
+            "with --quick)");
+  f->String("fork", &s->fork,
+            "fork: tokens of the prefix forked (empty: 2048,8192,32768; 2048 with --quick)");
+  f->String("rewind", &s->rewind,
+            "rewind: requests per step, all forked from one 2000-token prefix (empty: 64,256; "
+            "64 with --quick)");
+  f->Int("pressure_batch", &s->pressure_batch,
+         "pressure: requests per step (0: 1024, 64 with --quick)");
+  f->Int("reps", &s->reps, "timed reps (steps, calls) per figure; 0: 200, or 20 with --quick");
+  f->Int("warmup", &s->warmup, "untimed reps before them; -1: 20, or 3 with --quick");
+  f->Int("max_ms", &s->max_ms,
+         "a figure stops after this many milliseconds once it has 3 reps (the per-request "
+         "path of a large batch is slow); 0: 2000, or 200 with --quick");
+  f->Int64("max_tokens", &s->max_tokens,
+           "tokens one cache holds at most; a batch whose contexts would pass it has them "
+           "scaled down (each granule is a mapping of its own on the host backend, and a "
+           "process has vm.max_map_count of them); 0: 16M, or 1M with --quick");
+  f->Bool("quick", &s->quick,
+          "smaller sizes, 20 reps and 3 warm-ups (unless said otherwise): a smoke run");
+  f->Int("layers", &s->layers,
+         "model layers. The shape is Llama-3-8B's but for the layers: 8 KV heads x 128 "
+         "bf16, so one layer is 4 KiB per token (K and V). Bookkeeping costs follow tokens "
+         "and pages, not bytes; one layer keeps a large batch's bytes within host memory, "
+         "but a virtual row's page then holds 32x the tokens it holds with 32 layers");
+  f->Int64("granularity", &s->granularity,
+           "bytes of the host backend's page (KvCacheConfig::host_granularity), a power of "
+           "two; 2 MiB is a GPU's. A smaller page makes the virtual layouts map pages more "
+           "often per token (and a cache holds fewer tokens: see --max_tokens)");
+  f->String("json", &s->json,
+            "also write the results here, as a results file of tools/scripts/gen_benchmarks.py "
+            "(one run per scenario)");
+}
+
+absl::Status Validate(StepsSettings* s) {
+  const bool q = s->quick;
+  KVBENCH_RETURN_IF_ERROR(Want(s->reps >= 0, "reps", s->reps, ">= 0"));
+  KVBENCH_RETURN_IF_ERROR(Want(s->warmup >= -1, "warmup", s->warmup, ">= -1"));
+  KVBENCH_RETURN_IF_ERROR(Want(s->max_ms >= 0, "max_ms", s->max_ms, ">= 0"));
+  KVBENCH_RETURN_IF_ERROR(Want(s->max_tokens >= 0, "max_tokens", s->max_tokens, ">= 0"));
+  KVBENCH_RETURN_IF_ERROR(Want(s->pressure_batch >= 0 && s->pressure_batch <= 65536,
+                               "pressure_batch", s->pressure_batch, "0 (the default) to 65536"));
+  KVBENCH_RETURN_IF_ERROR(
+      Want(s->layers >= 1 && s->layers <= 128, "layers", s->layers, "1 to 128"));
+  KVBENCH_RETURN_IF_ERROR(Want(
+      PowerOfTwo(s->granularity) && s->granularity >= 4096 && s->granularity <= (int64_t{1} << 30),
+      "granularity", s->granularity, "a power of two, 4 KiB to 1 GiB"));
+  if (s->reps == 0) s->reps = q ? 20 : 200;
+  if (s->warmup < 0) s->warmup = q ? 3 : 20;
+  if (s->max_ms == 0) s->max_ms = q ? 200 : 2000;
+  if (s->max_tokens == 0) s->max_tokens = int64_t{q ? 1 : 16} << 20;
+  if (s->pressure_batch == 0) s->pressure_batch = q ? 64 : 1024;
+
+  std::vector<std::string> names;
+  for (const StepsLayout& l : StepsLayouts()) names.push_back(l.name);
+  KVBENCH_RETURN_IF_ERROR(CheckList("layouts", s->layouts, names));
+  s->layout_list.clear();
+  for (const StepsLayout& l : StepsLayouts()) {
+    if (Listed(s->layouts, l.name)) s->layout_list.push_back(l);
+  }
+  KVBENCH_RETURN_IF_ERROR(CheckList("scenarios", s->scenarios, StepsScenarios()));
+
+  // Contexts stay below 2^29 tokens: max_context, with room to grow, must fit 2^30.
+  constexpr int64_t kMaxContext = int64_t{1} << 29;
+  KVBENCH_RETURN_IF_ERROR(ParseInts("batches", s->batches, q ? "64,256" : "64,256,1024,4096", 1,
+                                    65536, &s->batch_list));
+  KVBENCH_RETURN_IF_ERROR(ParseInts("prefill", s->prefill, q ? "512,4096" : "512,2048,8192,32768",
+                                    1, kMaxContext, &s->prefill_list));
+  KVBENCH_RETURN_IF_ERROR(
+      ParseInts("rows", s->rows, q ? "64,1024" : "64,4096", 9, 65536, &s->row_list));
+  KVBENCH_RETURN_IF_ERROR(
+      ParseInts("fork", s->fork, q ? "2048" : "2048,8192,32768", 1, kMaxContext, &s->fork_list));
+  KVBENCH_RETURN_IF_ERROR(
+      ParseInts("rewind", s->rewind, q ? "64" : "64,256", 1, 65536, &s->rewind_list));
+
+  const std::string context = s->context.empty() ? (q ? "2048-8192" : "2048-32768") : s->context;
+  const std::vector<std::string> ends = absl::StrSplit(context, '-');
+  if (ends.size() > 2 || !absl::SimpleAtoi(ends.front(), &s->context_min) ||
+      !absl::SimpleAtoi(ends.back(), &s->context_max) || s->context_min < 1 ||
+      s->context_max < s->context_min || s->context_max > kMaxContext) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--context=", context, ": want N or MIN-MAX tokens, 1 <= MIN <= MAX <= ", kMaxContext));
+  }
   return absl::OkStatus();
 }
 

@@ -154,6 +154,58 @@ void DeclareFlags(MapperSettings* s, FlagSet* flags);
 // (what the step's kernels move).
 absl::Status Validate(MapperSettings* s);
 
+// ---- kvbench steps ----------------------------------------------------------------
+
+// One cache layout of the steps benchmark, as --layouts names it.
+struct StepsLayout {
+  std::string name;  // paged-1, paged-16, paged-64, virtual-chunk, virtual, virtual-layer
+  kvmem::Layout layout = kvmem::Layout::kPaged;
+  kvmem::Arrangement arrangement = kvmem::Arrangement::kAllLayers;  // virtual only
+  int page_tokens = 16;                                             // paged only
+  int chunk_tokens = 0;  // virtual all-layer rows (0: the library's pick; 1: no chunks)
+};
+
+// Every steps layout, in the order the tables list them (kvstress's names).
+const std::vector<StepsLayout>& StepsLayouts();
+// The scenarios, in the order they run: decode, prefill, churn, fork, rewind, pressure.
+const std::vector<std::string>& StepsScenarios();
+
+struct StepsSettings {
+  // The lists are comma-separated; an empty one takes its default, smaller with --quick.
+  std::string layouts = "paged-1,paged-16,paged-64,virtual-chunk,virtual,virtual-layer";
+  std::string scenarios = "decode,prefill,churn,fork,rewind,pressure";
+  std::string batches;     // decode: requests per step
+  std::string context;     // decode and pressure: "MIN-MAX" (a mix) or "N" tokens
+  std::string prefill;     // prefill: tokens per extend
+  std::string rows;        // churn: max_requests of the cache
+  std::string fork;        // fork: prefix tokens
+  std::string rewind;      // rewind: requests per step
+  int pressure_batch = 0;  // pressure: requests per step (0: 1024, 64 with --quick)
+  int reps = 0;            // timed reps per figure (0: 200, 20 with --quick)
+  int warmup = -1;         // untimed reps first (-1: 20, 3 with --quick)
+  int max_ms = 0;          // a figure stops after this long (0: 2000, 200 with --quick)
+  int64_t max_tokens = 0;  // tokens one cache holds at most (0: 16M, 1M with --quick)
+  bool quick = false;
+  int layers = 1;                          // the cache's model shape (see DeclareFlags)
+  int64_t granularity = int64_t{2} << 20;  // KvCacheConfig::host_granularity
+  std::string json;                        // non-empty: write the results here
+
+  // Filled by Validate.
+  std::vector<StepsLayout> layout_list;
+  std::vector<int> batch_list;
+  std::vector<int64_t> prefill_list;
+  std::vector<int> row_list;
+  std::vector<int64_t> fork_list;
+  std::vector<int> rewind_list;
+  int64_t context_min = 0;
+  int64_t context_max = 0;
+};
+
+void DeclareFlags(StepsSettings* s, FlagSet* flags);
+// Checks every value (InvalidArgument naming the flag), fills the defaults that --quick
+// changes and parses the lists.
+absl::Status Validate(StepsSettings* s);
+
 }  // namespace kvbench
 
 #endif  // KVMEM_TOOLS_KVBENCH_SETTINGS_H_
