@@ -14,6 +14,8 @@
 #   KVMEM_GPU_ONLY="cuda_vmm_test kv_cache_gpu_test"   only these test binaries
 #   KVBENCH_ONLY="vmm mapper"                           only these kvbench subcommands
 #   KVBENCH_ARGS_<name>="--flag=..."                    arguments of one subcommand
+#                                                       (steps, a host benchmark whose full
+#                                                       run takes minutes: --quick unless set)
 #   KVMEM_MEMCHECK_FILTER                               gtest filter under memcheck (default:
 #                                                       skip the tests that make the driver
 #                                                       fail on purpose: memcheck reports
@@ -102,6 +104,7 @@ done
 
 if [[ " $steps " == *" bench "* ]]; then
   if [ -x "$bundle/bin/kvbench" ]; then
+    : "${KVBENCH_ARGS_steps=--quick}"
     for name in $("$bundle/bin/kvbench" --help | awk '/^  [a-z0-9_]+ /{print $1}'); do
       selected "$name" "${KVBENCH_ONLY:-}" || continue
       var="KVBENCH_ARGS_$name"

@@ -46,6 +46,10 @@ constexpr Subcommand kSubcommands[] = {
      "V1: driver VMM call latency per 2 MiB handle vs cudaMalloc (--backend=host: the "
      "host backend)",
      false, &Run<VmmSettings, RunVmm>},
+    {"steps",
+     "host bookkeeping around each step (decode, prefill, churn, fork, rewind, pressure): "
+     "per-request calls vs batch calls",
+     false, &Run<StepsSettings, RunSteps>},
 };
 
 void PrintHelp(std::FILE* out) {

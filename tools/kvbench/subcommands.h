@@ -13,6 +13,7 @@ int RunDecode(const DecodeSettings& s);    // decode_bench.cu
 int RunPrefill(const PrefillSettings& s);  // prefill_bench.cu
 int RunMapper(const MapperSettings& s);    // mapper_bench.cu
 int RunVmm(const VmmSettings& s);          // vmm_bench.cc (host and CUDA builds)
+int RunSteps(const StepsSettings& s);      // steps_bench.cc (host and CUDA builds)
 
 }  // namespace kvbench
 
