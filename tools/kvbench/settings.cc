@@ -349,8 +349,9 @@ const std::vector<StepsLayout>& StepsLayouts() {
 }
 
 const std::vector<std::string>& StepsScenarios() {
-  static const std::vector<std::string> scenarios = {"decode", "prefill", "churn",
-                                                     "fork",   "rewind",  "pressure"};
+  static const std::vector<std::string> scenarios = {"decode", "prefill",  "churn",
+                                                     "fork",   "rewind",   "pressure",
+                                                     "threads"};
   return scenarios;
 }
 
@@ -364,7 +365,8 @@ void DeclareFlags(StepsSettings* s, FlagSet* f) {
             "calls + BuildBatchMetadata vs ExtendBatch + the running batch), prefill (one "
             "request extended by many tokens), churn (AddRequest + Free), fork (of a long "
             "prefix), rewind (speculative decoding: extend by 1-8, truncate back), pressure "
-            "(decode at a budget 1.02x what the batch holds, requests ending and starting)");
+            "(decode at a budget 1.02x what the batch holds, requests ending and starting), "
+            "threads (1, 2 and 4 threads each decoding its own 256 requests of one cache)");
   f->String("batches", &s->batches,
             "decode: requests per step (empty: 64,256,1024,4096; 64,256 with --quick)");
   f->String("context", &s->context,

@@ -167,13 +167,14 @@ struct StepsLayout {
 
 // Every steps layout, in the order the tables list them (kvstress's names).
 const std::vector<StepsLayout>& StepsLayouts();
-// The scenarios, in the order they run: decode, prefill, churn, fork, rewind, pressure.
+// The scenarios, in the order they run: decode, prefill, churn, fork, rewind, pressure,
+// threads.
 const std::vector<std::string>& StepsScenarios();
 
 struct StepsSettings {
   // The lists are comma-separated; an empty one takes its default, smaller with --quick.
   std::string layouts = "paged-1,paged-16,paged-64,virtual-chunk,virtual,virtual-layer";
-  std::string scenarios = "decode,prefill,churn,fork,rewind,pressure";
+  std::string scenarios = "decode,prefill,churn,fork,rewind,pressure,threads";
   std::string batches;     // decode: requests per step
   std::string context;     // decode and pressure: "MIN-MAX" (a mix) or "N" tokens
   std::string prefill;     // prefill: tokens per extend

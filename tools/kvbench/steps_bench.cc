@@ -46,6 +46,7 @@ class StepsDriver {
   void Churn();
   void Fork();
   void Rewind();
+  void Threads();
   void Pressure();
 
   const std::vector<ReportRun>& runs() const { return runs_; }
@@ -309,6 +310,48 @@ void StepsDriver::Rewind() {
   }
 }
 
+void StepsDriver::Threads() {
+  constexpr int kPerThread = 256;
+  ReportRun& run = Begin(ReportRun{
+      "steps-threads",
+      "Threads decoding their own requests of one cache",
+      absl::StrFormat(
+          "T threads, each with its own %d requests of %d tokens in one cache, all "
+          "growing every request by one token per step at once; a step's time is the wall "
+          "time until every thread is done, per request of all threads. kvmem: one "
+          "ExtendBatch per thread and step; per_request: ExtendInto for each request. "
+          "'vs 1 thread' is the 1-thread figure over this one: 2 or 4 would be threads "
+          "running side by side, 1 or less that they take turns (KvCache's one mutex).",
+          kPerThread, kThreadsContext),
+      "ns/request",
+      {{"per_request", "ExtendInto each", "kvbench steps --scenarios=threads"}},
+      {"kvmem min", "vs 1 thread", "per_request vs 1 thread", "reps"},
+      {},
+      {}});
+  for (const StepsLayout& layout : s_.layout_list) {
+    std::optional<ThreadsFigure> one;
+    for (int threads : {1, 2, 4}) {
+      const std::string cmd = Command("threads", layout.name, "");
+      const std::string what = absl::StrCat(layout.name, ", ", threads, " thread(s)");
+      absl::StatusOr<ThreadsFigure> f = MeasureThreads(env_, layout, threads, kPerThread);
+      if (!f.ok()) {
+        Fail(run, what, cmd, f.status());
+        continue;
+      }
+      if (!one.has_value()) one = *f;
+      Add(run, ReportRow{what,
+                         f->batch.median,
+                         {{"per_request", f->per_request.median}},
+                         {{"kvmem min", f->batch.min},
+                          {"vs 1 thread", one->batch.median / f->batch.median},
+                          {"per_request vs 1 thread",
+                           one->per_request.median / f->per_request.median},
+                          {"reps", Reps(f->batch, f->per_request)}},
+                         cmd});
+    }
+  }
+}
+
 void StepsDriver::Pressure() {
   const int b = s_.pressure_batch;
   ReportRun& run = Begin(ReportRun{
@@ -400,6 +443,7 @@ int RunSteps(const StepsSettings& s) {
   if (Listed(s.scenarios, "fork")) d.Fork();
   if (Listed(s.scenarios, "rewind")) d.Rewind();
   if (Listed(s.scenarios, "pressure")) d.Pressure();
+  if (Listed(s.scenarios, "threads")) d.Threads();
 
   if (!s.json.empty()) {
     const std::string json = ResultsJson(

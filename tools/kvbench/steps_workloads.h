@@ -103,6 +103,21 @@ absl::StatusOr<PressureFigure> MeasurePressure(const StepsEnv& env, const StepsL
                                                int batch, int64_t context_min, int64_t context_max,
                                                int64_t max_tokens);
 
+// Tokens every request of the threads scenario holds.
+inline constexpr int64_t kThreadsContext = 2048;
+
+// Threads (steps_threads.cc): `threads` threads, each with its own `per_thread` requests
+// of one cache, all growing every request by one token per step at once. batch: one
+// ExtendBatch per thread and step; per_request: ExtendInto for each request. A step's
+// time is the wall time until every thread is done; ns per request (of all threads), so
+// a figure that stays flat as threads are added means they run side by side.
+struct ThreadsFigure {
+  Sample batch;
+  Sample per_request;
+};
+absl::StatusOr<ThreadsFigure> MeasureThreads(const StepsEnv& env, const StepsLayout& layout,
+                                             int threads, int per_thread);
+
 }  // namespace kvbench
 
 #endif  // KVMEM_TOOLS_KVBENCH_STEPS_WORKLOADS_H_
