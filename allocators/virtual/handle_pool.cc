@@ -62,6 +62,10 @@ void HandlePool::Account(const Handle& hd, int sign) {
   } else {
     idle_handles_ += sign;
   }
+  if (hd.live_owners > 1) live_shared_handles_ += sign;
+  if (hd.live_owners == 0 && hd.waiting_owners == 0 && hd.strays == 0) {
+    reclaimable_idle_handles_ += sign;
+  }
 }
 
 void HandlePool::Settle(Handle& hd) {
@@ -71,7 +75,8 @@ void HandlePool::Settle(Handle& hd) {
   hd.index = -1;
 }
 
-void HandlePool::AddOwner(int32_t h, int32_t row, bool live, int64_t page, int32_t seg) {
+void HandlePool::AddOwner(int32_t h, int32_t row, bool live, bool waiting, int64_t page,
+                          int32_t seg) {
   Handle& hd = handles_[h];
   Account(hd, -1);
   if (hd.owners.empty()) {
@@ -82,26 +87,29 @@ void HandlePool::AddOwner(int32_t h, int32_t row, bool live, int64_t page, int32
   hd.state = HandleState::kMapped;
   hd.owners.push_back(row);
   if (live) ++hd.live_owners;
+  if (waiting) ++hd.waiting_owners;
   Account(hd, +1);
   if (hd.owners.size() == 2) shared_.insert(h);
 }
 
-void HandlePool::RemoveOwner(int32_t h, int32_t row, bool live) {
+void HandlePool::RemoveOwner(int32_t h, int32_t row, bool live, bool waiting) {
   Handle& hd = handles_[h];
   Account(hd, -1);
   auto it = std::find(hd.owners.begin(), hd.owners.end(), row);
   KVMEM_VIRTUAL_CHECK(it != hd.owners.end(), "row {} does not map handle {}", row, h);
   hd.owners.erase(it);
   if (live) --hd.live_owners;
+  if (waiting) --hd.waiting_owners;
   if (hd.owners.size() == 1) shared_.erase(h);
   Settle(hd);
   Account(hd, +1);
 }
 
-void HandlePool::OwnerTurned(int32_t h, bool live) {
+void HandlePool::OwnerTurned(int32_t h, int live_delta, int waiting_delta) {
   Handle& hd = handles_[h];
   Account(hd, -1);
-  hd.live_owners += live ? 1 : -1;
+  hd.live_owners += live_delta;
+  hd.waiting_owners += waiting_delta;
   Account(hd, +1);
 }
 
@@ -147,6 +155,7 @@ int32_t HandlePool::RemoveStray(uintptr_t addr) {
 
 absl::Status HandlePool::CheckInvariants(absl::Span<const int32_t> refs,
                                          absl::Span<const int32_t> live_refs,
+                                         absl::Span<const int32_t> waiting_refs,
                                          absl::Span<const int32_t> in_flight) const {
   auto fail = [](const std::string& what) {
     return absl::InternalError(absl::StrCat("virtual layout invariant: ", what));
@@ -170,7 +179,7 @@ absl::Status HandlePool::CheckInvariants(absl::Span<const int32_t> refs,
     ++strays[s.handle];
   }
   int64_t n_mapped = 0, n_granules = 0, n_used = 0, n_idle = 0, n_flight = 0, n_shared = 0;
-  int64_t n_quarantined = 0;
+  int64_t n_quarantined = 0, n_live_shared = 0, n_reclaimable = 0;
   for (size_t h = 0; h < n; ++h) {
     const Handle& hd = handles_[h];
     const int64_t owners = static_cast<int64_t>(hd.owners.size());
@@ -208,9 +217,10 @@ absl::Status HandlePool::CheckInvariants(absl::Span<const int32_t> refs,
               "mapped handle %d: in pool %d, ref count %d but %d mappings under rows", h,
               in_free[h], owners, refs[h]));
         }
-        if (hd.live_owners != live_refs[h]) {
-          return fail(absl::StrFormat("handle %d has %d live owners recorded, %d counted", h,
-                                      hd.live_owners, live_refs[h]));
+        if (hd.live_owners != live_refs[h] || hd.waiting_owners != waiting_refs[h]) {
+          return fail(absl::StrFormat(
+              "handle %d has %d live and %d waiting owners recorded, %d and %d counted", h,
+              hd.live_owners, hd.waiting_owners, live_refs[h], waiting_refs[h]));
         }
         ++n_mapped;
         n_granules += owners;
@@ -219,6 +229,8 @@ absl::Status HandlePool::CheckInvariants(absl::Span<const int32_t> refs,
         } else {
           ++n_idle;
         }
+        n_live_shared += hd.live_owners > 1;
+        n_reclaimable += hd.live_owners == 0 && hd.waiting_owners == 0 && hd.strays == 0;
         if (owners > 1) {
           ++n_shared;
           if (!shared_.contains(static_cast<int32_t>(h))) {
@@ -228,6 +240,11 @@ absl::Status HandlePool::CheckInvariants(absl::Span<const int32_t> refs,
         }
         break;
     }
+  }
+  if (n_live_shared != live_shared_handles_ || n_reclaimable != reclaimable_idle_handles_) {
+    return fail(absl::StrFormat(
+        "recount: %d handles shared by live rows, %d reclaimable from idle rows; counters: %d %d",
+        n_live_shared, n_reclaimable, live_shared_handles_, reclaimable_idle_handles_));
   }
   if (n_shared != static_cast<int64_t>(shared_.size())) {
     return fail(

@@ -12,7 +12,8 @@
 // handle without owners and strays goes back to the free list.
 //
 // The pool also keeps the counters Stats reads (mapped handles and granules, handles
-// used by live rows or held by idle ones only, in flight, quarantined, shared).
+// used by live rows or held by idle ones only, in flight, quarantined, shared) and the
+// one reclamation needs: handles that unmapping fence-complete idle rows would free.
 //
 // Not thread-safe: the layout calls it under its mutex.
 #ifndef KVMEM_ALLOCATORS_VIRTUAL_HANDLE_POOL_H_
@@ -54,6 +55,7 @@ struct Handle {
   int64_t index = -1;                      // page index in the segment
   absl::InlinedVector<int32_t, 2> owners;  // rows mapping it; size() is the ref count
   int32_t live_owners = 0;                 // owners that are live rows
+  int32_t waiting_owners = 0;              // owners that are idle rows behind a fence
   int32_t strays = 0;                      // stray addresses it is mapped at
 };
 
@@ -94,12 +96,14 @@ class HandlePool {
   void Push(int32_t h);
 
   // Bookkeeping of one mapping of `h` under `row` at (page, seg); the backend call is the
-  // caller's. A handle maps at one position under every row that maps it.
-  void AddOwner(int32_t h, int32_t row, bool live, int64_t page, int32_t seg);
+  // caller's. A handle maps at one position under every row that maps it. `live`: the row
+  // is live; `waiting`: it is idle behind a fence not yet seen complete.
+  void AddOwner(int32_t h, int32_t row, bool live, bool waiting, int64_t page, int32_t seg);
   // The last owner leaving makes the handle kFree (not pushed) or, with strays, kQuarantined.
-  void RemoveOwner(int32_t h, int32_t row, bool live);
-  // One owner of `h` turned live (or idle).
-  void OwnerTurned(int32_t h, bool live);
+  void RemoveOwner(int32_t h, int32_t row, bool live, bool waiting);
+  // One owner of `h` turned live or idle (live_delta +-1), or began or ended waiting for
+  // its fence (waiting_delta +-1).
+  void OwnerTurned(int32_t h, int live_delta, int waiting_delta);
   // The background mapper's job: taken for (page, seg), then mapped (AddOwner) or ended.
   void MarkInFlight(int32_t h, int64_t page, int32_t seg);
   // Back to kFree, not pushed.
@@ -122,12 +126,18 @@ class HandlePool {
   int64_t idle_handles() const { return idle_handles_; }        // under idle rows only
   int64_t in_flight_handles() const { return in_flight_handles_; }
   int64_t quarantined_handles() const { return quarantined_handles_; }
+  // Under >= 2 live rows (Stats::pages_shared).
+  int64_t live_shared_handles() const { return live_shared_handles_; }
+  // Mapped under idle rows only, none of them waiting for its fence, and at no stray
+  // address: what unmapping every fence-complete idle row would give the free list.
+  int64_t reclaimable_idle_handles() const { return reclaimable_idle_handles_; }
   const absl::flat_hash_set<int32_t>& shared() const { return shared_; }  // ref count > 1
 
   // The pool's half of the layout's invariants: the free list, every handle's state
-  // against the mappings the rows record (refs, live_refs, in_flight: per handle,
-  // recounted from the rows), strays and counters. Internal on a violation.
+  // against the mappings the rows record (refs, live_refs, waiting_refs, in_flight: per
+  // handle, recounted from the rows), strays and counters. Internal on a violation.
   absl::Status CheckInvariants(absl::Span<const int32_t> refs, absl::Span<const int32_t> live_refs,
+                               absl::Span<const int32_t> waiting_refs,
                                absl::Span<const int32_t> in_flight) const;
 
  private:
@@ -145,6 +155,8 @@ class HandlePool {
   int64_t idle_handles_ = 0;
   int64_t in_flight_handles_ = 0;
   int64_t quarantined_handles_ = 0;
+  int64_t live_shared_handles_ = 0;
+  int64_t reclaimable_idle_handles_ = 0;
   absl::flat_hash_set<int32_t> shared_;
 };
 

@@ -9,11 +9,17 @@
 // changes no data. A shared page a row writes into needs no copy when every other owner
 // is a fence-complete idle row: their aliases are dropped instead.
 //
+// The row table keeps the donors of both tiers and the counts of what they could give
+// (row_table.h, HandlePool::reclaimable_idle_handles), so nothing here scans every row:
+// the cost is that of the pages chosen.
+//
 // Not thread-safe: the layout calls it under its mutex.
 #ifndef KVMEM_ALLOCATORS_VIRTUAL_RECLAIM_H_
 #define KVMEM_ALLOCATORS_VIRTUAL_RECLAIM_H_
 
 #include <cstdint>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/types/span.h"
@@ -30,15 +36,18 @@ class ReclaimPolicy {
   ReclaimPolicy(const VirtualGeometry& geo, RowTable* rows, const HandlePool* pool)
       : geo_(geo), rows_(rows), pool_(pool) {}
 
-  // Handles tier 1 could free, counted only up to `limit` (callers need to know whether
-  // enough exist; a full count walks every row's pages).
-  int64_t ReclaimableIdle(int64_t limit);
-  // Handles tier 2 could free without touching `exclude`, counted up to `limit`.
-  int64_t ReclaimableSurplus(int32_t exclude, int64_t limit) const;
+  // Handles tier 1 could free: those of idle rows past their fence as far as fences have
+  // been polled (RowTable::PollFences).
+  int64_t ReclaimableIdle() const { return pool_->reclaimable_idle_handles(); }
+  // Handles tier 2 could free without touching `exclude` (-1: none).
+  int64_t ReclaimableSurplus(int32_t exclude) const {
+    return rows_->surplus_handles() - (exclude >= 0 ? rows_->row(exclude).surplus : 0);
+  }
 
-  // Donor rows, in the order they are taken from.
-  std::vector<int32_t> IdleDonors();
-  std::vector<int32_t> SurplusDonors(int32_t exclude) const;
+  // Tier 1's donors in the order they are taken from: the first after `after` (an
+  // (idle_since, row) of an earlier donor, or none for the first); -1 at the end. Taking
+  // pages from a donor may drop it from the set, hence the cursor.
+  int32_t NextIdleDonor(std::optional<std::pair<uint64_t, int32_t>> after) const;
   // Mappings of `row` at pages >= min_page to unmap, highest page first, whole pages,
   // until `want` handles would be freed (only exclusive ones if `only_exclusive`).
   std::vector<RowMapping> PickFromRow(int32_t row, int64_t min_page, int64_t want,
@@ -49,7 +58,8 @@ class ReclaimPolicy {
   // a fence-complete idle row.
   std::vector<RowMapping> IdleAliases(int32_t row, absl::Span<const RowMapping> writes);
 
-  // What Trim gives back: every mapping of every fence-complete idle row.
+  // What Trim gives back: every mapping of every fence-complete idle row (every fence
+  // polled).
   std::vector<RowMapping> TrimPicks();
 
  private:

@@ -61,6 +61,8 @@ class Transaction {
   absl::Status Unmap(absl::Span<const RowMapping> items);
   // Handles Unmap left without owners, in order.
   const std::vector<int32_t>& freed() const { return freed_; }
+  // Of those, how many Take has not handed out yet.
+  int64_t spare() const { return static_cast<int64_t>(freed_.size() - freed_taken_); }
 
   // A handle for this call: one Unmap freed first, then the free pool's.
   // REQUIRES: one is available.

@@ -182,7 +182,9 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
   cache->rows_.Init(cache->reservation_.addr());
+  cache->batch_marks_.assign(static_cast<size_t>(geo.rows), 0);
   cache->queued_.assign(static_cast<size_t>(geo.rows), false);
+  cache->map_queue_.reserve(static_cast<size_t>(geo.rows));  // WantMapAhead never allocates
   if (config.map_ahead_tokens > 0) {
     VirtualLayout* self = cache.get();
     BackgroundMapper::Steps steps;
@@ -252,7 +254,6 @@ absl::Status VirtualLayout::Fail(Transaction& tx, const absl::Status& cause) {
     // than before) and idle pages now free.
     cow_copies_ += tx.kept_copies();
     pages_reclaimed_ += tx.lost_pages();
-    rows_.RecomputeLiveBytes();
   }
   return s;
 }
@@ -267,22 +268,28 @@ void VirtualLayout::UpdatePeaks() {
 absl::Status VirtualLayout::Reclaim(int64_t want, int32_t exclude, bool surplus, Transaction* tx) {
   const size_t start = tx->freed().size();
   auto got = [&] { return static_cast<int64_t>(tx->freed().size() - start); };
-  for (int32_t row : reclaim_.IdleDonors()) {
-    if (got() >= want) return absl::OkStatus();
+  // Taking a donor's pages may drop it from the donors: walk them with a cursor.
+  std::optional<std::pair<uint64_t, int32_t>> after;
+  for (int32_t row = reclaim_.NextIdleDonor(after); row >= 0 && got() < want;
+       row = reclaim_.NextIdleDonor(after)) {
+    after = std::make_pair(rows_.row(row).idle_since, row);
     const std::vector<RowMapping> items = reclaim_.PickFromRow(row, 0, want - got(), false);
     if (absl::Status s = tx->Unmap(items); !s.ok()) {
       return WithContext(s, absl::StrFormat("taking pages back from row %d", row));
     }
   }
   if (!surplus) return absl::OkStatus();
-  for (int32_t row : reclaim_.SurplusDonors(exclude)) {
-    if (got() >= want) break;
-    const std::vector<RowMapping> items =
-        reclaim_.PickFromRow(row, geo_.PagesFor(rows_.row(row).len), want - got(), true);
-    if (absl::Status s = tx->Unmap(items); !s.ok()) {
-      return WithContext(s, absl::StrFormat("taking pages back from row %d", row));
+  for (int32_t row = rows_.surplus_front(); row >= 0 && got() < want;) {
+    const int32_t next = rows_.surplus_next(row);  // `row` may leave the list
+    if (row != exclude) {
+      const std::vector<RowMapping> items =
+          reclaim_.PickFromRow(row, geo_.PagesFor(rows_.row(row).len), want - got(), true);
+      if (absl::Status s = tx->Unmap(items); !s.ok()) {
+        return WithContext(s, absl::StrFormat("taking pages back from row %d", row));
+      }
+      WantMapAhead(row);
     }
-    WantMapAhead(row);
+    row = next;
   }
   return absl::OkStatus();
 }
@@ -305,28 +312,27 @@ absl::Status VirtualLayout::DropPages(int32_t row, int64_t min_page, bool only_s
 absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
   absl::MutexLock lock(&mu_);
   RetryQuarantined();
-  int32_t best = -1;
-  int64_t waiting = 0;
-  for (int32_t row = 0; row < geo_.rows; ++row) {
-    const Row& r = rows_.row(row);
-    if (r.live) continue;
-    if (!rows_.FenceDone(row)) {
-      ++waiting;
-      continue;
-    }
-    // The row holding the most pages: the new request reuses them without a driver call.
-    if (best < 0 || r.mapped > rows_.row(best).mapped) best = row;
+  // The ready idle row holding the most pages: the new request reuses them without a
+  // driver call. Fences are polled from the oldest release; all of them only when no row
+  // is ready otherwise.
+  rows_.PollFences(/*all=*/false);
+  int32_t best = rows_.BestIdleRow();
+  if (best < 0) {
+    rows_.PollFences(/*all=*/true);
+    best = rows_.BestIdleRow();
   }
   if (best < 0) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "virtual layout: all %d request rows are in use (%d live, %d freed but waiting for "
         "their fence)",
-        geo_.rows, rows_.live_rows(), waiting));
+        geo_.rows, rows_.live_rows(), rows_.waiting_rows()));
   }
   // Pages it shares with other rows hold someone else's tokens: drop them (remembered,
   // so that ReturnRow can map them back when a Fork fails).
   std::vector<RowMapping> dropped;
-  KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true, &dropped));
+  if (rows_.row(best).shared > 0) {
+    KVMEM_RETURN_IF_ERROR(DropPages(best, 0, /*only_shared=*/true, &dropped));
+  }
   last_acquire_ = AcquireUndo{.row = best,
                               .epoch = rows_.mapping_epoch(),
                               .idle_since = rows_.row(best).idle_since,
@@ -341,11 +347,35 @@ absl::StatusOr<int32_t> VirtualLayout::AcquireRow() {
 
 absl::Status VirtualLayout::Release(int32_t row, int64_t len, Fence fence) {
   absl::MutexLock lock(&mu_);
+  const ReleaseStep step{.row = row, .len = len};
+  return ReleaseRows(absl::MakeConstSpan(&step, 1), fence);
+}
+
+absl::Status VirtualLayout::ReleaseRows(absl::Span<const ReleaseStep> steps, Fence fence) {
   RetryQuarantined();
-  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Release"));
-  rows_.MakeIdle(row, fence);
+  // Releasing makes no backend call and cannot fail once every row is checked.
+  for (const ReleaseStep& s : steps) {
+    KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(s.row, s.len, "Release"));
+  }
+  KVMEM_RETURN_IF_ERROR(CheckDistinct(steps, "ReleaseBatch"));
+  for (const ReleaseStep& s : steps) rows_.MakeIdle(s.row, fence);
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
   return absl::OkStatus();
+}
+
+template <typename Step>
+absl::Status VirtualLayout::CheckDistinct(absl::Span<const Step> steps, const char* op) {
+  if (steps.size() < 2) return absl::OkStatus();
+  absl::Status status;
+  size_t marked = 0;
+  for (; marked < steps.size() && status.ok(); ++marked) {
+    if (batch_marks_[steps[marked].row]++ != 0) {
+      status = absl::InternalError(absl::StrFormat(
+          "virtual layout %s: row %d appears twice in one batch", op, steps[marked].row));
+    }
+  }
+  for (size_t i = 0; i < marked; ++i) batch_marks_[steps[i].row] = 0;
+  return status;
 }
 
 absl::Status VirtualLayout::ReturnRow(int32_t row) {
@@ -381,28 +411,58 @@ absl::Status VirtualLayout::ReturnRow(int32_t row) {
                           undo.dropped.size(), row, s.message(), row));
     }
   }
-  rows_.RecomputeLiveBytes();
   if (mapper_ != nullptr && !map_queue_.empty()) mapper_->Notify();
   return status;
 }
 
 absl::Status VirtualLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
   absl::MutexLock lock(&mu_);
+  const ShrinkStep step{.row = row, .len = len, .new_len = new_len};
+  return ShrinkRows(absl::MakeConstSpan(&step, 1));
+}
+
+absl::Status VirtualLayout::ShrinkRows(absl::Span<const ShrinkStep> steps) {
   RetryQuarantined();
-  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Shrink"));
-  if (new_len < 0 || new_len > len) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "virtual layout: shrinking row %d from %d to %d tokens", row, len, new_len));
+  for (const ShrinkStep& s : steps) {
+    KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(s.row, s.len, "Shrink"));
+    if (s.new_len < 0 || s.new_len > s.len) {
+      return absl::OutOfRangeError(absl::StrFormat(
+          "virtual layout: shrinking row %d from %d to %d tokens", s.row, s.len, s.new_len));
+    }
   }
-  // Shared pages beyond the new length hold only other rows' tokens now; exclusive ones
-  // stay mapped for cheap regrowth.
-  KVMEM_RETURN_IF_ERROR(DropPages(row, geo_.PagesFor(new_len), /*only_shared=*/true));
-  rows_.SetLen(row, new_len);
-  rows_.AddLiveTokens(new_len - len);
-  const int64_t lo = geo_.PageOf(new_len);
-  rows_.SetPrivate(row, lo, lo);
-  rows_.ExtendPrivate(row);
-  rows_.RecomputeLiveBytes();
+  KVMEM_RETURN_IF_ERROR(CheckDistinct(steps, "ShrinkBatch"));
+  // Shared pages beyond a new length hold only other rows' tokens now: unmapped, every
+  // row's through one transaction. Exclusive ones stay mapped for cheap regrowth. A live
+  // row shares no page beyond its length, so only the pages between the two lengths are
+  // looked at.
+  std::vector<RowMapping> drop;
+  for (const ShrinkStep& s : steps) {
+    if (rows_.row(s.row).shared == 0) continue;
+    const std::vector<RowMapping> m = rows_.Mappings(s.row, geo_.PagesFor(s.new_len),
+                                                     /*only_shared=*/true, geo_.PagesFor(s.len));
+    drop.insert(drop.end(), m.begin(), m.end());
+  }
+  if (!drop.empty()) {
+    Transaction tx = NewTransaction();
+    if (absl::Status st = tx.Unmap(drop); !st.ok()) {
+      return Fail(
+          tx, WithContext(
+                  st, steps.size() == 1
+                          ? absl::StrFormat("unmapping pages of row %d", steps[0].row)
+                          : absl::StrFormat("unmapping shared pages of %d rows", steps.size())));
+    }
+    tx.Commit();
+  }
+  for (const ShrinkStep& s : steps) {
+    rows_.SetLen(s.row, s.new_len);
+    rows_.AddLiveTokens(s.new_len - s.len);
+    // Pages from the new last chunk on that were private stay so; the range is extended
+    // from there, so the cost is that of the pages whose state changed.
+    const Row& r = rows_.row(s.row);
+    const int64_t lo = geo_.PageOf(s.new_len);
+    rows_.SetPrivate(s.row, lo, lo >= r.private_lo && lo <= r.private_hi ? r.private_hi : lo);
+    rows_.ExtendPrivate(s.row);
+  }
   return absl::OkStatus();
 }
 
@@ -461,7 +521,6 @@ absl::Status VirtualLayout::Share(int32_t parent, int64_t len, int32_t child) {
   rows_.SetPrivate(parent, lo, std::max(p.private_hi, lo));
   rows_.SetPrivate(child, np, np);
   rows_.ExtendPrivate(child);
-  rows_.RecomputeLiveBytes();
   UpdatePeaks();
   WantMapAhead(child);
   return absl::OkStatus();
@@ -488,87 +547,188 @@ absl::StatusOr<int64_t> VirtualLayout::Trim() {
 
 absl::Status VirtualLayout::Grow(int32_t row, int64_t len, int64_t n, std::vector<int64_t>* locs) {
   absl::MutexLock lock(&mu_);
-  RetryQuarantined();
-  KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(row, len, "Grow"));
-  if (n < 0 || n > geo_.max_context - len) {
-    return absl::OutOfRangeError(
-        absl::StrFormat("virtual layout: growing row %d from %d by %d tokens (max_context %d)", row,
-                        len, n, geo_.max_context));
-  }
-  if (n == 0) return absl::OkStatus();
-  const Row& r = rows_.row(row);
-  const int64_t p0 = geo_.PageOf(len);
-  const int64_t p1 = geo_.PagesFor(len + n);
-  // Fast path: every page written is mapped and private: no driver call, O(1).
-  const bool fast = p0 >= r.private_lo && p1 <= r.private_hi;
-  if (!fast) KVMEM_RETURN_IF_ERROR(GrowSlow(row, p0, p1));
-  rows_.SetLen(row, len + n);
-  rows_.AddLiveTokens(n);
-  if (fast) {
-    rows_.AddLiveBytes(n * token_bytes_);  // only private pages changed
-  } else {
-    rows_.RecomputeLiveBytes();
-  }
-  UpdatePeaks();
-  WantMapAhead(row);
+  const GrowStep step{.row = row, .len = len, .n = n};
+  KVMEM_RETURN_IF_ERROR(GrowRows(absl::MakeConstSpan(&step, 1)));
   const int64_t first = int64_t{row} * geo_.max_context + len;
   for (int64_t i = 0; i < n; ++i) locs->push_back(first + i);
   return absl::OkStatus();
 }
 
+bool VirtualLayout::GrowsInPrivate(const GrowStep& s) const {
+  const Row& r = rows_.row(s.row);
+  return geo_.PageOf(s.len) >= r.private_lo && geo_.PagesFor(s.len + s.n) <= r.private_hi;
+}
+
+absl::Status VirtualLayout::GrowRows(absl::Span<const GrowStep> steps) {
+  RetryQuarantined();
+  // Every step is checked before anything changes.
+  for (const GrowStep& s : steps) {
+    KVMEM_RETURN_IF_ERROR(rows_.CheckLiveRow(s.row, s.len, "Grow"));
+    if (s.n < 0 || s.n > geo_.max_context - s.len) {
+      return absl::OutOfRangeError(
+          absl::StrFormat("virtual layout: growing row %d from %d by %d tokens (max_context %d)",
+                          s.row, s.len, s.n, geo_.max_context));
+    }
+  }
+  KVMEM_RETURN_IF_ERROR(CheckDistinct(steps, "GrowBatch"));
+  // Fast path: every page written is mapped and private: no backend call, no page entry
+  // read, no allocation; O(1) per row.
+  bool any = false;
+  for (const GrowStep& s : steps) {
+    if (s.n == 0) continue;
+    if (!GrowsInPrivate(s)) return GrowSlowRows(steps);
+    any = true;
+  }
+  if (!any) return absl::OkStatus();  // nothing changes, not even a peak
+  for (const GrowStep& s : steps) {
+    if (s.n == 0) continue;
+    rows_.GrowPrivate(s.row, s.len + s.n);
+    rows_.AddLiveTokens(s.n);
+  }
+  UpdatePeaks();
+  for (const GrowStep& s : steps) {
+    if (s.n > 0) WantMapAhead(s.row);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status VirtualLayout::GrowSlowRows(absl::Span<const GrowStep> steps) {
+  const bool stalled = WaitForGrowth(steps);
+  // From here on mu_ stays held, so which rows grow in their private range holds too.
+  // Every row takes its new length first: reclamation for one row of the batch then
+  // never takes pages another one is about to write into (it takes surplus pages beyond
+  // a length only), and the counts it checks against see the same. A failure puts the
+  // lengths back before the transaction is undone, whose undo tells pages that hold a
+  // row's tokens from the others by the row's length.
+  struct Before {
+    int32_t row;
+    int64_t len;
+    int64_t n;
+    int64_t private_lo;
+    int64_t private_hi;
+    bool slow;
+  };
+  std::vector<Before> before;
+  before.reserve(steps.size());
+  for (const GrowStep& s : steps) {
+    if (s.n == 0) continue;
+    const Row& r = rows_.row(s.row);
+    const bool slow = !GrowsInPrivate(s);
+    before.push_back({s.row, s.len, s.n, r.private_lo, r.private_hi, slow});
+    if (slow) {
+      rows_.SetLen(s.row, s.len + s.n);
+    } else {
+      rows_.GrowPrivate(s.row, s.len + s.n);
+    }
+    rows_.AddLiveTokens(s.n);
+  }
+  Transaction tx = NewTransaction();
+  GrowTally tally;
+  absl::Status status;
+  for (const Before& b : before) {
+    if (!b.slow) continue;
+    const int64_t p0 = geo_.PageOf(b.len);
+    const int64_t p1 = geo_.PagesFor(b.len + b.n);
+    status = GrowSlow(b.row, b.len, p0, p1, stalled, &tx, &tally);
+    if (!status.ok()) break;
+    rows_.SetPrivate(b.row, p0, p1);
+    rows_.ExtendPrivate(b.row);
+  }
+  if (!status.ok()) {
+    for (auto it = before.rbegin(); it != before.rend(); ++it) {
+      rows_.SetLen(it->row, it->len);
+      rows_.AddLiveTokens(-it->n);
+    }
+    status = Fail(tx, status);
+    // Private ranges as before the batch, as far as their pages are still private (the
+    // transaction restores those of the rows it changed pages of; a row whose growth
+    // needed no backend call is not among them).
+    for (auto it = before.rbegin(); it != before.rend(); ++it) {
+      rows_.SetPrivate(it->row, it->private_lo, it->private_hi);
+      rows_.RepairPrivate(it->row);
+    }
+    return status;
+  }
+  const int64_t reclaimed = static_cast<int64_t>(tx.freed().size());
+  tx.Commit();
+  pages_reclaimed_ += reclaimed;
+  cow_copies_ += tally.cow_copies;
+  map_stalls_ += tally.map_stalls;
+  UpdatePeaks();
+  for (const Before& b : before) WantMapAhead(b.row);
+  return absl::OkStatus();
+}
+
 bool VirtualLayout::ScanGrowth(int32_t row, int64_t p0, int64_t p1, std::vector<RowMapping>* fresh,
                                std::vector<RowMapping>* cow) {
-  bool stalled = false;
-  for (;;) {
-    fresh->clear();
-    cow->clear();
-    bool wait = false;
-    for (int64_t k = p0; k < p1; ++k) {
-      for (int32_t s = 0; s < geo_.segments; ++s) {
-        const int32_t h = rows_.Entry(row, k, s);
-        if (h == kNoHandle) {
-          fresh->push_back({row, k, s, kNoHandle});
-        } else if (pool_.get(h).state == HandleState::kInFlight) {
-          wait = true;  // the mapper is mapping it: never map a page twice
-        } else if (pool_.ref_count(h) > 1) {
-          cow->push_back({row, k, s, h});
-        }
+  fresh->clear();
+  cow->clear();
+  bool in_flight = false;
+  for (int64_t k = p0; k < p1; ++k) {
+    for (int32_t s = 0; s < geo_.segments; ++s) {
+      const int32_t h = rows_.Entry(row, k, s);
+      if (h == kNoHandle) {
+        fresh->push_back({row, k, s, kNoHandle});
+      } else if (pool_.get(h).state == HandleState::kInFlight) {
+        in_flight = true;  // the mapper is mapping it: never map a page twice
+      } else if (pool_.ref_count(h) > 1) {
+        cow->push_back({row, k, s, h});
       }
     }
-    const int64_t needed = static_cast<int64_t>(fresh->size() + cow->size());
-    // Handles in flight come back mapped (reclaimable) or free: wait rather than fail.
-    if (!wait && needed > pool_.free_count() && mapper_ != nullptr && mapper_->job_in_flight()) {
-      wait = true;
+  }
+  return in_flight;
+}
+
+bool VirtualLayout::WaitForGrowth(absl::Span<const GrowStep> steps) {
+  if (mapper_ == nullptr) return false;  // nothing is ever in flight
+  bool stalled = false;
+  std::vector<RowMapping> fresh;
+  std::vector<RowMapping> cow;
+  for (;;) {
+    bool wait = false;
+    int64_t needed = 0;
+    for (const GrowStep& s : steps) {
+      if (s.n == 0 || GrowsInPrivate(s)) continue;
+      wait = ScanGrowth(s.row, geo_.PageOf(s.len), geo_.PagesFor(s.len + s.n), &fresh, &cow);
+      if (wait) break;
+      needed += static_cast<int64_t>(fresh.size() + cow.size());
     }
+    // Handles in flight come back mapped (reclaimable) or free: wait rather than fail.
+    if (!wait && needed > pool_.free_count() && mapper_->job_in_flight()) wait = true;
     if (!wait) return stalled;
     stalled = true;
     mapper_->WaitForJob();
   }
 }
 
-absl::Status VirtualLayout::CheckPagesFor(int32_t row, int64_t fresh, int64_t cow) {
+absl::Status VirtualLayout::CheckPagesFor(int32_t row, int64_t len, int64_t fresh, int64_t cow,
+                                          int64_t free) {
   const int64_t needed = fresh + cow;
-  const int64_t free = pool_.free_count();
   if (needed <= free) return absl::OkStatus();
-  const int64_t short_by = needed - free;
-  const int64_t idle = reclaim_.ReclaimableIdle(short_by);
-  const int64_t surplus = idle >= short_by ? 0 : reclaim_.ReclaimableSurplus(row, short_by - idle);
+  // Idle rows count once their fence is seen complete: first the oldest releases, then,
+  // if that is not enough, every one.
+  rows_.PollFences(/*all=*/false);
+  int64_t idle = reclaim_.ReclaimableIdle();
+  const int64_t surplus = reclaim_.ReclaimableSurplus(row);
+  if (free + idle + surplus < needed) {
+    rows_.PollFences(/*all=*/true);
+    idle = reclaim_.ReclaimableIdle();
+  }
   if (free + idle + surplus >= needed) return absl::OkStatus();
   int64_t waiting = 0;
-  for (int32_t o = 0; o < geo_.rows; ++o) {
-    const Row& r = rows_.row(o);
-    waiting += (!r.live && r.mapped > 0 && !rows_.FenceDoneConst(o));
+  for (int32_t o = rows_.waiting_front(); o >= 0; o = rows_.waiting_next(o)) {
+    waiting += rows_.row(o).mapped > 0;
   }
   return absl::ResourceExhaustedError(absl::StrFormat(
       "virtual layout: row %d (%d tokens) needs %d more pages of %d bytes (%d new, %d "
       "copy-on-write) to grow, but only %d are free, %d can be taken from idle rows and %d "
       "from other rows' pages beyond their length (%d pages in all; %d idle rows wait "
       "for a fence)",
-      row, rows_.row(row).len, needed, geo_.granularity, fresh, cow, free, idle, surplus,
-      pool_.size(), waiting));
+      row, len, needed, geo_.granularity, fresh, cow, free, idle, surplus, pool_.size(), waiting));
 }
 
-absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
+absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t len, int64_t p0, int64_t p1, bool stalled,
+                                     Transaction* tx, GrowTally* tally) {
   if (rows_.DamagedIn(row, p0, p1)) {
     // An earlier call could not restore a page this one writes into, nor could
     // RetryQuarantined at the start of this call.
@@ -582,8 +742,8 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
   }
   std::vector<RowMapping> fresh;  // pages to map: handle to take
   std::vector<RowMapping> cow;    // shared pages to copy: the shared handle
-  const bool stalled = ScanGrowth(row, p0, p1, &fresh, &cow);
-  Transaction tx = NewTransaction();
+  const bool in_flight = ScanGrowth(row, p0, p1, &fresh, &cow);
+  KVMEM_VIRTUAL_CHECK(!in_flight, "row {} grows into a page in flight", row);
   auto drop_unshared = [&] {  // pages whose other owners' aliases were dropped
     cow.erase(std::remove_if(cow.begin(), cow.end(),
                              [&](const RowMapping& m) { return pool_.ref_count(m.handle) < 2; }),
@@ -592,39 +752,35 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
 
   // 1. A shared page whose other owners are all idle rows past their fence needs no
   //    copy: their aliases are dropped instead.
-  if (absl::Status s = tx.Unmap(reclaim_.IdleAliases(row, cow)); !s.ok()) {
-    return Fail(tx, WithContext(s, "dropping idle rows' aliases of a shared page"));
+  if (absl::Status s = tx->Unmap(reclaim_.IdleAliases(row, cow)); !s.ok()) {
+    return WithContext(s, "dropping idle rows' aliases of a shared page");
   }
   drop_unshared();
-  // 2. Handles: the free pool's, and what reclamation frees if that is short.
+  // 2. Handles: the free pool's and those this call freed and did not use yet, and what
+  //    reclamation frees if that is short.
   const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
-  if (needed > pool_.free_count()) {
-    const int64_t free = pool_.free_count();
-    if (absl::Status s = CheckPagesFor(row, fresh.size(), cow.size()); !s.ok()) {
-      return Fail(tx, s);
-    }
-    if (absl::Status s = Reclaim(needed - free, row, /*surplus=*/true, &tx); !s.ok()) {
-      return Fail(tx, s);
-    }
+  const int64_t free = pool_.free_count() + tx->spare();
+  if (needed > free) {
+    KVMEM_RETURN_IF_ERROR(CheckPagesFor(row, len, fresh.size(), cow.size(), free));
+    KVMEM_RETURN_IF_ERROR(Reclaim(needed - free, row, /*surplus=*/true, tx));
     drop_unshared();  // never fewer handles than needed: the need only shrinks
   }
-  for (RowMapping& m : fresh) m.handle = tx.Take();  // reclaimed ones first
+  for (RowMapping& m : fresh) m.handle = tx->Take();  // reclaimed ones first
   std::vector<int32_t> copies;
-  for (size_t i = 0; i < cow.size(); ++i) copies.push_back(tx.Take());
+  for (size_t i = 0; i < cow.size(); ++i) copies.push_back(tx->Take());
   // 3. New pages, mapped in address order.
   std::vector<RowMapping> fresh_sorted = fresh;
   std::sort(
       fresh_sorted.begin(), fresh_sorted.end(),
       [&](const RowMapping& a, const RowMapping& b) { return rows_.Addr(a) < rows_.Addr(b); });
-  if (absl::Status s = tx.Map(fresh_sorted, /*fresh=*/true); !s.ok()) {
-    return Fail(
-        tx, WithContext(s, absl::StrFormat("mapping %d pages to grow row %d", fresh.size(), row)));
+  if (absl::Status s = tx->Map(fresh_sorted, /*fresh=*/true); !s.ok()) {
+    return WithContext(s, absl::StrFormat("mapping %d pages to grow row %d", fresh.size(), row));
   }
   // 4. Shared pages: copied, and the copy mapped under this row in place of the original.
   absl::Status status;
   for (size_t i = 0; i < cow.size() && status.ok(); ++i) {
-    status = tx.CopyViaScratch(rows_.Addr(cow[i]), copies[i]);
-    if (status.ok()) status = tx.Remap(cow[i], copies[i]);
+    status = tx->CopyViaScratch(rows_.Addr(cow[i]), copies[i]);
+    if (status.ok()) status = tx->Remap(cow[i], copies[i]);
   }
   // 5. Access to everything mapped, one call per run.
   if (status.ok()) {
@@ -632,16 +788,11 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t p0, int64_t p1) {
     for (const RowMapping& m : fresh) all.push_back(rows_.Addr(m));
     for (const RowMapping& m : cow) all.push_back(rows_.Addr(m));
     std::sort(all.begin(), all.end());
-    status = tx.SetAccess(all);
+    status = tx->SetAccess(all);
   }
-  if (!status.ok()) return Fail(tx, WithContext(status, absl::StrFormat("growing row %d", row)));
-  const int64_t reclaimed = static_cast<int64_t>(tx.freed().size());
-  tx.Commit();
-  pages_reclaimed_ += reclaimed;
-  cow_copies_ += static_cast<int64_t>(cow.size());
-  if (stalled || !fresh.empty()) ++map_stalls_;
-  rows_.SetPrivate(row, p0, p1);
-  rows_.ExtendPrivate(row);
+  if (!status.ok()) return WithContext(status, absl::StrFormat("growing row %d", row));
+  tally->cow_copies += static_cast<int64_t>(cow.size());
+  if (stalled || !fresh.empty()) ++tally->map_stalls;
   return absl::OkStatus();
 }
 
@@ -736,6 +887,7 @@ bool VirtualLayout::PlanMapAhead() {
       // Pages of fence-complete idle rows, never other live rows' pages: mapping ahead
       // for one row must not take what another has mapped ahead. What a failed batch
       // unmapped stays unmapped: those pages held no token.
+      rows_.PollFences(/*all=*/false);
       Transaction tx = NewTransaction();
       absl::Status s = Reclaim(want - pool_.free_count(), -1, /*surplus=*/false, &tx);
       if (!s.ok()) Logger()->warn("background mapper: reclaiming: {}", s.ToString());

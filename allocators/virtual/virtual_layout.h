@@ -16,7 +16,9 @@
 // Rows are live (a request) or idle. An idle row keeps its pages (deferred reclamation)
 // and is untouched until its fence completes; then AcquireRow prefers it (the idle row
 // holding the most pages), and its pages are taken back only when another row needs
-// them or by Trim.
+// them or by Trim. Fences are polled lazily, in release order: a row whose fence
+// completed behind one that has not is seen once that one completes, or when no other
+// row is available (AcquireRow, a Grow short of pages: then every fence is polled).
 //
 // Sharing: Share maps the parent's handles of the prefix under the child row (a handle
 // is always mapped at the same (segment, page) position under every row that maps it).
@@ -129,8 +131,9 @@ class VirtualLayout final : public KvLayout {
     return pool_.used_handles() - rows_.surplus_handles();
   }
 
-  // Unmaps mappings (through `tx`) until `want` more handles are free: tier 1, and tier 2
-  // if `surplus`, never touching `exclude` (ReclaimPolicy).
+  // Unmaps mappings (through `tx`) until `want` more handles are free: tier 1 (idle rows
+  // past their fence as polled), and tier 2 if `surplus`, never touching `exclude`
+  // (ReclaimPolicy).
   absl::Status Reclaim(int64_t want, int32_t exclude, bool surplus, Transaction* tx)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Unmaps the shared (or all) mappings of `row` at pages >= min_page; their handles go to
@@ -138,15 +141,40 @@ class VirtualLayout final : public KvLayout {
   absl::Status DropPages(int32_t row, int64_t min_page, bool only_shared,
                          std::vector<RowMapping>* dropped = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Grow that maps, copies or reclaims: pages [p0, p1) of `row` become mapped and private.
-  absl::Status GrowSlow(int32_t row, int64_t p0, int64_t p1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The pages [p0, p1) of `row` need: new ones (no entry) and shared ones to copy, once no
-  // page among them is in flight (waits for the mapper). True if it waited.
+  // The batch calls under mu_ (the single-row calls are batches of one).
+  absl::Status GrowRows(absl::Span<const GrowStep> steps) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ShrinkRows(absl::Span<const ShrinkStep> steps) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ReleaseRows(absl::Span<const ReleaseStep> steps, Fence fence)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Internal if a row appears twice among `steps` (their rows are checked in range).
+  template <typename Step>
+  absl::Status CheckDistinct(absl::Span<const Step> steps, const char* op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether growing `s` writes only into its private range (no backend call).
+  bool GrowsInPrivate(const GrowStep& s) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // GrowRows for a batch with at least one row outside its private range.
+  absl::Status GrowSlowRows(absl::Span<const GrowStep> steps) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What the slow rows of a batch did, counted in the stats once it commits.
+  struct GrowTally {
+    int64_t cow_copies = 0;
+    int64_t map_stalls = 0;
+  };
+  // One row's part of a batch that maps, copies or reclaims: pages [p0, p1) of `row`
+  // (which had `len` tokens) become mapped and private, through `tx`. On error the caller
+  // rolls `tx` back. `stalled`: the batch waited for the mapper.
+  absl::Status GrowSlow(int32_t row, int64_t len, int64_t p0, int64_t p1, bool stalled,
+                        Transaction* tx, GrowTally* tally) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waits (releasing mu_) until no page the slow rows of `steps` write into is in flight
+  // and, if they need more handles than are free, no mapper job holds some. True if it
+  // waited. Called before the batch changes anything: the mapper runs while it waits.
+  bool WaitForGrowth(absl::Span<const GrowStep> steps) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The pages [p0, p1) of `row` need: new ones (no entry) and shared ones to copy. True if
+  // one of them is in flight (the mapper is mapping it).
   bool ScanGrowth(int32_t row, int64_t p0, int64_t p1, std::vector<RowMapping>* fresh,
                   std::vector<RowMapping>* cow) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // ResourceExhausted, with the numbers, unless the free pool and reclamation can give
-  // `row` fresh + cow handles.
-  absl::Status CheckPagesFor(int32_t row, int64_t fresh, int64_t cow)
+  // ResourceExhausted, with the numbers, unless `free` handles (the pool's and those the
+  // call has freed) and reclamation can give `row` (of `len` tokens) fresh + cow handles.
+  absl::Status CheckPagesFor(int32_t row, int64_t len, int64_t fresh, int64_t cow, int64_t free)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UpdatePeaks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -191,6 +219,9 @@ class VirtualLayout final : public KvLayout {
   AcquireUndo last_acquire_ ABSL_GUARDED_BY(mu_);
   // The last failure of RetryQuarantined: why a damaged page is still damaged.
   absl::Status quarantine_error_ ABSL_GUARDED_BY(mu_);
+
+  // CheckDistinct's marks, one per row, all 0 between calls.
+  std::vector<uint8_t> batch_marks_ ABSL_GUARDED_BY(mu_);
 
   // Background mapper state: rows that may need pages mapped ahead, and the job.
   std::vector<int32_t> map_queue_ ABSL_GUARDED_BY(mu_);

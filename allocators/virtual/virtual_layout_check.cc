@@ -25,16 +25,15 @@ void VirtualLayout::FillStats(Stats* stats) const {
   // Pages holding live tokens; a live row's pages beyond its length count as idle.
   stats->pages_used = HeldHandles();
   // Shared by live requests (an idle row's alias is kept only for reuse).
-  int64_t shared_live = 0;
-  for (int32_t h : pool_.shared()) shared_live += pool_.get(h).live_owners > 1;
-  stats->pages_shared = shared_live;
+  stats->pages_shared = pool_.live_shared_handles();
   // Pages that only rows still waiting for their fence hold, and pages a failed undo
   // left unmapped, inaccessible or stray until a later call restores or unmaps them.
+  // A fence that completed counts as such even before a call polls it (docs/errors.md).
   absl::flat_hash_set<int32_t> quarantined;
   for (const auto& [m, d] : rows_.Damaged()) quarantined.insert(m.handle);
-  for (int32_t row = 0; row < rows_.size(); ++row) {
+  for (int32_t row = rows_.waiting_front(); row >= 0; row = rows_.waiting_next(row)) {
     const Row& r = rows_.row(row);
-    if (r.live || r.mapped == 0 || rows_.FenceDoneConst(row)) continue;
+    if (r.mapped == 0 || rows_.FenceDoneConst(row)) continue;
     for (int32_t h : r.entries) {
       if (h != kNoHandle && pool_.get(h).state == HandleState::kMapped &&
           pool_.get(h).live_owners == 0) {
@@ -63,13 +62,19 @@ absl::Status VirtualLayout::CheckInvariants(
   absl::ReaderMutexLock lock(&mu_);
   std::vector<int32_t> refs;
   std::vector<int32_t> live_refs;
+  std::vector<int32_t> waiting_refs;
   std::vector<int32_t> in_flight;
-  KVMEM_RETURN_IF_ERROR(rows_.CheckInvariants(live, job_.row, &refs, &live_refs, &in_flight));
-  KVMEM_RETURN_IF_ERROR(pool_.CheckInvariants(refs, live_refs, in_flight));
-  if (const int64_t recount = rows_.LiveBytesRecount(); recount != rows_.live_bytes()) {
-    return absl::InternalError(
-        absl::StrFormat("virtual layout invariant: live bytes recounted %d, counter %d", recount,
-                        rows_.live_bytes()));
+  KVMEM_RETURN_IF_ERROR(
+      rows_.CheckInvariants(live, job_.row, &refs, &live_refs, &waiting_refs, &in_flight));
+  KVMEM_RETURN_IF_ERROR(pool_.CheckInvariants(refs, live_refs, waiting_refs, in_flight));
+  // The incremental count against both recounts (the mutating calls never recount).
+  const int64_t slow = rows_.LiveBytesSlow();
+  const int64_t recount = rows_.LiveBytesRecount();
+  if (slow != rows_.live_bytes() || recount != rows_.live_bytes()) {
+    return absl::InternalError(absl::StrFormat(
+        "virtual layout invariant: live bytes %d (incremental), %d recounted over shared pages, "
+        "%d recounted per page",
+        rows_.live_bytes(), slow, recount));
   }
   return CheckBackend();
 }
