@@ -351,6 +351,11 @@ absl::Status VirtualLayout::Release(int32_t row, int64_t len, Fence fence) {
   return ReleaseRows(absl::MakeConstSpan(&step, 1), fence);
 }
 
+absl::Status VirtualLayout::ReleaseBatch(absl::Span<const ReleaseStep> steps, Fence fence) {
+  absl::MutexLock lock(&mu_);
+  return ReleaseRows(steps, fence);
+}
+
 absl::Status VirtualLayout::ReleaseRows(absl::Span<const ReleaseStep> steps, Fence fence) {
   RetryQuarantined();
   // Releasing makes no backend call and cannot fail once every row is checked.
@@ -419,6 +424,11 @@ absl::Status VirtualLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
   absl::MutexLock lock(&mu_);
   const ShrinkStep step{.row = row, .len = len, .new_len = new_len};
   return ShrinkRows(absl::MakeConstSpan(&step, 1));
+}
+
+absl::Status VirtualLayout::ShrinkBatch(absl::Span<const ShrinkStep> steps) {
+  absl::MutexLock lock(&mu_);
+  return ShrinkRows(steps);
 }
 
 absl::Status VirtualLayout::ShrinkRows(absl::Span<const ShrinkStep> steps) {
@@ -551,6 +561,16 @@ absl::Status VirtualLayout::Grow(int32_t row, int64_t len, int64_t n, std::vecto
   KVMEM_RETURN_IF_ERROR(GrowRows(absl::MakeConstSpan(&step, 1)));
   const int64_t first = int64_t{row} * geo_.max_context + len;
   for (int64_t i = 0; i < n; ++i) locs->push_back(first + i);
+  return absl::OkStatus();
+}
+
+absl::Status VirtualLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* out) {
+  absl::MutexLock lock(&mu_);
+  KVMEM_RETURN_IF_ERROR(GrowRows(steps));
+  for (const GrowStep& s : steps) {
+    const int64_t first = int64_t{s.row} * geo_.max_context + s.len;
+    for (int64_t i = 0; i < s.n; ++i) *out++ = first + i;
+  }
   return absl::OkStatus();
 }
 

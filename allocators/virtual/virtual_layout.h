@@ -20,6 +20,12 @@
 // completed behind one that has not is seen once that one completes, or when no other
 // row is available (AcquireRow, a Grow short of pages: then every fence is polled).
 //
+// Batches: GrowBatch, ShrinkBatch and ReleaseBatch take mu_ once and are all or nothing
+// for the whole batch: every step is checked first; the rows of a batch whose growth
+// needs the backend (new pages, copies, reclamation) share one Transaction, committed
+// once, and on any failure every row is left as it was. Rows growing inside their
+// private range (a decode step) cost O(1) with no heap allocation.
+//
 // Sharing: Share maps the parent's handles of the prefix under the child row (a handle
 // is always mapped at the same (segment, page) position under every row that maps it).
 // Copy on write is LAZY: the shared, partly filled last chunk's pages (a page without
@@ -88,6 +94,9 @@ class VirtualLayout final : public KvLayout {
   absl::Status Share(int32_t parent, int64_t len, int32_t child) override;
   absl::Status Release(int32_t row, int64_t len, Fence fence) override;
   absl::Status ReturnRow(int32_t row) override;
+  absl::Status GrowBatch(absl::Span<const GrowStep> steps, int64_t* out) override;
+  absl::Status ShrinkBatch(absl::Span<const ShrinkStep> steps) override;
+  absl::Status ReleaseBatch(absl::Span<const ReleaseStep> steps, Fence fence) override;
   absl::StatusOr<int64_t> Trim() override;
 
   int64_t SlotOf(int32_t row, int64_t pos) const override {
