@@ -133,6 +133,67 @@ class Harness {
     return s;
   }
 
+  // The batch calls, as KvCache's ExtendBatch / TruncateBatch / FreeBatch drive them. On
+  // error the model is unchanged. GrowBatch checks the slots (in step order, nothing
+  // written past them) and writes every new token with `tag`.
+  absl::Status GrowBatch(const std::vector<std::pair<int32_t, int64_t>>& rows_n, int tag) {
+    std::vector<KvLayout::GrowStep> steps;
+    int64_t total = 0;
+    for (const auto& [row, n] : rows_n) {
+      steps.push_back({.row = row, .len = static_cast<int64_t>(tags_.at(row).size()), .n = n});
+      total += n;
+    }
+    std::vector<int64_t> out(static_cast<size_t>(total) + 1, -7);
+    absl::Status s = layout_->GrowBatch(steps, out.data());
+    if (!s.ok()) return s;
+    if (out.back() != -7) return absl::InternalError("GrowBatch wrote past its slots");
+    size_t i = 0;
+    for (const KvLayout::GrowStep& st : steps) {
+      for (int64_t j = 0; j < st.n; ++j, ++i) {
+        if (out[i] != st.row * config_.max_context + st.len + j) {
+          return absl::InternalError("GrowBatch: wrong slot");
+        }
+        Write(st.row, st.len + j, tag);
+        tags_[st.row].push_back(tag);
+      }
+    }
+    return absl::OkStatus();
+  }
+  absl::Status ShrinkBatch(const std::vector<std::pair<int32_t, int64_t>>& rows_len) {
+    std::vector<KvLayout::ShrinkStep> steps;
+    for (const auto& [row, new_len] : rows_len) {
+      steps.push_back(
+          {.row = row, .len = static_cast<int64_t>(tags_.at(row).size()), .new_len = new_len});
+    }
+    absl::Status s = layout_->ShrinkBatch(steps);
+    if (!s.ok()) return s;
+    for (const auto& [row, new_len] : rows_len) tags_[row].resize(new_len);
+    return absl::OkStatus();
+  }
+  absl::Status FreeBatch(const std::vector<int32_t>& rows, Fence fence = {}) {
+    std::vector<KvLayout::ReleaseStep> steps;
+    for (int32_t row : rows) {
+      steps.push_back({.row = row, .len = static_cast<int64_t>(tags_.at(row).size())});
+    }
+    absl::Status s = layout_->ReleaseBatch(steps, fence);
+    if (!s.ok()) return s;
+    for (int32_t row : rows) tags_.erase(row);
+    return absl::OkStatus();
+  }
+  // Live rows of the model, in row order.
+  std::vector<int32_t> LiveRows() const {
+    std::vector<int32_t> out;
+    for (const auto& [row, tags] : tags_) out.push_back(row);
+    return out;
+  }
+  // Every live token of `row` holds what was written there.
+  int64_t RowMismatches(int32_t row) const {
+    int64_t bad = 0;
+    const std::vector<int>& tags = tags_.at(row);
+    for (size_t pos = 0; pos < tags.size(); ++pos) bad += Mismatches(row, pos, tags[pos]);
+    return bad;
+  }
+
   // Element offset of (row, pos, head 0, dim 0) in layer `layer`'s K or V.
   void Write(int32_t row, int64_t pos, int tag) {
     for (int l = 0; l < config_.num_layers; ++l) {
