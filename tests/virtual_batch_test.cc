@@ -1,15 +1,18 @@
 // Tests of the virtual layout's batch calls (GrowBatch, ShrinkBatch, ReleaseBatch) driven
 // directly through internal::KvLayout on the host backend, in every arrangement: the
-// slots in step order, decode steps that make no backend call, all or nothing for the
-// whole batch (a bad step, a repeated row, out of memory, and a backend failure at every
-// call of a batch that maps new pages, copies on write and reclaims from an idle row,
-// once and persistently), then recovery. Also the incremental live-byte count against
-// the recounts CheckInvariants makes (after randomized operations with sharing and
-// truncation into shared prefixes), and AcquireRow's choice of row with fences.
+// slots in step order, decode steps that make no backend call and no heap allocation,
+// all or nothing for the whole batch (a bad step, a repeated row, out of memory, and a
+// backend failure at every call of a batch that maps new pages, copies on write and
+// reclaims from an idle row, once and persistently), then recovery. Also the incremental
+// live-byte count against the recounts CheckInvariants makes (after randomized operations
+// with sharing and truncation into shared prefixes), and AcquireRow's choice of row with
+// fences.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
+#include <new>
 #include <random>
 #include <string>
 #include <utility>
@@ -27,6 +30,19 @@
 #include "tests/virtual_layout_harness.h"
 
 namespace kvmem::internal {
+namespace {
+
+// Heap allocations made by this thread while `counting` (operator new is replaced at the
+// end of this file).
+thread_local bool counting = false;
+thread_local int64_t allocations = 0;
+
+}  // namespace
+
+void CountAllocation() {
+  if (counting) ++allocations;
+}
+
 namespace {
 
 using namespace testing_virtual;  // NOLINT: the harness of these tests
@@ -171,6 +187,35 @@ TEST_P(VirtualBatch, DecodeStepBatchMakesNoBackendCall) {
   }
   ASSERT_OK(h->Check());
   EXPECT_EQ(h->AllMismatches(), 0);
+}
+
+// The decode step of an engine: every row grows by one token inside the pages it maps.
+TEST_P(VirtualBatch, DecodeStepAllocatesNothing) {
+  const KvCacheConfig c = Config(GetParam(), 4, 64);
+  auto h = *Harness::Make(c);
+  std::vector<KvLayout::GrowStep> steps;
+  for (int i = 0; i < 4; ++i) {
+    const int32_t row = *h->Add();
+    ASSERT_OK(h->Grow(row, 1, i));
+    steps.push_back({.row = row, .len = 1, .n = 1});
+  }
+  std::vector<int64_t> out(steps.size());
+  std::vector<int64_t> locs;
+  locs.reserve(1);
+  counting = true;
+  allocations = 0;
+  const absl::Status batch = h->layout().GrowBatch(steps, out.data());
+  const absl::Status single = h->layout().Grow(steps[0].row, 2, 1, &locs);
+  const int64_t made = allocations;
+  auto probe = std::make_unique<int>(1);  // the count works
+  const int64_t probed = allocations - made;
+  counting = false;
+  ASSERT_OK(batch);
+  ASSERT_OK(single);
+  EXPECT_EQ(made, 0);
+  EXPECT_EQ(probed, 1);
+  EXPECT_EQ(out[3], steps[3].row * c.max_context + 1);
+  EXPECT_EQ(locs[0], steps[0].row * c.max_context + 2);
 }
 
 TEST_P(VirtualBatch, ShrinkBatchDropsSharedPagesOfEveryRow) {
@@ -603,3 +648,22 @@ TEST(VirtualAcquireRow, PrefersTheReadyRowHoldingTheMostPagesAndPollsFencesWhenN
 
 }  // namespace
 }  // namespace kvmem::internal
+
+// Counts this thread's heap allocations for DecodeStepAllocatesNothing; the rest of the
+// program allocates as usual. GCC takes free() of what this operator new returns for a
+// mismatch; it is the replacement's own malloc.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpragmas"
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t n) {
+  kvmem::internal::CountAllocation();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
