@@ -376,7 +376,9 @@ absl::Status ScenarioPrepareShrink(Harness& h, Rows* r) {
 }
 
 absl::Status ScenarioShrink(Harness& h, const Rows& r) {
-  return h.ShrinkBatch({{r.child, 0}, {r.fork2, 0}, {r.fast, 1}, {r.parent, 9}});
+  // Every owner of the parent's shared pages drops them: the handles leave the rows one
+  // by one in one transaction, and an undo must bring each back under all of them.
+  return h.ShrinkBatch({{r.child, 0}, {r.fork2, 0}, {r.fast, 1}, {r.parent, 1}});
 }
 
 TEST_P(VirtualBatch, ScenarioNeedsCopyFreshPagesAndReclamation) {
@@ -448,6 +450,39 @@ TEST_P(VirtualBatch, GrowBatchEveryFailingCallIsRolledBack) {
   EXPECT_EQ(end.live_handles, 0);
   EXPECT_EQ(end.live_reservations, 0);
   EXPECT_EQ(end.mapped_granules, 0);
+}
+
+// A batch that unmaps a page from every row sharing it: the last unmap frees the handle.
+// A failure after that (the next segment's unmap, per layer) must bring the page back
+// under every row, the earlier ones included.
+TEST_P(VirtualBatch, ShrinkBatchOfEveryOwnerOfASharedPageRollsBack) {
+  auto faulty = std::make_shared<FaultInjectingVmm>(std::shared_ptr<Vmm>(*MakeHostVmm(k4K)));
+  {
+    auto h = *Harness::Make(Config(GetParam(), 4, 64), faulty);
+    const int32_t p = *h->Add();
+    ASSERT_OK(h->Grow(p, 40, 1));
+    const int32_t c1 = *h->Fork(p);
+    const int32_t c2 = *h->Fork(p);
+    ASSERT_OK(h->Check());
+    int64_t i = 1;
+    for (;; ++i) {
+      ASSERT_LT(i, 1000);
+      SCOPED_TRACE(absl::StrCat("failing backend call ", i));
+      const Snapshot before = Take(*h);
+      faulty->FailNthAny(i);
+      const absl::Status s = h->ShrinkBatch({{c1, 0}, {c2, 1}, {p, 1}});
+      faulty->DisarmAll();
+      if (s.ok()) break;
+      EXPECT_FALSE(absl::StrContains(s.message(), "not as before")) << s;
+      ASSERT_OK(h->Check());
+      EXPECT_EQ(Diff(before, Take(*h)), "") << s;
+      EXPECT_EQ(h->AllMismatches(), 0);
+    }
+    EXPECT_GT(i, 1);
+    ASSERT_OK(h->Check());
+    EXPECT_EQ(h->AllMismatches(), 0);
+  }
+  EXPECT_EQ(faulty->counters().mapped_granules, 0);
 }
 
 // A backend that keeps failing from the k-th map, set-access, unmap or copy on: the undo

@@ -233,18 +233,25 @@ void Transaction::UndoUnmapped(absl::Span<const Step> steps) {
     if (!st.had_owners) ++lost_pages_;
   };
   std::vector<const Step*> remap;
-  for (const Step& st : steps) {
+  // One Unmap may take a handle from several rows (a batch shrinking a parent and its
+  // child, Trim): the last one left it without owners, the earlier ones kept it mapped.
+  // Decided from the last back, so that the earlier ones count it as coming back too.
+  absl::flat_hash_set<int32_t> returning;
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    const Step& st = *it;
     const Handle& hd = pool_->get(st.m.handle);
     // Map back only where nothing else took the handle or the position meanwhile (a
     // failed undo of a later step may have kept it elsewhere).
     const bool can = rows_->Entry(st.m.row, st.m.page, st.m.seg) == kNoHandle &&
-                     (st.had_owners ? hd.state == HandleState::kMapped && hd.seg == st.m.seg &&
-                                          hd.index == st.m.page
-                                    : pool_->Unused(st.m.handle));
+                     (returning.contains(st.m.handle) ||
+                      (st.had_owners ? hd.state == HandleState::kMapped && hd.seg == st.m.seg &&
+                                           hd.index == st.m.page
+                                     : pool_->Unused(st.m.handle)));
     if (!can) {
       lose(st);
       continue;
     }
+    returning.insert(st.m.handle);
     if (st.damage == Damage::kUnmapped) {  // nothing was unmapped: restore the record
       rows_->Attach(st.m);
       rows_->SetDamage(st.m.row, st.m.page, st.m.seg, Damage::kUnmapped);
