@@ -24,6 +24,7 @@
 #include "kvmem/batch_metadata.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
+#include "kvmem/platform.h"
 #include "kvmem/reference_attention.h"
 #include "kvmem/running_batch.h"
 
@@ -92,7 +93,7 @@ struct DecodeOptions {
 // Thread safety: none; use one workspace per stream. Plan() and the launches that read
 // the plan must be ordered on one stream (or by events), and launches on one workspace
 // must not overlap: they share the split scratch and the merge counters.
-class DecodeWorkspace {
+class KVMEM_EXPORT DecodeWorkspace {
  public:
   // InvalidArgument for an unsupported shape or capacity; device errors as Internal.
   // Uses the current CUDA device.
@@ -153,13 +154,13 @@ template <typename Kv>
 absl::Status DecodeAttention(const DecodeWorkspace& ws, const Kv& kv, const void* q, void* out,
                              CudaStream stream);
 
-extern template absl::Status AppendKv<PagedKv>(const AttentionShape&, absl::Span<const PagedKv>,
+extern template KVMEM_EXPORT absl::Status AppendKv<PagedKv>(const AttentionShape&, absl::Span<const PagedKv>,
                                                const NewKv&, CudaStream);
-extern template absl::Status AppendKv<VirtualKv>(const AttentionShape&, absl::Span<const VirtualKv>,
+extern template KVMEM_EXPORT absl::Status AppendKv<VirtualKv>(const AttentionShape&, absl::Span<const VirtualKv>,
                                                  const NewKv&, CudaStream);
-extern template absl::Status DecodeAttention<PagedKv>(const DecodeWorkspace&, const PagedKv&,
+extern template KVMEM_EXPORT absl::Status DecodeAttention<PagedKv>(const DecodeWorkspace&, const PagedKv&,
                                                       const void*, void*, CudaStream);
-extern template absl::Status DecodeAttention<VirtualKv>(const DecodeWorkspace&, const VirtualKv&,
+extern template KVMEM_EXPORT absl::Status DecodeAttention<VirtualKv>(const DecodeWorkspace&, const VirtualKv&,
                                                         const void*, void*, CudaStream);
 
 }  // namespace kvmem

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "kvmem/dtype.h"
+#include "kvmem/platform.h"
 
 namespace kvmem {
 
@@ -126,9 +127,9 @@ struct KvCacheConfig {
 // bookkeeping that grows with max_requests and max_context is plausible (see
 // max_requests). Allocates nothing. InvalidArgument names the offending field, its value
 // and what it must be.
-absl::Status ValidateShape(const KvCacheConfig& config);
+KVMEM_EXPORT absl::Status ValidateShape(const KvCacheConfig& config);
 
-std::string DescribeConfig(const KvCacheConfig& config);
+KVMEM_EXPORT std::string DescribeConfig(const KvCacheConfig& config);
 
 }  // namespace kvmem
 

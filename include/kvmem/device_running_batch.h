@@ -23,11 +23,12 @@
 #include "absl/status/statusor.h"
 #include "kvmem/attention.h"
 #include "kvmem/kv_accessor.h"
+#include "kvmem/platform.h"
 #include "kvmem/running_batch.h"
 
 namespace kvmem {
 
-class DeviceRunningBatch {
+class KVMEM_EXPORT DeviceRunningBatch {
  public:
   // For a running batch of `max_batch` entries and `page_table_stride` pages each (the
   // RunningBatchView's; stride 0 for the virtual layout). Device memory: max_batch x

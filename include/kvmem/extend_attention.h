@@ -26,6 +26,7 @@
 #include "kvmem/attention.h"  // CudaStream
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
+#include "kvmem/platform.h"
 #include "kvmem/reference_attention.h"
 
 namespace kvmem {
@@ -68,7 +69,7 @@ struct ExtendOptions {
 //
 // Thread safety: none; use one workspace per stream. Plan() and the launches that read
 // the plan must be ordered on one stream (or by events).
-class ExtendWorkspace {
+class KVMEM_EXPORT ExtendWorkspace {
  public:
   // InvalidArgument for an unsupported shape or capacity; device errors as Internal.
   // Uses the current CUDA device.
@@ -131,9 +132,9 @@ template <typename Kv>
 absl::Status ExtendAttention(const ExtendWorkspace& ws, const Kv& kv, const void* q, void* out,
                              CudaStream stream);
 
-extern template absl::Status ExtendAttention<PagedKv>(const ExtendWorkspace&, const PagedKv&,
+extern template KVMEM_EXPORT absl::Status ExtendAttention<PagedKv>(const ExtendWorkspace&, const PagedKv&,
                                                       const void*, void*, CudaStream);
-extern template absl::Status ExtendAttention<VirtualKv>(const ExtendWorkspace&, const VirtualKv&,
+extern template KVMEM_EXPORT absl::Status ExtendAttention<VirtualKv>(const ExtendWorkspace&, const VirtualKv&,
                                                         const void*, void*, CudaStream);
 
 }  // namespace kvmem

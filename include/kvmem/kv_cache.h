@@ -36,6 +36,7 @@
 #include "kvmem/batch_metadata.h"
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
+#include "kvmem/platform.h"
 #include "kvmem/running_batch.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
@@ -48,7 +49,7 @@ namespace internal {
 class KvLayout;
 }
 
-class KvCache {
+class KVMEM_EXPORT KvCache {
  public:
   static absl::StatusOr<std::unique_ptr<KvCache>> Create(const KvCacheConfig& config);
   ~KvCache();

@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "kvmem/config.h"
+#include "kvmem/platform.h"
 
 namespace kvmem {
 
@@ -77,11 +78,11 @@ struct MemoryPlan {
 // the moment is no error here.) On CUDA the backend is opened to read the driver's
 // granularity: its error (Unavailable without a driver or GPU) is returned as is.
 // Nothing is reserved, created or mapped.
-absl::StatusOr<MemoryPlan> PlanMemory(const KvCacheConfig& config);
+KVMEM_EXPORT absl::StatusOr<MemoryPlan> PlanMemory(const KvCacheConfig& config);
 
 // The plan of `config` at the smallest budget that fits (config.memory_budget_bytes is
 // ignored): a shape's sizes before a budget is chosen. Errors as PlanMemory's.
-absl::StatusOr<MemoryPlan> PlanMinimalMemory(const KvCacheConfig& config);
+KVMEM_EXPORT absl::StatusOr<MemoryPlan> PlanMinimalMemory(const KvCacheConfig& config);
 
 }  // namespace kvmem
 

@@ -19,7 +19,7 @@
 
 namespace kvmem {
 
-struct AttentionShape {
+struct KVMEM_EXPORT AttentionShape {
   int num_q_heads = 32;
   int num_kv_heads = 8;
   int head_dim = 128;
@@ -31,7 +31,7 @@ struct AttentionShape {
 };
 
 // InvalidArgument for a bad shape (heads not dividing, head_dim < 1, ...).
-absl::Status ValidateAttentionShape(const AttentionShape& shape);
+KVMEM_EXPORT absl::Status ValidateAttentionShape(const AttentionShape& shape);
 
 // Writes the K and V of new tokens to their slots (locations from KvCache::Extend),
 // rounding to shape.kv_dtype: the CPU reference of the AppendKv kernel.
@@ -55,23 +55,23 @@ absl::Status ReferenceExtend(const AttentionShape& shape, const Kv& kv,
                              absl::Span<const int32_t> prefix_lens,
                              absl::Span<const int32_t> new_lens, const float* q, float* out);
 
-extern template absl::Status ReferenceAppendKv<PagedKv>(const AttentionShape&, const PagedKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceAppendKv<PagedKv>(const AttentionShape&, const PagedKv&,
                                                         absl::Span<const int64_t>, const float*,
                                                         const float*);
-extern template absl::Status ReferenceAppendKv<VirtualKv>(const AttentionShape&, const VirtualKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceAppendKv<VirtualKv>(const AttentionShape&, const VirtualKv&,
                                                           absl::Span<const int64_t>, const float*,
                                                           const float*);
-extern template absl::Status ReferenceDecode<PagedKv>(const AttentionShape&, const PagedKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceDecode<PagedKv>(const AttentionShape&, const PagedKv&,
                                                       absl::Span<const int32_t>, const float*,
                                                       float*);
-extern template absl::Status ReferenceDecode<VirtualKv>(const AttentionShape&, const VirtualKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceDecode<VirtualKv>(const AttentionShape&, const VirtualKv&,
                                                         absl::Span<const int32_t>, const float*,
                                                         float*);
-extern template absl::Status ReferenceExtend<PagedKv>(const AttentionShape&, const PagedKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceExtend<PagedKv>(const AttentionShape&, const PagedKv&,
                                                       absl::Span<const int32_t>,
                                                       absl::Span<const int32_t>, const float*,
                                                       float*);
-extern template absl::Status ReferenceExtend<VirtualKv>(const AttentionShape&, const VirtualKv&,
+extern template KVMEM_EXPORT absl::Status ReferenceExtend<VirtualKv>(const AttentionShape&, const VirtualKv&,
                                                         absl::Span<const int32_t>,
                                                         absl::Span<const int32_t>, const float*,
                                                         float*);

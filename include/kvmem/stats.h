@@ -5,11 +5,12 @@
 #include <cstdint>
 #include <string>
 
+#include "kvmem/platform.h"
 #include "kvmem/vmm.h"
 
 namespace kvmem {
 
-struct Stats {
+struct KVMEM_EXPORT Stats {
   // Requests and tokens.
   int64_t num_requests = 0;  // live requests
   int64_t logical_tokens =

@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvmem/platform.h"
 
 namespace kvmem {
 
@@ -45,7 +46,7 @@ enum class VmmOp : int {
   kCopy,
   kCount  // number of ops
 };
-std::string_view VmmOpName(VmmOp op);
+KVMEM_EXPORT std::string_view VmmOpName(VmmOp op);
 
 // Counters every backend keeps: number of calls and nanoseconds spent per op.
 // Live counts let tests prove that nothing leaks.
@@ -64,7 +65,7 @@ struct MappingState {
   bool accessible = false;  // SetAccess covered it since it was mapped
 };
 
-class Vmm {
+class KVMEM_EXPORT Vmm {
  public:
   virtual ~Vmm() = default;
 
@@ -112,12 +113,12 @@ class Vmm {
 // Real virtual memory on the CPU. `granularity` is a power of two and a multiple of
 // the OS page size (4 KiB, or 2 MiB to mirror GPUs). `max_physical_bytes` caps what
 // Create() hands out (0: no cap) so out-of-memory can be exercised.
-absl::StatusOr<std::unique_ptr<Vmm>> MakeHostVmm(int64_t granularity,
+KVMEM_EXPORT absl::StatusOr<std::unique_ptr<Vmm>> MakeHostVmm(int64_t granularity,
                                                  int64_t max_physical_bytes = 0);
 
 // The CUDA driver backend on device `ordinal`. Unavailable where the library was
 // built without CUDA or where no driver / GPU is found (the status says which).
-absl::StatusOr<std::unique_ptr<Vmm>> MakeCudaVmm(int ordinal);
+KVMEM_EXPORT absl::StatusOr<std::unique_ptr<Vmm>> MakeCudaVmm(int ordinal);
 
 }  // namespace kvmem
 
