@@ -25,6 +25,7 @@ set(rules
     "allocators/paged|${public},${core},${vmm},${layout}"
     "allocators/virtual|${public},${core},${vmm},${layout}"
     "src/cache|${public},${core},${layout}"
+    "src/c_api|${public}"
     "attention|${public},kvmem/debug/,${core}"
     "tools/kvstress|${public}"
     "tools/kvbench|${public},kvmem/debug/")
