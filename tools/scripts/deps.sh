@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages kvmem builds with, skipping what is already there.
+# Installs the Debian 12 packages kvmem builds and tests with (the Python package's tests
+# use Debian's /usr/bin/python3 with numpy and pytest), skipping what is already there.
 # Sourced by the Quick start scripts; needs root or sudo only when something is missing.
 set -euo pipefail
-kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev)
+kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
+            python3-numpy python3-pytest)
 missing=()
 for p in "${kvmem_deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,6 +12,7 @@ alive for as long as the consumer's tensor lives.
 """
 
 import ctypes
+import weakref
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_char_p, c_int, c_int32, c_int64,
                     c_uint8, c_uint16, c_uint32, c_uint64, c_void_p)
 
@@ -122,7 +123,7 @@ class Array:
     """
 
     __slots__ = ("owner", "data_ptr", "shape", "strides", "dtype", "device_type",
-                 "device_id", "read_only")
+                 "device_id", "read_only", "_tracked", "__weakref__")
 
     def __init__(self, owner, data_ptr, shape, strides, dtype, device_type=KDL_CPU,
                  device_id=0, read_only=False):
@@ -134,6 +135,7 @@ class Array:
         self.device_type = device_type
         self.device_id = device_id
         self.read_only = read_only
+        self._tracked = False
 
     def __repr__(self):
         where = "cpu" if self.device_type == KDL_CPU else f"cuda:{self.device_id}"
@@ -154,6 +156,32 @@ class Array:
             raise InvalidArgumentError(f"view as {dtype}: element size differs from {self.dtype}")
         return Array(self.owner, self.data_ptr, self.shape, self.strides, dtype,
                      self.device_type, self.device_id, self.read_only)
+
+    _TYPESTR = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int64": "<i8",
+                "uint16": "<u2", "uint64": "<u8", "int8": "|i1", "uint8": "|u1", "float64": "<f8"}
+
+    @property
+    def __array_interface__(self):
+        """numpy's protocol, for host arrays: ``numpy.asarray(a)`` is a writable view
+        without a copy (numpy < 2.1 marks arrays from DLPack read-only)."""
+        if self.device_type != KDL_CPU:
+            raise AttributeError("__array_interface__: the array is on a CUDA device")
+        if self.dtype not in self._TYPESTR:
+            raise AttributeError(f"__array_interface__: numpy has no {self.dtype}; "
+                                 "use .view('uint16')")
+        if getattr(self.owner, "_handle", True) is None:
+            raise AttributeError("the kvmem object this array belongs to is closed")
+        if not self._tracked:
+            # numpy keeps this object as the array's base: count it as an export until it
+            # is gone, so that closing the owner waits for it.
+            self._tracked = True
+            key = ("array", id(self))
+            _alive[key] = (None, None, None, self.owner)
+            weakref.finalize(self, _release, key)
+        size = DTYPES[self.dtype][1] // 8
+        return {"version": 3, "shape": self.shape, "typestr": self._TYPESTR[self.dtype],
+                "strides": tuple(s * size for s in self.strides),
+                "data": (self.data_ptr, self.read_only)}
 
     def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
         # No stream to order against: kvmem's memory is written by the caller's own work.
