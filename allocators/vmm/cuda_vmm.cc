@@ -208,38 +208,53 @@ class CudaVmm final : public Vmm {
   VmmLedger ledger_;
 
   VmmOpStats stats_;
+  // Failed cuEventQuery calls: the first is logged as an error, later ones at debug
+  // level (a broken context fails every poll of every quarantined page).
+  std::atomic<int64_t> fence_query_failures_{0};
 };
 
 CudaVmm::~CudaVmm() {
   absl::MutexLock lock(&mu_);
   if (ledger_.empty()) return;
-  Logger()->warn(
-      "CUDA VMM destroyed with leaked resources: {} reservations, {} physical handles, {} "
-      "mapped granules; releasing them",
-      ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size());
+  // One line for all of it, however many resources leaked (docs/errors.md).
+  FailureTally synced("cuStreamSynchronize before releasing them");
+  FailureTally unmapped("cuMemUnmap of mapped granules");
+  FailureTally released("cuMemRelease of physical handles");
+  FailureTally freed("cuMemAddressFree of reservations");
   ScopedContext scope(driver_, ctx_.get());
   // The device may still be reading leaked memory: let it finish before unmapping.
   if (CUresult r = driver_->cuStreamSynchronize(stream_.get()); r != CUDA_SUCCESS) {
-    Logger()->error("CUDA VMM: cuStreamSynchronize failed: {}", CudaErrorText(driver_, r));
+    synced.Failed(CudaErrorText(driver_, r));
   }
   for (const auto& [addr, m] : ledger_.mappings()) {
     if (CUresult r = driver_->cuMemUnmap(addr, granularity_); r != CUDA_SUCCESS) {
-      Logger()->error("CUDA VMM: cuMemUnmap({:#x}) failed: {}", addr, CudaErrorText(driver_, r));
+      unmapped.Failed(absl::StrFormat("%#x: %s", addr, CudaErrorText(driver_, r)));
+    } else {
+      unmapped.Succeeded();
     }
   }
   for (const auto& [id, h] : ledger_.handles()) {
     if (CUresult r = driver_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(h.backing));
         r != CUDA_SUCCESS) {
-      Logger()->error("CUDA VMM: cuMemRelease(handle {}) failed: {}", id,
-                      CudaErrorText(driver_, r));
+      released.Failed(absl::StrFormat("handle %d: %s", id, CudaErrorText(driver_, r)));
+    } else {
+      released.Succeeded();
     }
   }
   for (const auto& [addr, info] : ledger_.reservations()) {
     if (CUresult r = driver_->cuMemAddressFree(addr, info.bytes); r != CUDA_SUCCESS) {
-      Logger()->error("CUDA VMM: cuMemAddressFree({:#x}, {}) failed: {}", addr, info.bytes,
-                      CudaErrorText(driver_, r));
+      freed.Failed(
+          absl::StrFormat("%#x (%d bytes): %s", addr, info.bytes, CudaErrorText(driver_, r)));
+    } else {
+      freed.Succeeded();
     }
   }
+  const bool failed = synced.failed() + unmapped.failed() + released.failed() + freed.failed() > 0;
+  Logger()->log(failed ? spdlog::level::err : spdlog::level::warn,
+                "CUDA VMM destroyed with leaked resources: {} reservations, {} physical handles, "
+                "{} mapped granules; {}",
+                ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size(),
+                JoinFailures({&synced, &unmapped, &released, &freed}, "released them"));
 }
 
 absl::StatusOr<uintptr_t> CudaVmm::Reserve(int64_t bytes) {
@@ -335,9 +350,8 @@ absl::Status CudaVmm::Map(uintptr_t addr, PhysHandle handle) {
   }
   absl::MutexLock lock(&mu_);
   if (!ledger_.AddMapping(addr, handle)) {
-    // Only a caller racing FreeReservation / Release against this Map gets here.
-    Logger()->error("CUDA VMM map: reservation or handle {} vanished during the map at {:#x}",
-                    handle, addr);
+    // Only a caller racing FreeReservation / Release against this Map gets here. The
+    // status is the one report (no log line besides it).
     return absl::InternalError(absl::StrFormat(
         "CUDA VMM map: reservation or handle %d released concurrently with map at %#x", handle,
         addr));
@@ -421,9 +435,13 @@ bool CudaVmm::FenceComplete(const Fence& fence) {
   if (r == CUDA_SUCCESS) return true;
   if (r != CUDA_ERROR_NOT_READY) {
     // Treated as not complete: reusing memory a kernel may still read is worse than
-    // keeping it quarantined.
-    Logger()->error("CUDA VMM: cuEventQuery({}) failed: {}; the fence stays incomplete",
-                    fence.event, CudaErrorText(driver_, r));
+    // keeping it quarantined. Every poll of every page behind such a fence fails the
+    // same way, so only the first failure is an error line.
+    const int64_t n = fence_query_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
+    Logger()->log(n == 1 ? spdlog::level::err : spdlog::level::debug,
+                  "CUDA VMM: cuEventQuery({}) failed: {}; the fence stays incomplete (failure "
+                  "{} of cuEventQuery; after the first, failures are logged at debug level)",
+                  fence.event, CudaErrorText(driver_, r), n);
   }
   return false;
 }

@@ -188,22 +188,22 @@ class HostVmm final : public Vmm {
 HostVmm::~HostVmm() {
   absl::MutexLock lock(&mu_);
   if (!ledger_.empty()) {
-    Logger()->warn(
-        "host VMM destroyed with leaked resources: {} reservations, {} physical handles, {} "
-        "mapped granules; releasing them",
-        ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size());
-  }
-  // Unmapping a reservation also drops every memfd mapping inside it.
-  int64_t failed = 0;
-  int first_err = 0;
-  for (const auto& [addr, info] : ledger_.reservations()) {
-    if (const int err = UnmapSkippingHoles(addr, info.bytes); err != 0) {
-      if (failed++ == 0) first_err = err;
+    // Unmapping a reservation also drops every memfd mapping inside it. One line for
+    // all of it, however many resources leaked.
+    FailureTally unmapped("munmap of leaked reservations");
+    for (const auto& [addr, info] : ledger_.reservations()) {
+      if (const int err = UnmapSkippingHoles(addr, info.bytes); err != 0) {
+        unmapped.Failed(ErrnoText(err));
+      } else {
+        unmapped.Succeeded();
+      }
     }
-  }
-  if (failed > 0) {
-    Logger()->error("host VMM: munmap of {} of {} leaked reservations failed (the first: {})",
-                    failed, ledger_.reservations().size(), ErrnoText(first_err));
+    const std::string outcome = JoinFailures({&unmapped}, "released them");
+    Logger()->log(unmapped.failed() > 0 ? spdlog::level::err : spdlog::level::warn,
+                  "host VMM destroyed with leaked resources: {} reservations, {} physical "
+                  "handles, {} mapped granules; {}",
+                  ledger_.reservations().size(), ledger_.handles().size(),
+                  ledger_.mappings().size(), outcome);
   }
   if (close(memfd_) != 0) Logger()->error("host VMM: close(memfd) failed: {}", ErrnoText(errno));
 }
@@ -379,16 +379,16 @@ absl::Status HostVmm::Map(uintptr_t addr, PhysHandle handle) {
   // allocate, not even the one that would free memory. Take it back rather than leave
   // the process there.
   if (OverMapLimit(addr)) {
-    const bool undone = munmap(reinterpret_cast<void*>(addr), granularity_) == 0;
-    if (undone && Rereserve(addr, granularity_) == 0) {
-      Logger()->error("host VMM map: granule {:#x} is unmapped but could not be reserved again",
-                      addr);
-    }
-    if (undone) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("host VMM map: mapping handle %d at %#x would leave the process past "
-                          "its mapping limit; %s",
-                          handle, addr, MapLimitText()));
+    if (munmap(reinterpret_cast<void*>(addr), granularity_) == 0) {
+      // A granule not reserved again is in unreserved_ (see Rereserve); said in the status
+      // rather than logged apart: one report per failure.
+      const bool rereserved = Rereserve(addr, granularity_) > 0;
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "host VMM map: mapping handle %d at %#x would leave the process past its mapping "
+          "limit%s; %s",
+          handle, addr,
+          rereserved ? "" : " (the granule is unmapped but could not be reserved again)",
+          MapLimitText()));
     }
   }
   ledger_.AddMapping(addr, handle);  // the lock held since CheckMap: cannot fail
