@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <utility>
 
@@ -39,6 +40,7 @@ struct FaultInjectingVmm::State {
   int64_t total ABSL_GUARDED_BY(mu) = 0;
   Trigger any ABSL_GUARDED_BY(mu);
   int64_t injected ABSL_GUARDED_BY(mu) = 0;
+  std::optional<DeviceMemory> memory ABSL_GUARDED_BY(mu);
 };
 
 FaultInjectingVmm::FaultInjectingVmm(std::shared_ptr<Vmm> inner)
@@ -90,6 +92,16 @@ int64_t FaultInjectingVmm::total_calls() const {
 int64_t FaultInjectingVmm::injected_failures() const {
   absl::MutexLock lock(&state_->mu);
   return state_->injected;
+}
+
+void FaultInjectingVmm::SetAvailableMemory(DeviceMemory memory) {
+  absl::MutexLock lock(&state_->mu);
+  state_->memory = std::move(memory);
+}
+
+void FaultInjectingVmm::ForwardAvailableMemory() {
+  absl::MutexLock lock(&state_->mu);
+  state_->memory.reset();
 }
 
 absl::Status FaultInjectingVmm::Tick(VmmOp op) {
@@ -175,6 +187,14 @@ VmmCounters FaultInjectingVmm::counters() const { return inner_->counters(); }
 
 absl::StatusOr<MappingState> FaultInjectingVmm::Query(uintptr_t addr) const {
   return inner_->Query(addr);
+}
+
+absl::StatusOr<DeviceMemory> FaultInjectingVmm::AvailableMemory() const {
+  {
+    absl::MutexLock lock(&state_->mu);
+    if (state_->memory.has_value()) return *state_->memory;
+  }
+  return inner_->AvailableMemory();
 }
 
 }  // namespace kvmem

@@ -164,10 +164,11 @@ class OwnedStream {
 
 class CudaVmm final : public Vmm {
  public:
-  CudaVmm(const CudaDriver* driver, int ordinal, PrimaryContext ctx, OwnedStream stream,
-          int64_t granularity)
+  CudaVmm(const CudaDriver* driver, int ordinal, std::string device_name, PrimaryContext ctx,
+          OwnedStream stream, int64_t granularity)
       : driver_(driver),
         ordinal_(ordinal),
+        device_name_(std::move(device_name)),
         ctx_(std::move(ctx)),
         stream_(std::move(stream)),
         granularity_(granularity),
@@ -190,6 +191,8 @@ class CudaVmm final : public Vmm {
   VmmCounters counters() const override;
   // From the ledger, which records what the driver calls did (no driver call).
   absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
+  // cuMemGetInfo in the device's context: its free and total memory now.
+  absl::StatusOr<DeviceMemory> AvailableMemory() const override;
 
  private:
   absl::Status Driver(CUresult r, std::string_view what) const {
@@ -198,6 +201,7 @@ class CudaVmm final : public Vmm {
 
   const CudaDriver* const driver_;
   const int ordinal_;
+  const std::string device_name_;
   // Destroyed after stream_ (members are destroyed in reverse order).
   PrimaryContext ctx_;
   OwnedStream stream_;
@@ -446,6 +450,22 @@ bool CudaVmm::FenceComplete(const Fence& fence) {
   return false;
 }
 
+absl::StatusOr<DeviceMemory> CudaVmm::AvailableMemory() const {
+  ScopedContext scope(driver_, ctx_.get());
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  if (CUresult r = driver_->cuMemGetInfo(&free_bytes, &total_bytes); r != CUDA_SUCCESS) {
+    return Driver(r, absl::StrFormat("CUDA VMM: cuMemGetInfo on device %d", ordinal_));
+  }
+  return DeviceMemory{
+      .free_bytes = static_cast<int64_t>(free_bytes),
+      .total_bytes = static_cast<int64_t>(total_bytes),
+      .device = device_name_.empty()
+                    ? absl::StrFormat("CUDA device %d", ordinal_)
+                    : absl::StrFormat("CUDA device %d (%s)", ordinal_, device_name_),
+  };
+}
+
 VmmCounters CudaVmm::counters() const {
   VmmCounters c;
   stats_.Fill(&c);
@@ -522,8 +542,8 @@ absl::StatusOr<std::unique_ptr<Vmm>> MakeCudaVmmImpl(int ordinal) {
 
   Logger()->info("CUDA VMM on device {} ({}): granularity {} bytes (minimum)", ordinal, device_name,
                  granularity);
-  return std::make_unique<CudaVmm>(driver, ordinal, std::move(*ctx), std::move(*stream),
-                                   static_cast<int64_t>(granularity));
+  return std::make_unique<CudaVmm>(driver, ordinal, std::string(device_name), std::move(*ctx),
+                                   std::move(*stream), static_cast<int64_t>(granularity));
 }
 
 }  // namespace kvmem::internal

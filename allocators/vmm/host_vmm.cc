@@ -155,6 +155,8 @@ class HostVmm final : public Vmm {
   bool FenceComplete(const Fence& fence) override;
   VmmCounters counters() const override;
   absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
+  // With a physical cap: the cap as the device's memory, less the live handles.
+  absl::StatusOr<DeviceMemory> AvailableMemory() const override;
 
   int64_t ResidentBytes() const;
 
@@ -474,6 +476,20 @@ VmmCounters HostVmm::counters() const {
 absl::StatusOr<MappingState> HostVmm::Query(uintptr_t addr) const {
   absl::ReaderMutexLock lock(&mu_);
   return ledger_.Query(addr);
+}
+
+absl::StatusOr<DeviceMemory> HostVmm::AvailableMemory() const {
+  if (max_handles_ == 0) {
+    return absl::UnimplementedError(
+        "host VMM without a physical cap: its memory is taken only as pages are written");
+  }
+  absl::ReaderMutexLock lock(&mu_);
+  const int64_t live = static_cast<int64_t>(ledger_.handles().size());
+  return DeviceMemory{
+      .free_bytes = std::max<int64_t>(0, max_handles_ - live) * granularity_,
+      .total_bytes = max_handles_ * granularity_,
+      .device = "the host backend's physical cap",
+  };
 }
 
 int64_t HostVmm::ResidentBytes() const {

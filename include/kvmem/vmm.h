@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -65,6 +66,13 @@ struct MappingState {
   bool accessible = false;  // SetAccess covered it since it was mapped
 };
 
+// The physical memory of a backend's device, as its driver reports it at the time asked.
+struct DeviceMemory {
+  int64_t free_bytes = 0;   // what new physical handles can still take
+  int64_t total_bytes = 0;  // the device's whole memory
+  std::string device;       // what the numbers are of, for messages: "CUDA device 0 (NVIDIA H100)"
+};
+
 class KVMEM_EXPORT Vmm {
  public:
   virtual ~Vmm() = default;
@@ -108,11 +116,22 @@ class KVMEM_EXPORT Vmm {
   virtual absl::StatusOr<MappingState> Query(uintptr_t addr) const {
     return absl::UnimplementedError("this memory backend cannot be queried");
   }
+
+  // The device's free and total physical memory now (cuMemGetInfo on the CUDA backend),
+  // so that a layout can check before creating any handle that what it creates up front
+  // fits (allocators/vmm/device_memory.h). Not a backend call (not counted, never injected
+  // to fail). Unimplemented where the backend has no such bound: the host backend without
+  // a physical cap, whose memory is taken only as pages are written.
+  virtual absl::StatusOr<DeviceMemory> AvailableMemory() const {
+    return absl::UnimplementedError("this memory backend does not report its free memory");
+  }
 };
 
 // Real virtual memory on the CPU. `granularity` is a power of two and a multiple of
 // the OS page size (4 KiB, or 2 MiB to mirror GPUs). `max_physical_bytes` caps what
-// Create() hands out (0: no cap) so out-of-memory can be exercised.
+// Create() hands out (0: no cap) so out-of-memory can be exercised; with a cap,
+// AvailableMemory() reports it as the device's memory (free: the cap less the live
+// handles), as a GPU of that size would.
 KVMEM_EXPORT absl::StatusOr<std::unique_ptr<Vmm>> MakeHostVmm(int64_t granularity,
                                                  int64_t max_physical_bytes = 0);
 

@@ -34,6 +34,10 @@ class FaultInjectingVmm : public Vmm {
   // The n-th call of any op from now fails (counts across ops).
   void FailNthAny(int64_t n, absl::StatusCode code = absl::StatusCode::kResourceExhausted);
   int64_t injected_failures() const;
+  // AvailableMemory() reports `memory` instead of the inner backend's (a small or a full
+  // device), until ForwardAvailableMemory().
+  void SetAvailableMemory(DeviceMemory memory);
+  void ForwardAvailableMemory();
 
   std::string_view name() const override;
   int64_t granularity() const override;
@@ -50,6 +54,8 @@ class FaultInjectingVmm : public Vmm {
   VmmCounters counters() const override;
   // Forwarded; never fails by injection (it is not a backend call).
   absl::StatusOr<MappingState> Query(uintptr_t addr) const override;
+  // What SetAvailableMemory set, else forwarded; never fails by injection.
+  absl::StatusOr<DeviceMemory> AvailableMemory() const override;
 
  private:
   struct State;
