@@ -17,14 +17,14 @@ namespace kvmem::internal {
 
 // What a layout's pool takes from the device's physical memory.
 struct DeviceMemoryNeed {
-  std::string_view layout;       // "paged layout", "virtual layout": the message's start
+  std::string_view layout = {};  // "paged layout", "virtual layout": the message's start
   int64_t pool_bytes = 0;        // physical memory of the whole pool: every handle it can hold
   bool created_up_front = true;  // Create creates all of it (else as requests grow)
   int64_t budget_bytes = 0;      // config.memory_budget_bytes
   int64_t min_budget_bytes = 0;  // the smallest budget that holds one request at max_context
   // The config change that creates the memory as requests grow instead, for the message
   // ("elastic_pool = true"); empty where the layout has none.
-  std::string_view grow_lazily_fix;
+  std::string_view grow_lazily_fix = {};
 };
 
 // Checks `need` against vmm.AvailableMemory(). OK where the backend cannot tell
