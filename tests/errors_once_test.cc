@@ -76,8 +76,9 @@ TEST(LeakSummary, HostBackendDestroyedWithManyLeaksLogsOneLine) {
     }
   }
   EXPECT_EQ(log.lines(), 1) << log.text();
-  EXPECT_THAT(log.text(),
-              HasSubstr("1 reservations, 2000 physical handles, 1000 mapped granules; released"));
+  EXPECT_THAT(
+      log.text(),
+      HasSubstr("1 reservations, 2000 physical handles, 1000 mapped granules; releasing them"));
 }
 
 }  // namespace

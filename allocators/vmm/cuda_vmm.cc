@@ -220,7 +220,12 @@ class CudaVmm final : public Vmm {
 CudaVmm::~CudaVmm() {
   absl::MutexLock lock(&mu_);
   if (ledger_.empty()) return;
-  // One line for all of it, however many resources leaked (docs/errors.md).
+  // One summary line for all of it, however many resources leaked, and one more only if
+  // giving them back fails (docs/errors.md).
+  Logger()->warn(
+      "CUDA VMM destroyed with leaked resources: {} reservations, {} physical handles, {} "
+      "mapped granules; releasing them",
+      ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size());
   FailureTally synced("cuStreamSynchronize before releasing them");
   FailureTally unmapped("cuMemUnmap of mapped granules");
   FailureTally released("cuMemRelease of physical handles");
@@ -253,12 +258,10 @@ CudaVmm::~CudaVmm() {
       freed.Succeeded();
     }
   }
-  const bool failed = synced.failed() + unmapped.failed() + released.failed() + freed.failed() > 0;
-  Logger()->log(failed ? spdlog::level::err : spdlog::level::warn,
-                "CUDA VMM destroyed with leaked resources: {} reservations, {} physical handles, "
-                "{} mapped granules; {}",
-                ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size(),
-                JoinFailures({&synced, &unmapped, &released, &freed}, "released them"));
+  if (synced.failed() + unmapped.failed() + released.failed() + freed.failed() > 0) {
+    Logger()->error("CUDA VMM: giving back the leaked resources failed: {}",
+                    JoinFailures({&synced, &unmapped, &released, &freed}, ""));
+  }
 }
 
 absl::StatusOr<uintptr_t> CudaVmm::Reserve(int64_t bytes) {

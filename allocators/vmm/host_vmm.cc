@@ -190,8 +190,14 @@ class HostVmm final : public Vmm {
 HostVmm::~HostVmm() {
   absl::MutexLock lock(&mu_);
   if (!ledger_.empty()) {
-    // Unmapping a reservation also drops every memfd mapping inside it. One line for
-    // all of it, however many resources leaked.
+    // One summary line for all of it, however many resources leaked, and one more only
+    // if giving them back fails. The summary comes first so that nothing is allocated
+    // between the munmaps and the destructor's end in the normal case.
+    Logger()->warn(
+        "host VMM destroyed with leaked resources: {} reservations, {} physical handles, {} "
+        "mapped granules; releasing them",
+        ledger_.reservations().size(), ledger_.handles().size(), ledger_.mappings().size());
+    // Unmapping a reservation also drops every memfd mapping inside it.
     FailureTally unmapped("munmap of leaked reservations");
     for (const auto& [addr, info] : ledger_.reservations()) {
       if (const int err = UnmapSkippingHoles(addr, info.bytes); err != 0) {
@@ -200,12 +206,7 @@ HostVmm::~HostVmm() {
         unmapped.Succeeded();
       }
     }
-    const std::string outcome = JoinFailures({&unmapped}, "released them");
-    Logger()->log(unmapped.failed() > 0 ? spdlog::level::err : spdlog::level::warn,
-                  "host VMM destroyed with leaked resources: {} reservations, {} physical "
-                  "handles, {} mapped granules; {}",
-                  ledger_.reservations().size(), ledger_.handles().size(),
-                  ledger_.mappings().size(), outcome);
+    if (unmapped.failed() > 0) Logger()->error("host VMM: {}", unmapped.Summary());
   }
   if (close(memfd_) != 0) Logger()->error("host VMM: close(memfd) failed: {}", ErrnoText(errno));
 }
