@@ -5,6 +5,8 @@
 set -euo pipefail
 kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
             python3-numpy python3-pytest)
+# What one build needs besides (tools/test.sh --tsan: dpkg-dev, to unpack abseil's source).
+kvmem_deps+=(${kvmem_extra_deps[@]+"${kvmem_extra_deps[@]}"})
 missing=()
 for p in "${kvmem_deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
