@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kvmem/kv_cache.h"
 #include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 #include "spdlog/sinks/ostream_sink.h"
@@ -222,6 +223,41 @@ TEST(CheckDeviceMemory, APoolCreatedAsRequestsGrowWarnsOncePerProcess) {
   EXPECT_THAT(log.text(), HasSubstr(absl::StrCat("may grow to ", 64 * kMiB, " bytes")));
   EXPECT_THAT(log.text(), HasSubstr(absl::StrCat(4 * kMiB, " bytes free on gpu 3")));
   EXPECT_THAT(log.text(), HasSubstr("once per process"));
+}
+
+// KvCache::Create runs the check: a virtual pool (every handle created up front) or a
+// fixed paged pool larger than the device's free memory is refused before any handle is
+// created; an elastic paged pool is created (it grows as requests do).
+TEST(CheckDeviceMemory, CreateChecksThePoolItCreatesUpFront) {
+  for (const bool virtual_layout : {true, false}) {
+    for (const bool elastic : {true, false}) {
+      if (virtual_layout && !elastic) continue;
+      SCOPED_TRACE(virtual_layout ? "virtual" : (elastic ? "paged elastic" : "paged fixed"));
+      auto vmm = std::make_shared<FaultInjectingVmm>(Host());
+      vmm->SetAvailableMemory({.free_bytes = 2 * kMiB, .total_bytes = 64 * kMiB, .device = "gpu 0"});
+      KvCacheConfig config;
+      config.num_layers = 2;
+      config.num_kv_heads = 2;
+      config.head_dim = 8;
+      config.dtype = DType::kFloat32;
+      config.max_requests = 8;
+      config.max_context = 256;
+      config.host_granularity = kGran;
+      config.memory_budget_bytes = 8 * kMiB;
+      config.layout = virtual_layout ? Layout::kVirtual : Layout::kPaged;
+      config.elastic_pool = elastic;
+      config.vmm = vmm;
+      absl::StatusOr<std::unique_ptr<KvCache>> cache = KvCache::Create(config);
+      if (!virtual_layout && elastic) {
+        EXPECT_TRUE(cache.ok()) << cache.status();
+        continue;
+      }
+      ASSERT_FALSE(cache.ok());
+      EXPECT_EQ(cache.status().code(), absl::StatusCode::kResourceExhausted) << cache.status();
+      EXPECT_THAT(std::string(cache.status().message()), HasSubstr("gpu 0"));
+      EXPECT_EQ(vmm->counters().live_handles, 0);
+    }
+  }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "allocators/vmm/device_memory.h"
 #include "src/core/host_limits.h"
 #include "src/core/int_math.h"
 #include "src/core/logging.h"
@@ -184,6 +185,14 @@ absl::StatusOr<std::unique_ptr<PagedLayout>> PagedLayout::Create(const KvCacheCo
   if (vmm == nullptr) return absl::InvalidArgumentError("paged layout: no memory backend");
   KVMEM_ASSIGN_OR_RETURN(PagedGeometry geo, ComputePagedGeometry(config, vmm->granularity()));
   KVMEM_RETURN_IF_ERROR(CheckHost(config, geo, vmm->is_device()));
+  // A fixed pool is mapped whole below; an elastic one grows as requests do.
+  KVMEM_RETURN_IF_ERROR(CheckDeviceMemory(
+      *vmm, DeviceMemoryNeed{.layout = "paged layout",
+                             .pool_bytes = geo.num_pools * geo.region_bytes,
+                             .created_up_front = !config.elastic_pool,
+                             .budget_bytes = config.memory_budget_bytes,
+                             .min_budget_bytes = geo.min_budget_bytes,
+                             .grow_lazily_fix = "elastic_pool = true"}));
   KVMEM_ASSIGN_OR_RETURN(TokenIndex index,
                          TokenIndex::Make(config.max_requests, config.max_context));
   const int64_t reserve_bytes = geo.num_pools * geo.region_bytes;

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "allocators/vmm/device_memory.h"
 #include "kvmem/dtype.h"
 #include "src/core/host_limits.h"
 #include "src/core/int_math.h"
@@ -154,6 +155,13 @@ absl::StatusOr<std::unique_ptr<VirtualLayout>> VirtualLayout::Create(const KvCac
   KVMEM_ASSIGN_OR_RETURN(VirtualGeometry geo, VirtualGeometry::Make(config, vmm->granularity()));
   KVMEM_ASSIGN_OR_RETURN(const int64_t available, BudgetPages(config, geo));
   KVMEM_RETURN_IF_ERROR(CheckHost(config, geo, available, vmm->is_device()));
+  // Every handle is created below: they must fit the device's free memory.
+  KVMEM_RETURN_IF_ERROR(CheckDeviceMemory(
+      *vmm, DeviceMemoryNeed{.layout = "virtual layout",
+                             .pool_bytes = SatMul(available, geo.granularity),
+                             .created_up_front = true,
+                             .budget_bytes = config.memory_budget_bytes,
+                             .min_budget_bytes = geo.pages_per_request() * geo.granularity}));
   std::unique_ptr<VirtualLayout> cache(new VirtualLayout(config, vmm, geo));
   {
     absl::StatusOr<Reservation> r = Reservation::Make(vmm.get(), geo.reservation_bytes());
