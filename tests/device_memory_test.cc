@@ -240,8 +240,8 @@ TEST(CheckDeviceMemory, CreateChecksThePoolItCreatesUpFront) {
       config.num_kv_heads = 2;
       config.head_dim = 8;
       config.dtype = DType::kFloat32;
-      config.max_requests = 8;
-      config.max_context = 256;
+      config.max_requests = 64;  // rows at max_context could use 16 MiB: the budget binds
+      config.max_context = 1024;
       config.host_granularity = kGran;
       config.memory_budget_bytes = 8 * kMiB;
       config.layout = virtual_layout ? Layout::kVirtual : Layout::kPaged;
