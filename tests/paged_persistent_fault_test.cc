@@ -498,18 +498,19 @@ class TwoFailureKindsTest : public ::testing::TestWithParam<std::tuple<LayoutCas
 // pool growth, a copy on write or a Trim fails as well (docs/errors.md, rule 8): a
 // known defect, shown as skipped with its reason rather than left out. The other paged
 // cases and every virtual one run.
-bool PagedUndoOpen(const TwoKinds& t) {
+bool PagedUndoOpen(const LayoutCase& layout, const TwoKinds& t) {
   if (t.scenario == "Trim") return true;  // an Unmap, then the remap, fails
+  // One-token pages are never partly filled: that scenario copies nothing, and passes.
+  const bool copies = t.scenario == "ExtendGrowsThePoolAndCopiesOnWrite";
+  if (copies && layout.page_tokens == 1) return false;
   if (t.undo == VmmOp::kRelease) return true;  // handles abandoned by the undo
-  if (t.undo == VmmOp::kUnmap) {
-    return t.scenario == "ExtendGrowsThePool" || t.scenario == "ExtendGrowsThePoolAndCopiesOnWrite";
-  }
+  if (t.undo == VmmOp::kUnmap) return t.scenario == "ExtendGrowsThePool" || copies;
   return false;
 }
 
 TEST_P(TwoFailureKindsTest, UndoFailsTooThenRecover) {
   const auto& [layout, kinds] = GetParam();
-  if (layout.layout == Layout::kPaged && PagedUndoOpen(kinds)) {
+  if (layout.layout == Layout::kPaged && PagedUndoOpen(layout, kinds)) {
     GTEST_SKIP() << "known defect: the paged layout's undo of a pool growth, copy on write or "
                     "Trim that fails too leaves its records unlike the backend (docs/errors.md)";
   }
