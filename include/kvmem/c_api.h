@@ -139,7 +139,9 @@ KVMEM_EXPORT kvmem_status kvmem_truncate(kvmem_cache* cache, uint64_t id, int64_
 KVMEM_EXPORT kvmem_status kvmem_fork(kvmem_cache* cache, uint64_t parent, uint64_t child,
                                      int32_t* row_out);
 /* Ends id; its memory is reused after `fence` completes: a CUevent / cudaEvent_t on the
- * CUDA backend, a pointer to a C++ std::atomic<bool> on the host backend, NULL for now. */
+ * CUDA backend, a pointer to a C++ std::atomic<bool> on the host backend, NULL for now.
+ * The cache queries the fence until it completes, so it must stay valid that long (not
+ * destroyed): an engine records one event again before each free. */
 KVMEM_EXPORT kvmem_status kvmem_free(kvmem_cache* cache, uint64_t id, void* fence);
 
 /* The step's batch calls (KvCache::ExtendBatch / TruncateBatch / FreeBatch): one lock,

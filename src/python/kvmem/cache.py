@@ -303,7 +303,10 @@ class KvCache:
 
     def free(self, ids, fence=None):
         """Ends one request (an int) or several (a sequence / array) under one fence: a
-        CUDA event handle as an int (torch.cuda.Event().cuda_event), or None."""
+        CUDA event handle as an int (torch.cuda.Event().cuda_event), or None. The cache
+        queries the event until it completes, so it must stay alive that long: keep one
+        event and record it again before each free (a later record on the same stream
+        completes after the earlier work), rather than a new event per call."""
         fence = _fence(fence)
         if isinstance(ids, (int, np.integer)):
             check(_lib.free(self.handle, int(ids), fence))
