@@ -80,7 +80,7 @@ def pct(values, q):
 
 def summary(name, wall, reqs_done, first, last, counts, peak, held, live, extra=None):
     """first / last: per request, seconds from t0 to its first / last token."""
-    tokens = int(sum(counts))
+    tokens = int(sum(counts.values()))
     ttft = [first[i] for i in first]
     tpot = [(last[i] - first[i]) / (counts[i] - 1) for i in first if counts[i] > 1]
     row = {"engine": name, "requests": reqs_done, "output_tokens": tokens, "wall_s": wall,
