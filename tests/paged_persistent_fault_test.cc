@@ -55,19 +55,19 @@ std::vector<LayoutCase> PagedLayouts() {
   return out;
 }
 
-
-// Paged only: the backend holds exactly what the stats say. Every handle is mapped once
-// (but for trimmed ones whose release failed, which physical_bytes counts too), and
-// every pool (K and V of each layer, each in its region of the reservation) is mapped
-// and accessible over its first mapped_bytes / (pools x granularity) granules and not
-// mapped beyond them, up to the granules its pages take. CheckInvariants of the paged
-// layout looks at its own records only; this looks at the backend's.
+// Paged only: the backend holds exactly what the stats say. The pool's chunks: every pool
+// (K and V of each layer, each in its region of the reservation) mapped and accessible
+// over the same first granules, exactly the ones that hold the pages the stats count
+// usable (held + idle). Beyond them, only what a failed undo left (docs/errors.md, rule
+// 8): granules mapped outside the chunks, whose free pages the stats count quarantined
+// (no fence is pending here), and handles whose release failed; mapped_bytes and
+// physical_bytes count those too. CheckInvariants of the paged layout compares its own
+// records with the backend; this compares the public numbers with it.
 absl::Status PagedBackendMatches(const Env& env) {
   const KvCacheConfig& c = env.config();
   const Stats s = env.cache->GetStats();
   const VmmCounters v = env.host->counters();
   const int64_t g = c.host_granularity;
-  const int64_t pools = 2 * int64_t{c.num_layers};
   if (v.mapped_granules * g != s.mapped_bytes) {
     return absl::InternalError(
         absl::StrFormat("the backend maps %d granules (%d bytes), stats "
@@ -79,13 +79,11 @@ absl::Status PagedBackendMatches(const Env& env) {
         absl::StrFormat("the backend holds %d handles (%d bytes), stats say %d physical bytes",
                         v.live_handles, v.live_handles * g, s.physical_bytes));
   }
-  if (s.mapped_bytes % (pools * g) != 0) {
-    return absl::InternalError(
-        absl::StrFormat("mapped bytes %d are not whole chunks of %d pools", s.mapped_bytes, pools));
-  }
-  const int64_t chunks = s.mapped_bytes / (pools * g);
   const int64_t pool_page_bytes = c.page_tokens * c.TokenLayerBytes();
   const int64_t region_granules = (s.pages_total * pool_page_bytes + g - 1) / g;
+  // Per granule of the regions: mapped and accessible in every pool; mapped in some.
+  std::vector<bool> whole(region_granules, true);
+  std::vector<bool> some(region_granules, false);
   const BatchMetadata empty;
   for (int layer = 0; layer < c.num_layers; ++layer) {
     absl::StatusOr<PagedKv> view = env.cache->PagedView(layer, empty);
@@ -95,16 +93,40 @@ absl::Status PagedBackendMatches(const Env& env) {
       for (int64_t i = 0; i < region_granules; ++i) {
         absl::StatusOr<MappingState> q = env.host->Query(base + i * g);
         if (!q.ok()) return q.status();
-        const bool want = i < chunks;
-        if (q->mapped != want || (want && !q->accessible)) {
-          return absl::InternalError(absl::StrFormat(
-              "layer %d %s granule %d of %d: the backend has it %s, the layout maps %d chunks",
-              layer, kv == 0 ? "K" : "V", i, region_granules,
-              !q->mapped ? "unmapped" : (q->accessible ? "mapped" : "mapped without access"),
-              chunks));
-        }
+        if (!q->mapped || !q->accessible) whole[i] = false;
+        if (q->mapped) some[i] = true;
       }
     }
+  }
+  const int64_t chunks = std::find(whole.begin(), whole.end(), false) - whole.begin();
+  const int64_t usable = (s.held_bytes + s.idle_bytes) / s.page_bytes;
+  const int64_t mapped_pages = std::min(s.pages_total, chunks * g / pool_page_bytes);
+  if (usable != mapped_pages) {
+    return absl::InternalError(absl::StrFormat(
+        "stats count %d usable pages; the backend maps granules [0, %d) of every pool, which "
+        "hold %d",
+        usable, chunks, mapped_pages));
+  }
+  // The pages (all beyond the usable ones) of granules mapped outside the chunks.
+  int64_t held_back = 0;
+  int64_t next = usable;
+  std::string outside;
+  for (int64_t i = chunks; i < region_granules; ++i) {
+    if (!some[i]) continue;
+    absl::StrAppend(&outside, outside.empty() ? "" : ", ", i);
+    const int64_t lo = std::max(next, i * g / pool_page_bytes);
+    const int64_t hi =
+        std::min(s.pages_total, ((i + 1) * g + pool_page_bytes - 1) / pool_page_bytes);
+    if (hi > lo) {
+      held_back += hi - lo;
+      next = hi;
+    }
+  }
+  if (s.pages_quarantined != held_back) {
+    return absl::InternalError(absl::StrFormat(
+        "stats count %d pages quarantined; the backend maps granules [%s] outside the %d "
+        "chunks, which hold %d pages",
+        s.pages_quarantined, outside, chunks, held_back));
   }
   return absl::OkStatus();
 }
@@ -458,26 +480,8 @@ void RunTwoKinds(const LayoutCase& layout, const TwoKinds& t) {
 
 class TwoFailureKindsTest : public ::testing::TestWithParam<std::tuple<LayoutCase, TwoKinds>> {};
 
-// The paged layout does not yet keep its records true to the backend when the undo of a
-// pool growth, a copy on write or a Trim fails as well (docs/errors.md, rule 8): a
-// known defect, shown as skipped with its reason rather than left out. The other paged
-// cases and every virtual one run.
-bool PagedUndoOpen(const LayoutCase& layout, const TwoKinds& t) {
-  if (t.scenario == "Trim") return true;  // an Unmap, then the remap, fails
-  // One-token pages are never partly filled: that scenario copies nothing, and passes.
-  const bool copies = t.scenario == "ExtendGrowsThePoolAndCopiesOnWrite";
-  if (copies && layout.page_tokens == 1) return false;
-  if (t.undo == VmmOp::kRelease) return true;  // handles abandoned by the undo
-  if (t.undo == VmmOp::kUnmap) return t.scenario == "ExtendGrowsThePool" || copies;
-  return false;
-}
-
 TEST_P(TwoFailureKindsTest, UndoFailsTooThenRecover) {
   const auto& [layout, kinds] = GetParam();
-  if (layout.layout == Layout::kPaged && PagedUndoOpen(layout, kinds)) {
-    GTEST_SKIP() << "known defect: the paged layout's undo of a pool growth, copy on write or "
-                    "Trim that fails too leaves its records unlike the backend (docs/errors.md)";
-  }
   RunTwoKinds(layout, kinds);
 }
 

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "allocators/vmm/device_memory.h"
 #include "src/core/host_limits.h"
@@ -23,12 +24,6 @@ namespace {
 // The error of a backend call, with what kvmem was doing in front of its message.
 absl::Status WithContext(const absl::Status& s, absl::string_view context) {
   return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
-}
-
-// A broken invariant found by CheckInvariants.
-template <typename... Args>
-absl::Status Corrupt(const absl::FormatSpec<Args...>& format, const Args&... args) {
-  return absl::InternalError(absl::StrCat("paged layout: ", absl::StrFormat(format, args...)));
 }
 
 }  // namespace
@@ -237,17 +232,17 @@ PagedLayout::~PagedLayout() {
     Logger()->warn("paged layout destroyed with {} pages still waiting on fences",
                    pool_.quarantined_count());
   }
-  absl::Status s = UnmapChunks(0);
-  if (!s.ok()) Logger()->error("paged layout: unmapping the pools: {}", s.ToString());
-  // Handles still here are still mapped (the unmap failed): one summary, not a line each.
-  std::vector<PhysicalPage> left;
-  for (auto& chunk : chunks_) {
-    for (PhysicalPage& page : chunk) left.push_back(std::move(page));
+  // Every chunk goes with what failed calls left: one Unmap per run of adjacent granules
+  // (the whole reservation for a full pool), then every handle is released; what fails
+  // is logged once.
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    for (int64_t i = 0; i < geo_.num_pools; ++i) {
+      stranded_.AddMapped(PoolBase(i) + c * geo_.granularity, static_cast<int64_t>(c),
+                          std::move(chunks_[c][i]), /*accessible=*/true);
+    }
   }
-  for (PhysicalPage& page : unreleased_) left.push_back(std::move(page));
   chunks_.clear();
-  unreleased_.clear();
-  ReleaseAllOrLog(&left, "paged layout destroyed");
+  stranded_.GiveBackOrLog(vmm_.get(), geo_.granularity, "paged layout destroyed");
   reservation_.Reset();
 }
 
@@ -263,26 +258,56 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
   if (k <= 0) return absl::OkStatus();
   const int64_t gran = geo_.granularity;
   const int64_t pools = geo_.num_pools;
+  if (stranded_.AnyMappedIn(c0, target)) {
+    // The retry at the start of this call failed to unmap them again.
+    const absl::Status& why = stranded_error_;
+    return absl::Status(
+        why.ok() ? absl::StatusCode::kFailedPrecondition : why.code(),
+        absl::StrFormat("chunks [%d, %d) cannot be mapped: an earlier failed call left part of "
+                        "them mapped, and unmapping that failed again: %s",
+                        c0, target, why.ToString()));
+  }
+  const StrandedMappings::Count stranded_before = stranded_.count();
 
-  std::vector<std::vector<PhysicalPage>> fresh(k);
-  // The handles of a call that fails, all at once (a line per handle could be thousands).
-  auto release_fresh = [&] {
-    std::vector<PhysicalPage> all;
-    for (auto& chunk : fresh) {
-      for (PhysicalPage& page : chunk) all.push_back(std::move(page));
+  std::vector<std::vector<PhysicalPage>> fresh(k);  // [chunk][pool]
+  // Takes back what this call did: unmaps whole pools before `pool` and `mapped_in_pool`
+  // chunks of it (the first `accessible_pools` pools were given access), then releases
+  // every handle it created. What fails stays in stranded_, and the status says so.
+  auto unwind = [&](int64_t pool, int64_t mapped_in_pool, int64_t accessible_pools,
+                    const absl::Status& cause) {
+    absl::Status undo;
+    for (int64_t i = 0; i <= pool && i < pools; ++i) {
+      const int64_t m = i < pool ? k : mapped_in_pool;
+      if (m == 0) continue;
+      absl::Status u = vmm_->Unmap(PoolBase(i) + c0 * gran, m * gran);
+      if (u.ok()) continue;
+      undo.Update(
+          WithContext(u, absl::StrFormat("unmapping chunks [%d, %d) of pool %d", c0, c0 + m, i)));
+      for (int64_t j = 0; j < m; ++j) {
+        stranded_.AddMapped(PoolBase(i) + (c0 + j) * gran, c0 + j, std::move(fresh[j][i]),
+                            i < accessible_pools);
+      }
     }
-    ReleaseAllOrLog(&all, "paged layout: a failed growth of the pool");
+    std::vector<PhysicalPage> created;
+    for (auto& chunk : fresh) {
+      for (PhysicalPage& page : chunk) created.push_back(std::move(page));
+    }
+    if (absl::Status r = stranded_.Release(&created); !r.ok()) {
+      undo.Update(WithContext(r, "releasing the handles it created"));
+    }
+    return Undone(cause, undo, c0, stranded_before);
   };
+
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t j = 0; j < k; ++j) {
     fresh[j].reserve(pools);
     for (int64_t i = 0; i < pools; ++i) {
       absl::StatusOr<PhysicalPage> page = PhysicalPage::Make(vmm_.get());
       if (!page.ok()) {
-        release_fresh();
-        return WithContext(page.status(), absl::StrFormat("creating memory for chunk %d of "
-                                                          "pool %d",
-                                                          c0 + j, i));
+        return unwind(0, 0, 0,
+                      WithContext(page.status(), absl::StrFormat("creating memory for chunk %d "
+                                                                 "of pool %d",
+                                                                 c0 + j, i)));
       }
       fresh[j].push_back(std::move(*page));
     }
@@ -291,28 +316,11 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
 
-  // Unmaps what this call mapped: whole pools before `pool`, `mapped_in_pool` chunks of it.
-  auto unwind = [&](int64_t pool, int64_t mapped_in_pool, const absl::Status& cause) {
-    absl::Status undo = absl::OkStatus();
-    for (int64_t i = 0; i <= pool && i < pools; ++i) {
-      const int64_t m = i < pool ? k : mapped_in_pool;
-      if (m == 0) continue;
-      absl::Status u = vmm_->Unmap(PoolBase(i) + c0 * gran, m * gran);
-      if (!u.ok() && undo.ok()) undo = u;
-    }
-    release_fresh();
-    if (!undo.ok()) {
-      return absl::InternalError(
-          absl::StrCat(cause.message(), "; rolling back the maps failed too: ", undo.ToString()));
-    }
-    return cause;
-  };
-
   for (int64_t i = 0; i < pools; ++i) {
     for (int64_t j = 0; j < k; ++j) {
       absl::Status s = vmm_->Map(PoolBase(i) + (c0 + j) * gran, fresh[j][i].handle());
       if (!s.ok()) {
-        return unwind(i, j,
+        return unwind(i, j, 0,
                       WithContext(s, absl::StrFormat("mapping chunk %d of pool %d", c0 + j, i)));
       }
     }
@@ -321,7 +329,7 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
   for (int64_t i = 0; i < pools; ++i) {
     absl::Status s = vmm_->SetAccess(PoolBase(i) + c0 * gran, k * gran);
     if (!s.ok()) {
-      return unwind(pools, 0,
+      return unwind(pools, 0, i,
                     WithContext(s, absl::StrFormat("enabling access to chunks [%d, %d) of pool %d",
                                                    c0, target, i)));
     }
@@ -331,59 +339,116 @@ absl::Status PagedLayout::MapChunks(int64_t target) {
   return absl::OkStatus();
 }
 
-absl::Status PagedLayout::UnmapChunks(int64_t target) {
+absl::Status PagedLayout::UnmapChunks(int64_t target, absl::Status* undo_error) {
   const int64_t c1 = static_cast<int64_t>(chunks_.size());
   const int64_t k = c1 - target;
   if (k <= 0) return absl::OkStatus();
   const int64_t gran = geo_.granularity;
-  for (int64_t i = 0; i < geo_.num_pools; ++i) {
-    absl::Status s = vmm_->Unmap(PoolBase(i) + target * gran, k * gran);
+  const int64_t pools = geo_.num_pools;
+  // Pools [0, unmapped) are unmapped; of pool p < unmapped, remapped[p] chunks were mapped
+  // back, and given access when accessible[p].
+  int64_t unmapped = 0;
+  std::vector<int64_t> remapped(pools, 0);
+  std::vector<bool> accessible(pools, false);
+  absl::Status cause;
+  for (; unmapped < pools; ++unmapped) {
+    absl::Status s = vmm_->Unmap(PoolBase(unmapped) + target * gran, k * gran);
     if (s.ok()) continue;
-    absl::Status cause =
-        WithContext(s, absl::StrFormat("unmapping chunks [%d, %d) of pool %d", target, c1, i));
+    cause = WithContext(
+        s, absl::StrFormat("unmapping chunks [%d, %d) of pool %d", target, c1, unmapped));
+    break;
+  }
+  if (!cause.ok()) {
     // Map the pools already unmapped back (the handles still hold their contents).
-    for (int64_t r = 0; r < i; ++r) {
-      absl::Status m = absl::OkStatus();
+    absl::Status m;
+    for (int64_t r = 0; r < unmapped && m.ok(); ++r) {
       for (int64_t j = 0; j < k && m.ok(); ++j) {
         m = vmm_->Map(PoolBase(r) + (target + j) * gran, chunks_[target + j][r].handle());
+        if (m.ok()) ++remapped[r];
       }
       if (m.ok()) m = vmm_->SetAccess(PoolBase(r) + target * gran, k * gran);
       if (!m.ok()) {
-        return absl::InternalError(
-            absl::StrCat(cause.message(), "; remapping pool ", r, " failed too: ", m.ToString()));
+        undo_error->Update(WithContext(m, absl::StrFormat("mapping pool %d back", r)));
+      }
+      accessible[r] = m.ok();
+    }
+    if (m.ok()) return cause;  // every chunk is mapped and accessible as before
+  }
+  // The chunks leave the pool (their pages are free): what is still mapped of them (the
+  // pools not unmapped, or mapped back) waits in stranded_ for a later call to unmap it.
+  std::vector<PhysicalPage> released;
+  for (int64_t c = target; c < c1; ++c) {
+    for (int64_t i = 0; i < pools; ++i) {
+      PhysicalPage& page = chunks_[c][i];
+      const bool still_mapped = i >= unmapped || c - target < remapped[i];
+      if (still_mapped) {
+        stranded_.AddMapped(PoolBase(i) + c * gran, c, std::move(page),
+                            i >= unmapped || accessible[i]);
+      } else {
+        released.push_back(std::move(page));
       }
     }
-    return cause;
-  }
-  // The chunks are unmapped and their pages gone from the pool. A handle the backend
-  // fails to release is kept (counted in physical bytes) and retried by the next Trim
-  // and the destructor, rather than dropped and leaked.
-  for (int64_t c = target; c < c1; ++c) {
-    for (PhysicalPage& page : chunks_[c]) unreleased_.push_back(std::move(page));
   }
   chunks_.resize(target);
   usable_pages_ = UsablePagesFor(target);
-  ReleasePending();
-  return absl::OkStatus();
+  // A handle the backend fails to release is kept (counted in physical bytes) and retried
+  // by the next call, rather than dropped and leaked.
+  if (absl::Status r = stranded_.Release(&released); !r.ok()) {
+    undo_error->Update(
+        WithContext(r, absl::StrFormat("releasing the handles of chunks [%d, %d)", target, c1)));
+  }
+  return cause;
 }
 
-void PagedLayout::ReleasePending() {
-  std::vector<PhysicalPage> kept;
-  absl::Status first;
-  for (PhysicalPage& page : unreleased_) {
-    absl::Status s = page.Release();
-    if (!s.ok()) {
-      if (kept.empty()) first = std::move(s);
-      kept.push_back(std::move(page));
+void PagedLayout::RetryStranded() {
+  if (stranded_.empty()) return;
+  stranded_error_ = stranded_.Retry(vmm_.get(), geo_.granularity);
+  if (!stranded_error_.ok()) {
+    Logger()->warn(
+        "paged layout: {} granule(s) stay mapped outside the pool and {} handle(s) unreleased "
+        "after retrying: {}",
+        stranded_.mapped().size(), stranded_.unreleased().size(), stranded_error_.ToString());
+  }
+}
+
+absl::Status PagedLayout::Undone(const absl::Status& cause, const absl::Status& undo_error,
+                                 int64_t chunks_before,
+                                 const StrandedMappings::Count& stranded_before) const {
+  std::vector<std::string> notes;
+  const int64_t now = mapped_chunks();
+  if (now > chunks_before) {
+    notes.push_back(absl::StrFormat(
+        "the pool keeps chunks [%d, %d) mapped (their pages free) until Trim gives them back",
+        chunks_before, now));
+  } else if (now < chunks_before) {
+    notes.push_back(absl::StrFormat("chunks [%d, %d) left the pool (their pages were free)", now,
+                                    chunks_before));
+  }
+  stranded_.DescribeSince(stranded_before, &notes);
+  if (notes.empty()) return cause;
+  return absl::Status(
+      cause.code(), absl::StrCat(cause.message(),
+                                 undo_error.ok() ? std::string("; it could not be undone entirely")
+                                                 : absl::StrCat("; undoing it failed too (",
+                                                                undo_error.ToString(), ")"),
+                                 ", so the cache is not as before: ", absl::StrJoin(notes, "; ")));
+}
+
+int64_t PagedLayout::StrandedPages() const {
+  if (stranded_.mapped().empty()) return 0;
+  // Pages overlapping each such chunk; adjacent chunks may share a page (counted once).
+  int64_t pages = 0;
+  int64_t next = usable_pages_;  // every page below is counted or usable
+  for (int64_t c : stranded_.Chunks()) {
+    const int64_t lo = std::max(next, c * geo_.granularity / geo_.pool_page_bytes);
+    const int64_t hi = std::min<int64_t>(geo_.num_pages,
+                                         CeilDiv((c + 1) * geo_.granularity, geo_.pool_page_bytes));
+    if (hi > lo) {
+      pages += hi - lo;
+      next = hi;
     }
   }
-  if (!kept.empty()) {
-    Logger()->warn(
-        "paged layout: releasing {} of {} trimmed handles failed (kept, retried later); the "
-        "first: {}",
-        kept.size(), unreleased_.size(), first.ToString());
-  }
-  unreleased_ = std::move(kept);
+  return pages;
 }
 
 void PagedLayout::ReclaimQuarantine(bool scan_all) {
@@ -436,9 +501,15 @@ absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, in
   return absl::OkStatus();
 }
 
-absl::Status PagedLayout::UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before) {
-  for (int32_t p : pages) pool_.Unref(p);
-  return UnmapChunks(chunks_before);
+absl::Status PagedLayout::UndoTake(const absl::Status& cause, int64_t chunks_before) {
+  for (int32_t p : fresh_) pool_.Unref(p);
+  fresh_.clear();
+  const StrandedMappings::Count stranded_before = stranded_.count();
+  absl::Status undo_error;
+  // An unmap failure comes first: the later ones are of its undo.
+  absl::Status u = UnmapChunks(chunks_before, &undo_error);
+  u.Update(undo_error);
+  return Undone(cause, u, chunks_before, stranded_before);
 }
 
 // ---- accounting ---------------------------------------------------------------
@@ -492,6 +563,7 @@ void PagedLayout::UpdatePeaks() {
 // ---- rows ---------------------------------------------------------------------
 
 absl::StatusOr<int32_t> PagedLayout::AcquireRow() {
+  RetryStranded();
   const int64_t row = free_rows_.Lowest();
   if (row < 0) {
     return absl::ResourceExhaustedError(
@@ -520,6 +592,7 @@ absl::Status PagedLayout::Grow(int32_t row, int64_t len, int64_t n, std::vector<
 }
 
 absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* out) {
+  RetryStranded();
   // 1. Plan every row: the pages to add, plus one when the partly filled last page is
   //    shared, by another row or by a freed one whose fence is pending (its kernel may
   //    still read the slots this write would overwrite). Of several rows of the batch
@@ -539,9 +612,9 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
     }
     if (st.n < 0 || st.n > config_.max_context - st.len) {
       UnplanCopies();
-      return absl::OutOfRangeError(absl::StrFormat(
-          "paged layout: row %d cannot grow from %d by %d tokens (max_context %d)", st.row,
-          st.len, st.n, config_.max_context));
+      return absl::OutOfRangeError(
+          absl::StrFormat("paged layout: row %d cannot grow from %d by %d tokens (max_context %d)",
+                          st.row, st.len, st.n, config_.max_context));
     }
     GrowPlan g;
     const int64_t fill = st.len % pt_;
@@ -564,8 +637,8 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
       return WithContext(s, absl::StrFormat("row %d growing from %d by %d tokens", steps[0].row,
                                             steps[0].len, steps[0].n));
     }
-    return WithContext(s, absl::StrFormat("a batch of %d rows growing by %d pages",
-                                          steps.size(), total));
+    return WithContext(
+        s, absl::StrFormat("a batch of %d rows growing by %d pages", steps.size(), total));
   }
 
   // 3. Copies of shared last pages.
@@ -580,12 +653,7 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
       absl::Status cause = WithContext(
           s, absl::StrFormat("row %d: copy on write of shared page %d to page %d (pool %d)",
                              steps[i].row, g.old_tail, copy, pool));
-      absl::Status undo = UndoTake(fresh_, chunks_before);
-      if (!undo.ok()) {
-        return absl::InternalError(
-            absl::StrCat(cause.message(), "; rollback failed: ", undo.ToString()));
-      }
-      return cause;
+      return UndoTake(cause, chunks_before);
     }
   }
 
@@ -636,6 +704,7 @@ void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out
 }
 
 absl::Status PagedLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
+  RetryStranded();
   if (row < 0 || row >= config_.max_requests) return BadRow("Shrink", row, len, -1);
   Row& r = rows_[row];
   if (!r.live || r.len != len) return BadRow("Shrink", row, len, r.live ? r.len : -1);
@@ -665,6 +734,7 @@ absl::Status PagedLayout::Shrink(int32_t row, int64_t len, int64_t new_len) {
 }
 
 absl::Status PagedLayout::Share(int32_t parent, int64_t len, int32_t child) {
+  RetryStranded();
   if (parent < 0 || parent >= config_.max_requests) return BadRow("Share", parent, len, -1);
   if (child < 0 || child >= config_.max_requests || child == parent) {
     return BadRow("Share (child)", child, 0, -1);
@@ -690,6 +760,7 @@ absl::Status PagedLayout::Share(int32_t parent, int64_t len, int32_t child) {
 }
 
 absl::Status PagedLayout::Release(int32_t row, int64_t len, Fence fence) {
+  RetryStranded();
   if (row < 0 || row >= config_.max_requests) return BadRow("Release", row, len, -1);
   Row& r = rows_[row];
   if (!r.live || r.len != len) return BadRow("Release", row, len, r.live ? r.len : -1);
@@ -710,15 +781,24 @@ absl::Status PagedLayout::Release(int32_t row, int64_t len, Fence fence) {
 
 absl::StatusOr<int64_t> PagedLayout::Trim() {
   if (!config_.elastic_pool) return 0;  // a fixed pool keeps the whole budget mapped
-  ReleasePending();
+  RetryStranded();
   ReclaimQuarantine(/*scan_all=*/true);
   const int64_t highest = pool_.HighestNonFree();
   const int64_t keep =
       highest < 0 ? 0 : CeilDiv((highest + 1) * geo_.pool_page_bytes, geo_.granularity);
   const int64_t before = mapped_chunks();
   if (keep >= before) return 0;
-  absl::Status s = UnmapChunks(keep);
-  if (!s.ok()) return WithContext(s, "paged layout: Trim");
+  const StrandedMappings::Count stranded_before = stranded_.count();
+  absl::Status undo_error;
+  absl::Status s = UnmapChunks(keep, &undo_error);
+  if (!s.ok()) {
+    return WithContext(Undone(s, undo_error, before, stranded_before), "paged layout: Trim");
+  }
+  if (!undo_error.ok()) {
+    // Unmapped all the same: the memory is out of the pool, its handles wait.
+    Logger()->warn("paged layout: Trim: {} handle(s) wait for a later call to release them: {}",
+                   stranded_.unreleased().size(), undo_error.ToString());
+  }
   return (before - keep) * geo_.num_pools * geo_.granularity;
 }
 
@@ -767,179 +847,6 @@ absl::StatusOr<PagedKv> PagedLayout::PagedView(int layer) const {
 
 absl::StatusOr<VirtualKv> PagedLayout::VirtualView(int layer) const {
   return absl::FailedPreconditionError("VirtualView of a paged KV cache: use PagedView");
-}
-
-void PagedLayout::FillStats(Stats* s) const {
-  const int64_t page_bytes = pt_ * config_.TokenBytes();
-  const int64_t mapped = mapped_chunks() * geo_.num_pools * geo_.granularity;
-  s->page_bytes = page_bytes;
-  s->pages_total = geo_.num_pages;
-  // Pages whose fence has completed are free to the next allocation: they count free
-  // whether or not a call has reclaimed them yet (a failed Extend may have), so the
-  // numbers depend on the state alone, not on which calls ran.
-  const int64_t pending =
-      pool_.PendingCount([this](const Fence& f) { return vmm_->FenceComplete(f); });
-  s->pages_free = pool_.free_count() + (pool_.quarantined_count() - pending);
-  s->pages_used = pool_.used_count();
-  s->pages_shared = pool_.shared_count();
-  s->pages_quarantined = pending;
-  s->stored_tokens = stored_tokens_;
-  s->live_bytes = stored_tokens_ * config_.TokenBytes();
-  s->held_bytes = pool_.used_count() * page_bytes;
-  s->idle_bytes = (usable_pages_ - pool_.used_count()) * page_bytes;
-  s->mapped_bytes = mapped;
-  // Every handle is mapped exactly once, but for trimmed ones whose release failed.
-  s->physical_bytes = mapped + static_cast<int64_t>(unreleased_.size()) * geo_.granularity;
-  s->peak_held_bytes = peak_held_bytes_;
-  s->peak_live_bytes = peak_live_bytes_;
-  s->cow_copies = cow_copies_;
-  s->pool_create_nanos = pool_create_nanos_;
-  s->vmm = vmm_->counters();
-}
-
-absl::Status PagedLayout::CheckInvariants(
-    const std::vector<std::pair<int32_t, int64_t>>& live) const {
-  const int32_t num_rows = config_.max_requests;
-  std::vector<int64_t> want(num_rows, -1);
-  for (const auto& [row, len] : live) {
-    if (row < 0 || row >= num_rows) return Corrupt("live row %d out of range", row);
-    if (want[row] >= 0) return Corrupt("row %d listed twice", row);
-    want[row] = len;
-  }
-  std::vector<int32_t> owners(geo_.num_pages, 0);
-  std::vector<int32_t> partial(geo_.num_pages, 0);
-  std::vector<int64_t> partial_sum(geo_.num_pages, 0);
-  std::vector<int64_t> fill(geo_.num_pages, 0);
-  int64_t live_rows = 0;
-  for (int32_t row = 0; row < num_rows; ++row) {
-    const Row& r = rows_[row];
-    if (want[row] < 0) {
-      if (r.live) return Corrupt("row %d is live in the layout but no request holds it", row);
-      if (r.len != 0 || !r.pages.empty()) {
-        return Corrupt("idle row %d owns %d tokens in %d pages", row, r.len, r.pages.size());
-      }
-      if (!free_rows_.Contains(row)) return Corrupt("idle row %d is not in the free row set", row);
-      for (int64_t pos = 0; pos < index_.high_water(row); ++pos) {
-        if (index_.Get(row, pos) != -1) {
-          return Corrupt("idle row %d has slot %d at position %d", row, index_.Get(row, pos), pos);
-        }
-      }
-      continue;
-    }
-    ++live_rows;
-    if (!r.live) return Corrupt("row %d holds a request but the layout has it idle", row);
-    if (free_rows_.Contains(row)) return Corrupt("live row %d is in the free row set", row);
-    if (r.len != want[row]) {
-      return Corrupt("row %d has %d tokens in the layout, %d in the cache", row, r.len, want[row]);
-    }
-    if (static_cast<int64_t>(r.pages.size()) != PagesFor(r.len)) {
-      return Corrupt("row %d with %d tokens has %d pages, want %d", row, r.len, r.pages.size(),
-                     PagesFor(r.len));
-    }
-    for (size_t i = 0; i < r.pages.size(); ++i) {
-      const int32_t p = r.pages[i];
-      if (p < 0 || p >= geo_.num_pages) return Corrupt("row %d holds page %d out of range", row, p);
-      if (p >= usable_pages_) {
-        return Corrupt("row %d holds page %d beyond the %d mapped pages", row, p, usable_pages_);
-      }
-      ++owners[p];
-      const bool last = i + 1 == r.pages.size();
-      const int64_t f = last && r.len % pt_ != 0 ? r.len % pt_ : pt_;
-      fill[p] = std::max(fill[p], f);
-      if (f != pt_) {
-        ++partial[p];
-        partial_sum[p] += f;
-      }
-    }
-    for (int64_t pos = 0; pos < r.len; ++pos) {
-      const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
-      if (index_.Get(row, pos) != slot) {
-        return Corrupt("row %d position %d: index has slot %d, block table gives %d", row, pos,
-                       index_.Get(row, pos), slot);
-      }
-    }
-    for (int64_t pos = r.len; pos < std::max(index_.high_water(row), r.len + 1); ++pos) {
-      if (pos >= config_.max_context) break;
-      if (index_.Get(row, pos) != -1) {
-        return Corrupt("row %d with %d tokens has slot %d at position %d", row, r.len,
-                       index_.Get(row, pos), pos);
-      }
-    }
-  }
-  if (live_rows + free_rows_.count() != num_rows) {
-    return Corrupt("%d live rows + %d free rows != %d rows", live_rows, free_rows_.count(),
-                   num_rows);
-  }
-  KVMEM_RETURN_IF_ERROR(pool_.CheckConsistency());
-  int64_t stored = 0;
-  for (int32_t p = 0; p < geo_.num_pages; ++p) {
-    if (owners[p] != pool_.refcount(p)) {
-      return Corrupt("page %d has refcount %d but %d live rows hold it", p, pool_.refcount(p),
-                     owners[p]);
-    }
-    const auto shared = shared_fills_.find(p);
-    if ((partial[p] >= 2) != (shared != shared_fills_.end())) {
-      return Corrupt("page %d: %d rows end in it, but its fills are %stracked", p, partial[p],
-                     shared != shared_fills_.end() ? "" : "not ");
-    }
-    if (shared != shared_fills_.end()) {
-      int64_t n = 0;
-      int64_t sum = 0;
-      for (const auto& [f, count] : shared->second) {
-        n += count;
-        sum += f * count;
-      }
-      if (n != partial[p] || sum != partial_sum[p]) {
-        return Corrupt("page %d: %d rows end in it filling %d slots; its fills say %d rows, %d",
-                       p, partial[p], partial_sum[p], n, sum);
-      }
-    }
-    if (partial[p] != partial_refs_[p] || partial_sum[p] != partial_sum_[p]) {
-      return Corrupt("page %d: %d rows end in it filling %d slots; tracked %d rows, %d slots", p,
-                     partial[p], partial_sum[p], partial_refs_[p], partial_sum_[p]);
-    }
-    stored += fill[p];
-  }
-  if (stored != stored_tokens_) {
-    return Corrupt("stored tokens %d, recount %d", stored_tokens_, stored);
-  }
-  const int64_t highest = pool_.HighestNonFree();
-  if (highest >= usable_pages_) {
-    return Corrupt("page %d is used or quarantined beyond the %d mapped pages", highest,
-                   usable_pages_);
-  }
-  // Pages beyond the mapped ones must all be free; the rest are free, used or quarantined.
-  int64_t free_mapped = 0, free_unmapped = 0;
-  for (int32_t p = 0; p < geo_.num_pages; ++p) {
-    if (pool_.is_free(p)) (p < usable_pages_ ? free_mapped : free_unmapped)++;
-  }
-  const int64_t unmapped = geo_.num_pages - usable_pages_;
-  if (free_unmapped != unmapped) {
-    return Corrupt("%d of the %d unmapped pages are free", free_unmapped, unmapped);
-  }
-  if (free_mapped + pool_.used_count() + pool_.quarantined_count() + unmapped != geo_.num_pages) {
-    return Corrupt("free %d + used %d + quarantined %d + unmapped %d != %d pages", free_mapped,
-                   pool_.used_count(), pool_.quarantined_count(), unmapped, geo_.num_pages);
-  }
-  if (mapped_chunks() > geo_.chunks_total) {
-    return Corrupt("%d chunks mapped, the pool has %d", mapped_chunks(), geo_.chunks_total);
-  }
-  if (!config_.elastic_pool && mapped_chunks() != geo_.chunks_total) {
-    return Corrupt("fixed pool has %d of its %d chunks mapped", mapped_chunks(), geo_.chunks_total);
-  }
-  if (usable_pages_ != UsablePagesFor(mapped_chunks())) {
-    return Corrupt("%d usable pages but %d chunks map %d", usable_pages_, mapped_chunks(),
-                   UsablePagesFor(mapped_chunks()));
-  }
-  for (size_t c = 0; c < chunks_.size(); ++c) {
-    if (static_cast<int64_t>(chunks_[c].size()) != geo_.num_pools) {
-      return Corrupt("chunk %d has %d handles, want %d", c, chunks_[c].size(), geo_.num_pools);
-    }
-    for (const PhysicalPage& h : chunks_[c]) {
-      if (!h.valid()) return Corrupt("chunk %d holds a released handle", c);
-    }
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace kvmem::internal

@@ -18,7 +18,14 @@
 // the pool's quarantine until their fence completes; Shrink frees at once (the engine has
 // synchronised before rewinding a request).
 //
-// Error model: every mutating call is all-or-nothing (see src/kv_layout.h).
+// Error model: every mutating call is all-or-nothing (see allocators/layout/kv_layout.h),
+// but where the backend fails the undo too (docs/errors.md, rule 8): then the records stay
+// exactly true to the backend. A chunk whose growth failed and whose unmap failed too
+// stays mapped outside the pool, a handle whose release failed stays owned (both in
+// stranded_, retried at the start of every later mutating call); chunks Trim or an undo
+// gave back whose remap failed leave the pool all the same (their pages are free), so no
+// page is ever recorded usable whose memory is not mapped. The status keeps the
+// failure's code and says what was left.
 // Thread safety: none; KvCache calls it under its mutex.
 // Ownership: owns its reservation, physical handles and token index; keeps the backend
 // alive through a shared_ptr.
@@ -35,6 +42,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocators/layout/kv_layout.h"
+#include "allocators/paged/stranded_mappings.h"
 #include "allocators/vmm/vmm_resources.h"
 #include "kvmem/config.h"
 #include "kvmem/vmm.h"
@@ -130,14 +138,31 @@ class PagedLayout final : public KvLayout {
   void UnplanCopies();
   // Applies one planned row (cannot fail) and writes its new slots to out.
   void CommitGrow(const GrowStep& step, const GrowPlan& plan, int64_t* out);
-  // Undoes TakePagesForBatch: frees `pages` and unmaps chunks beyond `chunks_before`.
-  absl::Status UndoTake(const std::vector<int32_t>& pages, int64_t chunks_before);
-  // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool.
+  // Undoes TakePagesForBatch after `cause` failed the call: frees fresh_ and unmaps the
+  // chunks beyond `chunks_before`. Returns `cause`, with what was left where that failed.
+  absl::Status UndoTake(const absl::Status& cause, int64_t chunks_before);
+  // Maps chunks [mapped, target): create 2L handles each, map, one SetAccess per pool. On
+  // error no chunk is added; what its undo could not take back is in stranded_ (the
+  // status says so).
   absl::Status MapChunks(int64_t target);
-  // Unmaps and releases chunks [target, mapped). On error every chunk stays mapped.
-  // Retries the release of handles in unreleased_.
-  void ReleasePending();
-  absl::Status UnmapChunks(int64_t target);
+  // Unmaps chunks [target, mapped) and releases their handles (one whose release fails
+  // waits in stranded_). On an unmap failure maps back what it unmapped and returns the
+  // failure, every chunk still mapped; if mapping back fails too, the chunks leave the
+  // pool all the same (REQUIRES: their pages are free), what is still mapped of them goes
+  // to stranded_, and *undo_error gets that failure (and a failed release).
+  absl::Status UnmapChunks(int64_t target, absl::Status* undo_error);
+  // Retries what stranded_ holds (at the start of every mutating call).
+  void RetryStranded();
+  // `cause`, the error of a failed call, and when its undo (first failure `undo_error`)
+  // left the cache unlike before the call (mapped chunks other than `chunks_before`,
+  // more in stranded_ than `stranded_before`), what it left (docs/errors.md, rule 8).
+  absl::Status Undone(const absl::Status& cause, const absl::Status& undo_error,
+                      int64_t chunks_before, const StrandedMappings::Count& stranded_before) const;
+  // Free pages whose memory lies in a chunk with a stranded granule: they cannot be
+  // mapped until a later call unmaps it (Stats count them quarantined, not free).
+  int64_t StrandedPages() const;
+  // The records against the backend's own (Vmm::Query), where the backend can tell.
+  absl::Status CheckBackend() const;
   void ReclaimQuarantine(bool scan_all);
 
   // Distinct live tokens of page p: the most any owner fills it.
@@ -155,7 +180,9 @@ class PagedLayout final : public KvLayout {
   const int64_t pt_;  // page_tokens
   Reservation reservation_;
   std::vector<std::vector<PhysicalPage>> chunks_;  // [chunk][pool]
-  std::vector<PhysicalPage> unreleased_;  // trimmed, but the backend failed to release them
+  // What failed undos left in the backend, and why the last retry failed to clear it.
+  StrandedMappings stranded_;
+  absl::Status stranded_error_;
   int64_t usable_pages_ = 0;
   PagePool pool_;
   TokenIndex index_;
