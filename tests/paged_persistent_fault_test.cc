@@ -457,8 +457,28 @@ void RunTwoKinds(const LayoutCase& layout, const TwoKinds& t) {
         KVMEM_EXPECT_OK(env.model->Verify(id));
       }
     }
+    absl::Status last = status;
+    if (paged && !status.ok()) {
+      // Still failing: the next call first retries what the failed one left, then fails
+      // or succeeds just as cleanly, and the records stay true to the backend. (Paged
+      // only: on the virtual layout a second growth after a SetAccess, then Unmap,
+      // failure maps over the page the first one kept, FailedPrecondition "already
+      // mapped"; not yet fixed.)
+      const std::vector<RequestId> again_ids = SnapshotIds(*env.model, s.touched);
+      const Snapshot again_before = TakeSnapshot(*env.cache, again_ids);
+      last = s.op(env);
+      KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+      if (!last.ok()) {
+        EXPECT_EQ(last.code(), kCode) << last;
+        EXPECT_TRUE(absl::StrContains(last.message(), "injected")) << last;
+        if (!absl::StrContains(last.message(), "not as before")) {
+          ExpectUnchanged(again_before, env, again_ids);
+        }
+      }
+      KVMEM_EXPECT_OK(PagedBackendMatches(env));
+    }
     env.fault->DisarmAll();
-    if (!status.ok()) KVMEM_EXPECT_OK(s.op(env));
+    if (!last.ok()) KVMEM_EXPECT_OK(s.op(env));
     if (paged) {
       CheckRecovered(env);
     } else {
