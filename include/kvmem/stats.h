@@ -37,8 +37,10 @@ struct KVMEM_EXPORT Stats {
   int64_t pages_free = 0;    // available now (includes ones not yet created / mapped)
   int64_t pages_used = 0;    // owned by at least one live request
   int64_t pages_shared = 0;  // owned by more than one
-  // Freed, waiting for their fence; virtual: also pages a failed undo left unmapped,
-  // inaccessible or mapped where no request uses them, until a later call restores them.
+  // Freed, waiting for their fence; also, until a later call restores or unmaps them,
+  // pages a failed undo left behind (docs/errors.md, rule 8): virtual: unmapped,
+  // inaccessible or mapped where no request uses them; paged: the free pages of chunks
+  // left mapped outside the pool.
   int64_t pages_quarantined = 0;
 
   // Peaks since creation.
