@@ -402,12 +402,16 @@ absl::Status PagedLayout::UnmapChunks(int64_t target, absl::Status* undo_error) 
 
 void PagedLayout::RetryStranded() {
   if (stranded_.empty()) return;
+  // A batch of single-row calls retries once per row while the backend is down: a warning
+  // for the first failure only (errors are reported once), debug after it.
+  const bool first = stranded_error_.ok();
   stranded_error_ = stranded_.Retry(vmm_.get(), geo_.granularity);
   if (!stranded_error_.ok()) {
-    Logger()->warn(
-        "paged layout: {} granule(s) stay mapped outside the pool and {} handle(s) unreleased "
-        "after retrying: {}",
-        stranded_.mapped().size(), stranded_.unreleased().size(), stranded_error_.ToString());
+    Logger()->log(first ? spdlog::level::warn : spdlog::level::debug,
+                  "paged layout: {} granule(s) stay mapped outside the pool and {} handle(s) "
+                  "unreleased after retrying: {}",
+                  stranded_.mapped().size(), stranded_.unreleased().size(),
+                  stranded_error_.ToString());
   }
 }
 
