@@ -18,14 +18,15 @@
 // the pool's quarantine until their fence completes; Shrink frees at once (the engine has
 // synchronised before rewinding a request).
 //
-// Error model: every mutating call is all-or-nothing (see allocators/layout/kv_layout.h),
-// but where the backend fails the undo too (docs/errors.md, rule 8): then the records stay
-// exactly true to the backend. A chunk whose growth failed and whose unmap failed too
-// stays mapped outside the pool, a handle whose release failed stays owned (both in
-// stranded_, retried at the start of every later mutating call); chunks Trim or an undo
-// gave back whose remap failed leave the pool all the same (their pages are free), so no
-// page is ever recorded usable whose memory is not mapped. The status keeps the
-// failure's code and says what was left.
+// Error model: every mutating call is all-or-nothing (see allocators/layout/kv_layout.h)
+// unless the backend fails the undo too (docs/errors.md, rule 8); then the records stay
+// exactly true to the backend. A chunk that a failed growth mapped in part (or without
+// access) and cannot unmap stays mapped outside the pool, and a handle whose release
+// failed stays owned (both in stranded_, retried at the start of every later mutating
+// call); a whole chunk that a failed copy on write cannot unmap stays in the pool, its
+// pages free; chunks Trim or an undo unmapped in part whose remap failed leave the pool
+// all the same (their pages are free), so no page is ever recorded usable whose memory
+// is not mapped. The status keeps the failure's code and says what was left.
 // Thread safety: none; KvCache calls it under its mutex.
 // Ownership: owns its reservation, physical handles and token index; keeps the backend
 // alive through a shared_ptr.
