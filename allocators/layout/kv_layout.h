@@ -9,6 +9,7 @@
 #define KVMEM_ALLOCATORS_LAYOUT_KV_LAYOUT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -90,11 +91,43 @@ class KvLayout {
   virtual absl::StatusOr<PagedKv> PagedView(int layer) const = 0;
   virtual absl::StatusOr<VirtualKv> VirtualView(int layer) const = 0;
 
+  // ---- The prefix cache's hooks (docs/prefix_cache.md) -----------------------------
+  // Tokens of one unit of sharing: a prefix is cached and matched in whole units (paged:
+  // a page). 0 where the layout cannot cache prefixes (the others are then never called).
+  virtual int64_t PrefixUnitTokens() const { return 0; }
+  // Adds the prefix cache's reference to `page`, a page some live row holds whole.
+  virtual void PinPage(int32_t page) {}
+  // Drops that reference: the page is free (or quarantined behind the fences of rows
+  // that dropped it) once no row holds it either.
+  virtual void UnpinPage(int32_t page) {}
+  // Live rows that hold `page` (the cache's reference not counted).
+  virtual int32_t PageOwners(int32_t page) const { return 0; }
+  virtual bool PagePinned(int32_t page) const { return false; }
+  // Pages the prefix cache references, and those of them no live row holds.
+  virtual int64_t PinnedPages() const { return 0; }
+  virtual int64_t CachedOnlyPages() const { return 0; }
+  // Empty row `row` (from AcquireRow) takes `pages`, pinned full pages, as its first
+  // pages.size() units. Cannot fail on arguments KvCache has checked.
+  virtual absl::Status ShareCached(int32_t row, absl::Span<const int32_t> pages) {
+    return absl::UnimplementedError("this layout has no prefix cache");
+  }
+  // Pages an allocation may take now without evicting anything.
+  virtual int64_t FreePages() const { return 0; }
+  // Called by an allocation that finds fewer than `need` free pages, before it fails:
+  // evicts cached pages until `need` are free, or evicts nothing when that cannot
+  // succeed. Set by KvCache when the prefix cache is on.
+  void set_page_reclaimer(std::function<void(int64_t need)> reclaimer) {
+    page_reclaimer_ = std::move(reclaimer);
+  }
+
   // Fills the memory and page fields of *stats, including peaks and backend counters.
   virtual void FillStats(Stats* stats) const = 0;
   // `live`: (row, length) of every live request.
   virtual absl::Status CheckInvariants(
       const std::vector<std::pair<int32_t, int64_t>>& live) const = 0;
+
+ protected:
+  std::function<void(int64_t)> page_reclaimer_;
 };
 
 // Budget too small for one request at max_context, or a shape that does not fit the

@@ -464,6 +464,9 @@ absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, in
   fresh_.clear();
   if (total <= 0) return absl::OkStatus();
   ReclaimQuarantine(/*scan_all=*/pool_.free_count() < total);
+  if (pool_.free_count() < total && page_reclaimer_) {
+    KVMEM_RETURN_IF_ERROR(EvictForBatch(total));  // the prefix cache's pages (paged_prefix.cc)
+  }
   if (pool_.free_count() < total) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "paged layout: need %d pages of %d bytes but %d are free (%d used, %d quarantined "
@@ -519,7 +522,7 @@ absl::Status PagedLayout::UndoTake(const absl::Status& cause, int64_t chunks_bef
 // ---- accounting ---------------------------------------------------------------
 
 int64_t PagedLayout::PageFill(int32_t page) const {
-  const int32_t rc = pool_.refcount(page);
+  const int32_t rc = pool_.owners(page);  // a page only the prefix cache holds is not live
   if (rc == 0) return 0;
   const int32_t partial = partial_refs_[page];
   if (rc > partial) return pt_;  // some owner holds the page whole
@@ -560,7 +563,7 @@ void PagedLayout::AttachTail(const Row& r) {
 }
 
 void PagedLayout::UpdatePeaks() {
-  peak_held_bytes_ = std::max(peak_held_bytes_, pool_.used_count() * pt_ * config_.TokenBytes());
+  peak_held_bytes_ = std::max(peak_held_bytes_, HeldPages() * pt_ * config_.TokenBytes());
   peak_live_bytes_ = std::max(peak_live_bytes_, stored_tokens_ * config_.TokenBytes());
 }
 

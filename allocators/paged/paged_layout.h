@@ -12,7 +12,9 @@
 // last page by default, PagePool::AllocateNear); either way none beyond the mapped ones
 // while a mapped page is free.
 //
-// Sharing: pages are ref-counted (PagePool). A row writing into its partly filled last
+// Sharing: pages are ref-counted (PagePool); the prefix cache pins the pages it keeps
+// (one reference each, so a pinned page counts as shared and is copied before a write;
+// a page only the cache holds is idle memory, not held). A row writing into its partly filled last
 // page while that page is shared, or while a row that shared it was freed under a fence
 // still pending, first copies the filled slots to a new page (copy on write). Freed pages wait in
 // the pool's quarantine until their fence completes; Shrink frees at once (the engine has
@@ -89,6 +91,17 @@ class PagedLayout final : public KvLayout {
   absl::Status Release(int32_t row, int64_t len, Fence fence) override;
   absl::StatusOr<int64_t> Trim() override;
 
+  // The prefix cache's hooks (KvLayout).
+  int64_t PrefixUnitTokens() const override { return pt_; }
+  void PinPage(int32_t page) override { pool_.Pin(page); }
+  void UnpinPage(int32_t page) override;
+  int32_t PageOwners(int32_t page) const override { return pool_.owners(page); }
+  bool PagePinned(int32_t page) const override { return pool_.pinned(page); }
+  int64_t PinnedPages() const override { return pool_.pinned_count(); }
+  int64_t CachedOnlyPages() const override { return pool_.cached_only_count(); }
+  absl::Status ShareCached(int32_t row, absl::Span<const int32_t> pages) override;
+  int64_t FreePages() const override;
+
   int64_t SlotOf(int32_t row, int64_t pos) const override;
   absl::StatusOr<std::vector<int32_t>> BlockTable(int32_t row, int64_t len) const override;
   void FillBatch(BatchMetadata* meta) const override;
@@ -121,6 +134,8 @@ class PagedLayout final : public KvLayout {
   }
   int64_t Slot(int32_t page, int64_t offset) const { return int64_t{page} * pt_ + offset; }
   int64_t PagesFor(int64_t len) const { return (len + pt_ - 1) / pt_; }
+  // Pages some live row holds (used pages less those only the prefix cache keeps).
+  int64_t HeldPages() const { return pool_.used_count() - pool_.cached_only_count(); }
   int64_t UsablePagesFor(int64_t chunks) const;
 
   // What GrowBatch does to one row: `count` new pages at fresh_[first...], the first of
@@ -135,6 +150,11 @@ class PagedLayout final : public KvLayout {
   // config_.page_placement after its last page, reclaiming quarantine and mapping
   // chunks as needed. On error nothing is taken or mapped.
   absl::Status TakePagesForBatch(absl::Span<const GrowStep> steps, int64_t total);
+  // With fewer than `total` pages free: has the prefix cache evict pages no row holds
+  // until `total` are, mapping the rest of an elastic pool first (every free page will be
+  // taken), so that a backend failure leaves the cache unevicted. Evicts nothing when
+  // even that would not be enough. On error nothing is mapped or evicted.
+  absl::Status EvictForBatch(int64_t total);
   // Clears the copies_ counts that planning set.
   void UnplanCopies();
   // Applies one planned row (cannot fail) and writes its new slots to out.

@@ -38,13 +38,13 @@ void PagedLayout::FillStats(Stats* s) const {
   // unmap it: quarantined, not free (docs/errors.md, rule 8).
   const int64_t stranded = StrandedPages();
   s->pages_free = pool_.free_count() + (pool_.quarantined_count() - pending) - stranded;
-  s->pages_used = pool_.used_count();
+  s->pages_used = HeldPages();
   s->pages_shared = pool_.shared_count();
   s->pages_quarantined = pending + stranded;
   s->stored_tokens = stored_tokens_;
   s->live_bytes = stored_tokens_ * config_.TokenBytes();
-  s->held_bytes = pool_.used_count() * page_bytes;
-  s->idle_bytes = (usable_pages_ - pool_.used_count()) * page_bytes;
+  s->held_bytes = HeldPages() * page_bytes;
+  s->idle_bytes = (usable_pages_ - HeldPages()) * page_bytes;
   s->mapped_bytes = mapped;
   // Every handle is mapped exactly once, but for ones whose release failed.
   s->physical_bytes = mapped + left.unreleased * geo_.granularity;
@@ -131,9 +131,9 @@ absl::Status PagedLayout::CheckInvariants(
   KVMEM_RETURN_IF_ERROR(pool_.CheckConsistency());
   int64_t stored = 0;
   for (int32_t p = 0; p < geo_.num_pages; ++p) {
-    if (owners[p] != pool_.refcount(p)) {
-      return Corrupt("page %d has refcount %d but %d live rows hold it", p, pool_.refcount(p),
-                     owners[p]);
+    if (owners[p] != pool_.owners(p)) {
+      return Corrupt("page %d has refcount %d (pinned %d) but %d live rows hold it", p,
+                     pool_.refcount(p), pool_.pinned(p), owners[p]);
     }
     const auto shared = shared_fills_.find(p);
     if ((partial[p] >= 2) != (shared != shared_fills_.end())) {

@@ -71,7 +71,7 @@ int64_t IdBitmap::HighestAbsent() const {
 }
 
 PagePool::PagePool(int32_t num_pages)
-    : num_pages_(num_pages), free_(num_pages), refcount_(num_pages, 0) {
+    : num_pages_(num_pages), free_(num_pages), refcount_(num_pages, 0), pinned_(num_pages, 0) {
   for (int32_t p = 0; p < num_pages; ++p) free_.Insert(p);
   const int64_t groups = (int64_t{num_pages} + 63) / 64;
   group_free_.assign(groups, 0);
@@ -162,13 +162,38 @@ int32_t PagePool::AllocateNear(int32_t near, int64_t limit) {
 
 void PagePool::AddRef(int32_t page) {
   if (refcount_[page] < 1) Broken(absl::StrFormat("AddRef of page %d that is not used", page));
-  if (++refcount_[page] == 2) ++shared_;
+  const int32_t owners = ++refcount_[page] - pinned_[page];
+  if (owners == 2) ++shared_;
+  if (owners == 1 && pinned_[page]) --cached_only_;  // a request takes a cached page
+}
+
+void PagePool::Pin(int32_t page) {
+  if (owners(page) < 1 || pinned_[page]) {
+    Broken(absl::StrFormat("Pin of page %d with %d owners, pinned %d", page, owners(page),
+                           pinned_[page]));
+  }
+  ++refcount_[page];
+  pinned_[page] = 1;
+  ++pinned_count_;
+}
+
+bool PagePool::Unpin(int32_t page) {
+  if (!pinned_[page]) Broken(absl::StrFormat("Unpin of page %d that is not pinned", page));
+  pinned_[page] = 0;
+  --pinned_count_;
+  if (--refcount_[page] > 0) return false;  // owners keep it; their count is unchanged
+  --cached_only_;
+  return Drop(page, Fence{});
 }
 
 bool PagePool::Unref(int32_t page, const Fence& fence) {
-  if (refcount_[page] < 1) Broken(absl::StrFormat("Unref of page %d that is not used", page));
+  if (refcount_[page] - pinned_[page] < 1) {
+    Broken(absl::StrFormat("Unref of page %d that no request owns", page));
+  }
   const int32_t rc = --refcount_[page];
-  if (rc == 1) --shared_;
+  const int32_t owners = rc - pinned_[page];
+  if (owners == 1) --shared_;
+  if (owners == 0 && pinned_[page]) ++cached_only_;  // the prefix cache keeps it
   if (rc > 0) {
     if (fence.event != nullptr) {
       std::vector<Fence>& pending = pending_fences_[page];
@@ -178,6 +203,10 @@ bool PagePool::Unref(int32_t page, const Fence& fence) {
     }
     return false;
   }
+  return Drop(page, fence);
+}
+
+bool PagePool::Drop(int32_t page, const Fence& fence) {
   --used_;
   std::vector<Fence> fences;
   if (auto it = pending_fences_.find(page); it != pending_fences_.end()) {
@@ -262,9 +291,14 @@ absl::Status PagePool::CheckConsistency() const {
           absl::StrFormat("page pool: fences pending for page %d, which is not in use", page));
     }
   }
-  int64_t used = 0, shared = 0, free = 0;
+  int64_t used = 0, shared = 0, free = 0, pinned = 0, cached_only = 0;
   for (int32_t p = 0; p < num_pages_; ++p) {
     const int32_t rc = refcount_[p];
+    if (pinned_[p] && rc < 1) {
+      return absl::InternalError(absl::StrFormat("page pool: page %d is pinned but not used", p));
+    }
+    pinned += pinned_[p];
+    cached_only += pinned_[p] && rc == 1;
     const bool is_free = free_.Contains(p);
     const int states = (rc > 0) + is_free + (in_quarantine[p] != 0);
     if (rc < 0 || states != 1) {
@@ -273,8 +307,13 @@ absl::Status PagePool::CheckConsistency() const {
                           is_free, in_quarantine[p] != 0));
     }
     used += rc > 0;
-    shared += rc > 1;
+    shared += rc - pinned_[p] > 1;
     free += is_free;
+  }
+  if (pinned != pinned_count_ || cached_only != cached_only_) {
+    return absl::InternalError(
+        absl::StrFormat("page pool: counters pinned %d cached only %d; recount %d %d",
+                        pinned_count_, cached_only_, pinned, cached_only));
   }
   if (used != used_ || shared != shared_ || quarantined != quarantined_ || free != free_.count()) {
     return absl::InternalError(absl::StrFormat(

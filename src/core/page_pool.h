@@ -6,8 +6,11 @@
 //
 // Every page id in [0, num_pages) is in exactly one state:
 //   free         refcount 0, in the free set;
-//   used         refcount >= 1 (shared when >= 2);
+//   used         refcount >= 1 (shared when two or more requests own it);
 //   quarantined  refcount 0, waiting for the fence it was freed under.
+// A used page may also be pinned: the prefix cache holds one reference on it (counted in
+// refcount, so a writer copies it first), and keeps it while no request owns it
+// (owners() == 0: "cached only").
 // Allocate() hands out the LOWEST free id, so used pages pack at the bottom of the pool
 // and an elastic pool can give its free tail back (docs/layouts.md). AllocateNear()
 // keeps a request's pages next to each other instead (PagePlacement::kContiguous).
@@ -68,6 +71,12 @@ class PagePool {
   int64_t shared_count() const { return shared_; }
   int64_t quarantined_count() const { return quarantined_; }
   int32_t refcount(int32_t page) const { return refcount_[page]; }
+  // References of requests: refcount less the prefix cache's pin.
+  int32_t owners(int32_t page) const { return refcount_[page] - pinned_[page]; }
+  bool pinned(int32_t page) const { return pinned_[page] != 0; }
+  int64_t pinned_count() const { return pinned_count_; }
+  // Pinned pages that no request owns: the prefix cache's own memory.
+  int64_t cached_only_count() const { return cached_only_; }
   bool is_free(int32_t page) const { return free_.Contains(page); }
   // Lowest free page, or -1.
   int32_t LowestFree() const { return static_cast<int32_t>(free_.Lowest()); }
@@ -102,6 +111,11 @@ class PagePool {
   // given for it completes. Pages dropped with the same single fence in a row share one
   // quarantine entry. Returns whether the count reached 0. REQUIRES: page is used.
   bool Unref(int32_t page, const Fence& fence = {});
+  // The prefix cache's reference. Pin: REQUIRES owners(page) >= 1 and not pinned.
+  // Unpin: REQUIRES pinned; drops that reference as Unref does (no fence: whoever dropped
+  // the page under a fence left it pending) and returns whether the count reached 0.
+  void Pin(int32_t page);
+  bool Unpin(int32_t page);
   // Whether a write into `page` in place could change what someone else reads: another
   // request holds it, or a request that dropped it under a fence that `complete` does
   // not report finished yet (its kernel may still be reading the page). Such a page
@@ -139,6 +153,9 @@ class PagePool {
   uint64_t FreeBitsBelow(int64_t group, int64_t limit) const;
   // Moves `page` into (free) or out of the free set, keeping the group counts.
   void MarkFree(int64_t page, bool free);
+  // A page whose count reached 0: free, or quarantined under its pending fences and
+  // `fence`. Returns true.
+  bool Drop(int32_t page, const Fence& fence);
 
   int32_t num_pages_;
   IdBitmap free_;
@@ -147,12 +164,15 @@ class PagePool {
   std::vector<uint8_t> group_free_;
   std::vector<IdBitmap> by_free_;
   std::vector<int32_t> refcount_;
+  std::vector<uint8_t> pinned_;             // [page] 1 while the prefix cache holds a reference
   std::deque<QuarantineEntry> quarantine_;  // oldest first
   // Fences given for used pages by owners that dropped their reference (sparse).
   absl::flat_hash_map<int32_t, std::vector<Fence>> pending_fences_;
   int64_t used_ = 0;
   int64_t shared_ = 0;
   int64_t quarantined_ = 0;
+  int64_t pinned_count_ = 0;
+  int64_t cached_only_ = 0;  // pinned with no owner
 };
 
 }  // namespace kvmem::internal
