@@ -101,6 +101,16 @@ struct KvCacheConfig {
   // max_context.
   int64_t map_ahead_tokens = 0;
 
+  // Automatic prefix caching (docs/prefix_cache.md): full pages whose token ids a request
+  // published stay cached after it ends, and later requests with the same prefix start
+  // on them (KvCache::AddRequestWithPrefix). Paged layout only: Create returns
+  // Unimplemented for the virtual layout with it on.
+  bool enable_prefix_cache = false;
+  // The most bytes of cached pages that no live request holds; pages beyond it are
+  // evicted (least recently used first) as requests end. Memory the cache keeps is also
+  // evicted whenever an allocation needs it, so the budget bounds it anyway. >= 0.
+  int64_t prefix_cache_max_bytes = INT64_MAX;
+
   // Bytes of K (or V) of one token in one layer: kv_heads * head_dim * dtype. Defined for
   // every config, checked or not: 0 when a factor is < 1, INT64_MAX when the product
   // overflows 64 bits (ValidateShape rejects both, so a valid config gets the product).

@@ -37,6 +37,7 @@
 #include "kvmem/config.h"
 #include "kvmem/kv_accessor.h"
 #include "kvmem/platform.h"
+#include "kvmem/prefix_cache.h"
 #include "kvmem/running_batch.h"
 #include "kvmem/stats.h"
 #include "kvmem/vmm.h"
@@ -80,6 +81,48 @@ class KVMEM_EXPORT KvCache {
   // event must stay valid until the memory is reused or the cache is destroyed: recycle
   // events through a pool rather than destroying them after the step.
   absl::Status Free(RequestId id, Fence fence = {});
+
+  // ---- Automatic prefix caching (config.enable_prefix_cache; docs/prefix_cache.md) ----
+  // Cached prefixes are whole pages (page_tokens tokens) keyed by their exact token ids,
+  // the token ids before them and a salt. Each call below is FailedPrecondition when the
+  // prefix cache is off. Bad input is InvalidArgument and changes nothing.
+  //
+  // The tokens of `tokens` found cached under `salt`: a multiple of page_tokens, the
+  // longest run of whole pages from the start. Changes nothing (not even the statistics
+  // or the eviction order).
+  absl::StatusOr<int64_t> MatchPrefix(absl::Span<const int32_t> tokens,
+                                      absl::string_view salt = "") const;
+  // Starts request `id` (as AddRequest) on the longest cached prefix of `tokens`, shared
+  // with the cache and any other request on it (ref-counted pages, as Fork shares), and
+  // returns its length, the tokens matched: the caller extends it by the others only.
+  // The matched tokens count as published by `id`. A caller that needs the logits of the
+  // last prompt token passes the prompt without it, so that token is computed.
+  // OutOfRange for more tokens than max_context; AlreadyExists / ResourceExhausted (no
+  // free row) as AddRequest.
+  absl::StatusOr<int64_t> AddRequestWithPrefix(RequestId id, absl::Span<const int32_t> tokens,
+                                               const PrefixRequestOptions& options = {});
+  // Makes the full pages of `id` that `tokens` covers matchable: `tokens` are the ids of
+  // its first tokens.size() tokens (its length or fewer; fewer than it published before
+  // changes nothing). Call it as pages fill, not only at the end. A page whose tokens are
+  // cached already (another request computed them too) stays the request's own and is
+  // not cached twice. InvalidArgument for more ids than the request's length, ids that
+  // differ from those it published or matched before, a salt other than the one it
+  // started or first published with, or a page of it that already caches other tokens.
+  absl::Status PublishTokens(RequestId id, absl::Span<const int32_t> tokens,
+                             absl::string_view salt = "");
+  // Evicts every cached page that no live request holds; returns the pages evicted.
+  // Pages still held stay cached (matchable) until evicted later.
+  absl::StatusOr<int64_t> ResetPrefixCache();
+  // Moves the stored / removed events since the last call into *out (appended), oldest
+  // first. Sequence numbers have no gap unless more than kMaxPrefixEvents piled up.
+  absl::Status TakePrefixEvents(std::vector<PrefixEvent>* out);
+  // With the prefix cache on, Free leaves the request's published pages cached: they
+  // are evicted (least recently used first, lower priority first, leaves of the prefix
+  // tree first) by the allocation that needs their memory, by the byte cap
+  // (config.prefix_cache_max_bytes) or by ResetPrefixCache. A page a live request holds
+  // is never evicted. An allocation that fails with ResourceExhausted because even the
+  // evictable pages would not be enough evicts nothing; one that fails on the backend
+  // after evicting does not bring evicted pages back (what requests hold is unchanged).
 
   // ---- One call per step for a whole batch ----------------------------------------
   // Each takes the lock once and is all or nothing for the batch: on any error no

@@ -57,6 +57,16 @@ struct KVMEM_EXPORT Stats {
   int64_t pool_create_nanos = 0;  // creating physical handles up front
   VmmCounters vmm;                // backend calls and time spent in them
 
+  // Prefix cache (KvCacheConfig::enable_prefix_cache; docs/prefix_cache.md).
+  int64_t prefix_lookups = 0;          // AddRequestWithPrefix calls
+  int64_t prefix_lookup_tokens = 0;    // token ids they brought
+  int64_t prefix_hit_tokens = 0;       // of those, the ones found cached (not computed again)
+  int64_t prefix_stored_blocks = 0;    // blocks (pages) published into the cache
+  int64_t prefix_evictions = 0;        // blocks evicted (memory needed, the byte cap, reset)
+  int64_t prefix_cached_bytes = 0;     // pages the cache keeps, held by requests or not
+  int64_t prefix_evictable_bytes = 0;  // of those, the pages no live request holds
+  int64_t prefix_events_dropped = 0;   // events nobody took before the queue was full
+
   // 1 - live / held: the fraction of held memory not holding a live token.
   double internal_fragmentation() const {
     return held_bytes == 0 ? 0.0 : 1.0 - static_cast<double>(live_bytes) / held_bytes;
@@ -64,6 +74,12 @@ struct KVMEM_EXPORT Stats {
   // live / held.
   double utilisation() const {
     return held_bytes == 0 ? 1.0 : static_cast<double>(live_bytes) / held_bytes;
+  }
+  // Hit tokens per looked-up token (0 before any look-up).
+  double prefix_hit_rate() const {
+    return prefix_lookup_tokens == 0
+               ? 0.0
+               : static_cast<double>(prefix_hit_tokens) / prefix_lookup_tokens;
   }
   int64_t vmm_calls() const;
   int64_t vmm_nanos() const;

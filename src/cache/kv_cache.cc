@@ -44,6 +44,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& co
   {
     absl::MutexLock lock(&impl->mu);
     impl->layout = std::move(*layout);
+    KVMEM_RETURN_IF_ERROR(impl->InitPrefixCache());
   }
   return std::unique_ptr<KvCache>(new KvCache(std::move(impl)));
 }
@@ -112,6 +113,7 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
     return s;
   }
   impl_->requests.emplace(child, Impl::Request{row, parent_req.length});
+  impl_->PrefixForked(parent, child);
   impl_->logical_tokens += parent_req.length;
   ++impl_->forks;
   impl_->Admitted();
@@ -244,6 +246,7 @@ Stats KvCache::GetStats() const {
   s.extends = impl_->extends;
   s.forks = impl_->forks;
   s.budget_bytes = impl_->config.memory_budget_bytes;
+  impl_->FillPrefixStats(&s);
   return s;
 }
 
@@ -272,6 +275,7 @@ absl::Status KvCache::CheckInvariants() const {
                                                impl_->logical_tokens, tokens));
   }
   KVMEM_RETURN_IF_ERROR(impl_->layout->CheckInvariants(live));
+  KVMEM_RETURN_IF_ERROR(impl_->CheckPrefix());
   return impl_->CheckRunningBatch();
 }
 

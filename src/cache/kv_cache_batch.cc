@@ -71,6 +71,7 @@ absl::Status KvCache::Impl::ExtendLocked(absl::Span<const RequestId> ids,
     ++extends;
     if (req.slot >= 0) batch->Grew(req.slot, old, req.length, layout->Pages(req.row));
   }
+  EnforcePrefixCap();  // a copy on write may have left a cached page to the cache alone
   return absl::OkStatus();
 }
 
@@ -99,7 +100,9 @@ absl::Status KvCache::Impl::TruncateLocked(absl::Span<const RequestId> ids,
     logical_tokens -= req.length - new_lengths[i];
     req.length = new_lengths[i];
     if (req.slot >= 0) batch->Shrank(req.slot, req.length);
+    PrefixTruncated(ids[i], req.length);
   }
+  EnforcePrefixCap();
   return absl::OkStatus();
 }
 
@@ -115,8 +118,10 @@ absl::Status KvCache::Impl::FreeLocked(absl::Span<const RequestId> ids, Fence fe
       batch->Clear(req.slot);
       batch_ids[req.slot].reset();
     }
+    PrefixFreed(ids[i]);
     requests.erase(ids[i]);  // scratch_reqs[j > i] stay valid: erase does not rehash
   }
+  EnforcePrefixCap();  // the freed requests' published pages stay cached, up to the cap
   return absl::OkStatus();
 }
 

@@ -18,6 +18,7 @@
 #include "absl/types/span.h"
 #include "allocators/layout/kv_layout.h"
 #include "kvmem/kv_cache.h"
+#include "src/cache/prefix_index.h"
 #include "src/cache/running_batch_table.h"
 
 namespace kvmem {
@@ -44,6 +45,11 @@ struct KvCache::Impl {
   // entry (nullopt: its request ended).
   std::optional<internal::RunningBatchTable> batch ABSL_GUARDED_BY(mu);
   std::vector<std::optional<RequestId>> batch_ids ABSL_GUARDED_BY(mu);
+
+  // The prefix cache (config.enable_prefix_cache): the index, and what each request
+  // published or matched (only requests that did have an entry).
+  std::unique_ptr<internal::PrefixIndex> prefix ABSL_GUARDED_BY(mu);
+  absl::flat_hash_map<RequestId, internal::PrefixIndex::Holder> holders ABSL_GUARDED_BY(mu);
 
   // Scratch of the batch calls, kept so that a step allocates nothing.
   uint64_t next_stamp ABSL_GUARDED_BY(mu) = 0;
@@ -85,6 +91,26 @@ struct KvCache::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   absl::Status FreeLocked(absl::Span<const RequestId> ids, Fence fence)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+
+  // ---- The prefix cache (kv_cache_prefix.cc); each is a no-op with it off ----------
+  // Sets up the index and the layout's page reclaimer. Unimplemented for a layout that
+  // cannot share cached pages.
+  absl::Status InitPrefixCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // FailedPrecondition when the prefix cache is off.
+  absl::Status CheckPrefixOn(const char* call) const ABSL_SHARED_LOCKS_REQUIRED(mu);
+  // Evicts one cached page that no request holds; false when none is left.
+  bool EvictOnePage() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // The layout's page reclaimer: evicts until `need` pages are free, or nothing when the
+  // pages no request holds would not be enough.
+  void ReclaimPages(int64_t need) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Evicts until the pages no request holds fit config.prefix_cache_max_bytes.
+  void EnforcePrefixCap() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // What a fork, a rewind and an end do to the requests' holders.
+  void PrefixForked(RequestId parent, RequestId child) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void PrefixTruncated(RequestId id, int64_t new_len) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void PrefixFreed(RequestId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  void FillPrefixStats(Stats* s) const ABSL_SHARED_LOCKS_REQUIRED(mu);
+  absl::Status CheckPrefix() const ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   // Internal unless the running batch's entries match the requests and the layout.
   absl::Status CheckRunningBatch() const ABSL_SHARED_LOCKS_REQUIRED(mu);

@@ -60,6 +60,9 @@ absl::Status ValidateShape(const KvCacheConfig& c) {
   if (c.memory_budget_bytes < 1) {
     return bad("memory_budget_bytes", c.memory_budget_bytes, "must be >= 1");
   }
+  if (c.prefix_cache_max_bytes < 0) {
+    return bad("prefix_cache_max_bytes", c.prefix_cache_max_bytes, "must be >= 0");
+  }
   if (c.map_ahead_tokens < 0 || c.map_ahead_tokens > c.max_context) {
     return bad("map_ahead_tokens", c.map_ahead_tokens,
                absl::StrFormat("must be in [0, max_context = %d]", c.max_context));

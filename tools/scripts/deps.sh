@@ -3,8 +3,8 @@
 # use Debian's /usr/bin/python3 with numpy and pytest), skipping what is already there.
 # Sourced by the Quick start scripts; needs root or sudo only when something is missing.
 set -euo pipefail
-kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-            python3-numpy python3-pytest)
+kvmem_deps=(cmake ninja-build g++ libabsl-dev libspdlog-dev libfmt-dev libssl-dev libgtest-dev
+            libgmock-dev python3-numpy python3-pytest)
 # What one build needs besides (tools/test.sh --tsan: dpkg-dev, to unpack abseil's source).
 kvmem_deps+=(${kvmem_extra_deps[@]+"${kvmem_extra_deps[@]}"})
 missing=()
