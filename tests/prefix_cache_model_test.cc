@@ -16,7 +16,9 @@
 // (requests, their K/V, the prefix cache's numbers and matches), its invariants hold, the
 // call then succeeds, and the destroyed cache leaves the backend holding nothing.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -114,13 +116,20 @@ class PrefixModel {
     for (const auto& [id, r] : reqs_) ids.push_back(id);
     auto pick = [&]() { return ids[Uniform(0, ids.size() - 1)]; };
     if (op < 20 || ids.empty()) return AddOne();
-    if (op < 45) return ExtendOne(pick());
+    if (op < 40) return ExtendOne(pick());
+    if (op < 45) return ExtendTwo(pick(), pick());
     if (op < 60) return PublishOne(pick());
     if (op < 67) return BadPublish(pick());
     if (op < 75) return TruncateOne(pick());
     if (op < 80) return ForkOne(pick());
     if (op < 95) return FreeOne(pick());
-    if (op < 97) return cache_->ResetPrefixCache().status();
+    if (op < 96) return cache_->ResetPrefixCache().status();
+    if (op < 97) {  // the GPU finishes some steps: their fences complete
+      for (auto& f : fences_) {
+        if (Uniform(0, 1) == 0) *f = true;
+      }
+      return absl::OkStatus();
+    }
     // A look-up of a shared prompt: a published prefix, or nothing.
     const std::string& salt = kSalts[Uniform(0, 1)];
     const std::vector<int32_t>& p = shared_[Uniform(0, shared_.size() - 1)];
@@ -176,6 +185,31 @@ class PrefixModel {
   }
 
   absl::Status ExtendOne(RequestId id) { return ExtendBy(id, RandomTokens(Uniform(0, 9))); }
+
+  // Two requests in one ExtendBatch (all or nothing).
+  absl::Status ExtendTwo(RequestId a, RequestId b) {
+    if (a == b) return ExtendOne(a);
+    const std::vector<int32_t> ta = RandomTokens(Uniform(0, 9)), tb = RandomTokens(Uniform(0, 9));
+    const RequestId ids[] = {a, b};
+    const int64_t counts[] = {static_cast<int64_t>(ta.size()), static_cast<int64_t>(tb.size())};
+    std::vector<int64_t> slots(ta.size() + tb.size());
+    const PrefixSnapshot before = Snap();
+    absl::Status s = cache_->ExtendBatch(ids, counts, absl::MakeSpan(slots));
+    if (!s.ok()) {
+      if (s.code() != StatusCode::kResourceExhausted && s.code() != StatusCode::kOutOfRange) {
+        return s;
+      }
+      return ExpectUnchanged(before, "a failed ExtendBatch");
+    }
+    Req& ra = reqs_.at(a);
+    const size_t from_a = ra.tokens.size();
+    ra.tokens.insert(ra.tokens.end(), ta.begin(), ta.end());
+    KVMEM_RETURN_IF_ERROR(Write(a, ra, absl::MakeConstSpan(slots).subspan(0, ta.size()), from_a));
+    Req& rb = reqs_.at(b);
+    const size_t from_b = rb.tokens.size();
+    rb.tokens.insert(rb.tokens.end(), tb.begin(), tb.end());
+    return Write(b, rb, absl::MakeConstSpan(slots).subspan(ta.size()), from_b);
+  }
 
   absl::Status PublishOne(RequestId id) {
     Req& r = reqs_.at(id);
@@ -237,7 +271,13 @@ class PrefixModel {
   }
 
   absl::Status FreeOne(RequestId id) {
-    KVMEM_RETURN_IF_ERROR(cache_->Free(id));
+    // Half the requests end under a fence (their last kernel may still read the pages).
+    Fence fence;
+    if (Uniform(0, 1) == 0) {
+      fences_.push_back(std::make_unique<std::atomic<bool>>(false));
+      fence = HostFence(fences_.back().get());
+    }
+    KVMEM_RETURN_IF_ERROR(cache_->Free(id, fence));
     reqs_.erase(id);
     return absl::OkStatus();
   }
@@ -260,6 +300,7 @@ class PrefixModel {
   absl::Status FreeAllAndReset() {
     for (const auto& [id, r] : reqs_) KVMEM_RETURN_IF_ERROR(cache_->Free(id));
     reqs_.clear();
+    for (auto& f : fences_) *f = true;
     return cache_->ResetPrefixCache().status();
   }
 
@@ -273,6 +314,8 @@ class PrefixModel {
   std::vector<std::vector<int32_t>> shared_;
   std::map<RequestId, Req> reqs_;
   std::set<std::pair<std::string, std::vector<int32_t>>> published_;
+  // Fences of ended requests; they outlive the cache (it may query them until then).
+  std::deque<std::unique_ptr<std::atomic<bool>>> fences_;
 };
 
 struct ModelCase {
@@ -310,6 +353,7 @@ TEST_P(PrefixCacheModelTest, RandomOperationsAgainstTheModel) {
     EXPECT_EQ(s.prefix_cached_bytes, 0);
     EXPECT_EQ(s.prefix_evictable_bytes, 0);
     EXPECT_EQ(s.pages_free, s.pages_total);
+    cache->reset();  // before the model's fences
   }
   EXPECT_GT(hits, 0);  // the workload did start requests on cached prefixes
 }

@@ -103,6 +103,9 @@ class KvLayout {
   // Live rows that hold `page` (the cache's reference not counted).
   virtual int32_t PageOwners(int32_t page) const { return 0; }
   virtual bool PagePinned(int32_t page) const { return false; }
+  // Whether unpinning `page` would free it now: no row holds it and no row dropped it
+  // under a fence still pending (such a page would wait in quarantine).
+  virtual bool PageFreeOnUnpin(int32_t page) const { return false; }
   // Pages the prefix cache references, and those of them no live row holds.
   virtual int64_t PinnedPages() const { return 0; }
   virtual int64_t CachedOnlyPages() const { return 0; }

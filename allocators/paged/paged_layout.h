@@ -97,6 +97,7 @@ class PagedLayout final : public KvLayout {
   void UnpinPage(int32_t page) override;
   int32_t PageOwners(int32_t page) const override { return pool_.owners(page); }
   bool PagePinned(int32_t page) const override { return pool_.pinned(page); }
+  bool PageFreeOnUnpin(int32_t page) const override;
   int64_t PinnedPages() const override { return pool_.pinned_count(); }
   int64_t CachedOnlyPages() const override { return pool_.cached_only_count(); }
   absl::Status ShareCached(int32_t row, absl::Span<const int32_t> pages) override;

@@ -13,6 +13,11 @@ void PagedLayout::UnpinPage(int32_t page) {
   // Nothing live changes (a page only the cache held is not live), so neither do peaks.
 }
 
+bool PagedLayout::PageFreeOnUnpin(int32_t page) const {
+  return pool_.owners(page) == 0 &&
+         !pool_.FencePending(page, [this](const Fence& f) { return vmm_->FenceComplete(f); });
+}
+
 int64_t PagedLayout::FreePages() const { return pool_.free_count(); }
 
 absl::Status PagedLayout::EvictForBatch(int64_t total) {

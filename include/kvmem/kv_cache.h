@@ -120,9 +120,11 @@ class KVMEM_EXPORT KvCache {
   // are evicted (least recently used first, lower priority first, leaves of the prefix
   // tree first) by the allocation that needs their memory, by the byte cap
   // (config.prefix_cache_max_bytes) or by ResetPrefixCache. A page a live request holds
-  // is never evicted. An allocation that fails with ResourceExhausted because even the
-  // evictable pages would not be enough evicts nothing; one that fails on the backend
-  // after evicting does not bring evicted pages back (what requests hold is unchanged).
+  // is never evicted. An allocation evicts only pages that become free at once (not ones
+  // a request freed under a fence still pending), and nothing when they would not be
+  // enough: its ResourceExhausted changes nothing. One that fails on the backend after
+  // evicting (a copy on write) does not bring the evicted pages back; what requests hold
+  // is unchanged.
 
   // ---- One call per step for a whole batch ----------------------------------------
   // Each takes the lock once and is all or nothing for the batch: on any error no

@@ -98,8 +98,9 @@ struct KvCache::Impl {
   absl::Status InitPrefixCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // FailedPrecondition when the prefix cache is off.
   absl::Status CheckPrefixOn(const char* call) const ABSL_SHARED_LOCKS_REQUIRED(mu);
-  // Evicts one cached page that no request holds; false when none is left.
-  bool EvictOnePage() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
+  // Evicts one cached page that no request holds (with `to_free`: only one that becomes
+  // free at once, not one waiting on a fence); false when none is left.
+  bool EvictOnePage(bool to_free = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
   // The layout's page reclaimer: evicts until `need` pages are free, or nothing when the
   // pages no request holds would not be enough.
   void ReclaimPages(int64_t need) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);

@@ -42,9 +42,10 @@ absl::Status KvCache::Impl::CheckPrefixOn(const char* call) const {
   return absl::OkStatus();
 }
 
-bool KvCache::Impl::EvictOnePage() {
-  const int32_t page = prefix->EvictOne(
-      [this](int32_t p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return layout->PageOwners(p) == 0; });
+bool KvCache::Impl::EvictOnePage(bool to_free) {
+  const int32_t page = prefix->EvictOne([this, to_free](int32_t p) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return to_free ? layout->PageFreeOnUnpin(p) : layout->PageOwners(p) == 0;
+  });
   if (page < 0) return false;
   layout->UnpinPage(page);
   return true;
@@ -54,13 +55,13 @@ void KvCache::Impl::ReclaimPages(int64_t need) {
   if (prefix == nullptr) return;
   const int64_t free = layout->FreePages();
   if (free >= need || free + layout->CachedOnlyPages() < need) return;
-  // An allocation that would fail anyway keeps the cache: the failed call changes nothing.
-  // (Pages freed under a fence still pending wait in quarantine when evicted: that rare
-  // case can evict and fail all the same.)
+  // Only pages that become free at once count (one freed under a pending fence would wait
+  // in quarantine), and an allocation that would fail anyway keeps the cache: the failed
+  // call changes nothing.
   const int64_t evictable = prefix->EvictablePages(
-      [this](int32_t p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return layout->PageOwners(p) == 0; });
+      [this](int32_t p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return layout->PageFreeOnUnpin(p); });
   if (free + evictable < need) return;
-  while (layout->FreePages() < need && EvictOnePage()) {
+  while (layout->FreePages() < need && EvictOnePage(/*to_free=*/true)) {
   }
 }
 

@@ -240,6 +240,13 @@ bool PagePool::WriteNeedsCopy(int32_t page, const std::function<bool(const Fence
          !std::all_of(it->second.begin(), it->second.end(), complete);
 }
 
+bool PagePool::FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const {
+  if (pending_fences_.empty()) return false;
+  const auto it = pending_fences_.find(page);
+  return it != pending_fences_.end() &&
+         !std::all_of(it->second.begin(), it->second.end(), complete);
+}
+
 int64_t PagePool::PendingCount(const std::function<bool(const Fence&)>& complete) const {
   int64_t pending = 0;
   for (const QuarantineEntry& e : quarantine_) {

@@ -126,6 +126,10 @@ class PagePool {
   bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete,
                       int32_t copies_before = 0) const;
 
+  // Whether `page`, once its count reaches 0, would wait in quarantine: a request dropped
+  // it under a fence that `complete` does not report finished. REQUIRES: page is used.
+  bool FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const;
+
   // Quarantined pages that Reclaim(complete, true) would leave in quarantine: those with
   // a fence `complete` does not report finished. Stats count the others as free, so
   // that what they report does not depend on whether a call has reclaimed them yet.
