@@ -20,7 +20,7 @@ for t in "$@"; do
   cp "$f" "$bundle/bin/"
   # A binary may link none of them (grep then finds nothing, which is fine).
   { ldd "$f" | awk '/=> \// {print $3}' |
-    grep -E 'libabsl|libspdlog|libfmt|libgtest|libgmock|libbenchmark' || true; } |
+    grep -E 'libabsl|libspdlog|libfmt|libcrypto|libgtest|libgmock|libbenchmark' || true; } |
     xargs -r cp -L -t "$bundle/lib/"
 done
 cat >"$bundle/run.sh" <<'RUN'
