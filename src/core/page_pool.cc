@@ -79,6 +79,7 @@ PagePool::PagePool(int32_t num_pages)
   for (int64_t g = 0; g < groups; ++g) {
     group_free_[g] = static_cast<uint8_t>(std::min<int64_t>(64, num_pages - g * 64));
     by_free_[group_free_[g]].Insert(g);
+    if (group_free_[g] > 0) nonempty_buckets_ |= uint64_t{1} << (group_free_[g] - 1);
   }
 }
 
@@ -89,9 +90,15 @@ void PagePool::MarkFree(int64_t page, bool free) {
     free_.Erase(page);
   }
   const int64_t g = page >> 6;
-  by_free_[group_free_[g]].Erase(g);
-  group_free_[g] = static_cast<uint8_t>(group_free_[g] + (free ? 1 : -1));
-  by_free_[group_free_[g]].Insert(g);
+  const int before = group_free_[g];
+  const int after = before + (free ? 1 : -1);
+  by_free_[before].Erase(g);
+  if (before > 0 && by_free_[before].count() == 0) {
+    nonempty_buckets_ &= ~(uint64_t{1} << (before - 1));
+  }
+  group_free_[g] = static_cast<uint8_t>(after);
+  by_free_[after].Insert(g);
+  if (after > 0) nonempty_buckets_ |= uint64_t{1} << (after - 1);
 }
 
 int32_t PagePool::Take(int64_t page) {
@@ -111,16 +118,19 @@ namespace {
 // first page when the run opens the group, else its middle, so that the request owning
 // the page before the run can still grow into the first half.
 int RunStart(uint64_t free_bits) {
-  int best_start = 0, best_len = 0;
-  for (uint64_t x = free_bits; x != 0;) {
-    const int start = std::countr_zero(x);
-    const int len = std::countr_one(x >> start);
-    if (len > best_len) {
-      best_start = start;
-      best_len = len;
-    }
-    x = len + start >= 64 ? 0 : x & (~uint64_t{0} << (start + len));
+  if (free_bits == ~uint64_t{0}) return 0;
+  // After k rounds of x &= x >> 1, bit i is set where a run of at least k + 1 free pages
+  // starts; the last non-zero x marks the starts of the longest runs. As many rounds as
+  // the longest run is long: in a nearly full pool (where most pages start a new run:
+  // the neighbours of a request's last page belong to the requests that grew beside it)
+  // the runs are short and many, and a walk over them costs more.
+  uint64_t starts = free_bits;
+  int best_len = 1;
+  for (uint64_t x = free_bits & (free_bits >> 1); x != 0; x &= x >> 1) {
+    starts = x;
+    ++best_len;
   }
+  const int best_start = std::countr_zero(starts);
   return best_start == 0 ? 0 : best_start + best_len / 2;
 }
 
@@ -144,9 +154,11 @@ int32_t PagePool::AllocateNear(int32_t near, int64_t limit) {
     // by free count), against the group the limit cuts, if any (counted below it).
     const int64_t whole = limit / 64;
     int best = 0;
-    for (int n = 64; n > 0 && group < 0; --n) {
+    for (uint64_t left = nonempty_buckets_; left != 0 && group < 0;) {
+      const int n = 64 - std::countl_zero(left);  // the fullest bucket not yet looked at
+      left &= ~(uint64_t{1} << (n - 1));
       const int64_t g = by_free_[n].Lowest();
-      if (g >= 0 && g < whole) {
+      if (g < whole) {
         group = g;
         best = n;
       }
@@ -231,10 +243,7 @@ bool PagePool::Drop(int32_t page, const Fence& fence) {
   return true;
 }
 
-bool PagePool::WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete,
-                              int32_t copies_before) const {
-  if (refcount_[page] - copies_before > 1) return true;
-  if (pending_fences_.empty()) return false;  // the common case: one hash probe saved
+bool PagePool::FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const {
   const auto it = pending_fences_.find(page);
   return it != pending_fences_.end() &&
          !std::all_of(it->second.begin(), it->second.end(), complete);
@@ -334,6 +343,13 @@ absl::Status PagePool::CheckConsistency() const {
     if (group_free_[g] != n || !by_free_[n].Contains(g)) {
       return absl::InternalError(absl::StrFormat(
           "page pool: group %d has %d free pages but is counted with %d", g, n, group_free_[g]));
+    }
+  }
+  for (int n = 1; n <= 64; ++n) {
+    if (((nonempty_buckets_ >> (n - 1)) & 1) != (by_free_[n].count() > 0)) {
+      return absl::InternalError(absl::StrFormat(
+          "page pool: bucket of groups with %d free pages is marked %s but holds %d groups", n,
+          (nonempty_buckets_ >> (n - 1)) & 1 ? "non-empty" : "empty", by_free_[n].count()));
     }
   }
   if (bucketed != static_cast<int64_t>(group_free_.size())) {

@@ -124,7 +124,11 @@ class PagePool {
   // will drop its reference), so the last of several sharing writers writes in place.
   // REQUIRES: page is used; 0 <= copies_before < refcount(page).
   bool WriteNeedsCopy(int32_t page, const std::function<bool(const Fence&)>& complete,
-                      int32_t copies_before = 0) const;
+                      int32_t copies_before = 0) const {
+    if (refcount_[page] - copies_before > 1) return true;
+    // The common case, inline: no dropped reference waits on a fence.
+    return !pending_fences_.empty() && FencePending(page, complete);
+  }
 
   // Whether `page`, once its count reaches 0, would wait in quarantine: a request dropped
   // it under a fence that `complete` does not report finished. REQUIRES: page is used.
@@ -151,6 +155,8 @@ class PagePool {
     std::vector<int32_t> pages;
   };
 
+  // Whether a fence given for used `page` by an owner that dropped it is still pending.
+  bool FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const;
   // Moves free `page` to used with refcount 1 and returns it; -1 for page -1.
   int32_t Take(int64_t page);
   // The free pages of 64-page group `group` that are below `limit`, as bits.
@@ -167,6 +173,10 @@ class PagePool {
   // with n free pages), so the group with the most free pages is found in O(64).
   std::vector<uint8_t> group_free_;
   std::vector<IdBitmap> by_free_;
+  // Bit n - 1 set: by_free_[n] is not empty (n in 1..64), so that AllocateNear finds the
+  // fullest groups without looking at the empty buckets: in a nearly full pool it starts
+  // a new run for most pages it hands out.
+  uint64_t nonempty_buckets_ = 0;
   std::vector<int32_t> refcount_;
   std::vector<uint8_t> pinned_;             // [page] 1 while the prefix cache holds a reference
   std::deque<QuarantineEntry> quarantine_;  // oldest first
