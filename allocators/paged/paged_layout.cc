@@ -215,6 +215,7 @@ PagedLayout::PagedLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm, 
       vmm_(std::move(vmm)),
       geo_(geo),
       pt_(config.page_tokens),
+      page_div_(config.page_tokens),
       reservation_(std::move(reservation)),
       pool_(geo.num_pages),
       index_(std::move(index)),
@@ -532,7 +533,7 @@ int64_t PagedLayout::PageFill(int32_t page) const {
 }
 
 void PagedLayout::DetachTail(const Row& r) {
-  const int64_t fill = r.len % pt_;
+  const int64_t fill = page_div_.Rem(r.len);
   if (fill == 0) return;
   const int32_t page = r.pages.back();
   if (partial_refs_[page] >= 2) {
@@ -546,7 +547,7 @@ void PagedLayout::DetachTail(const Row& r) {
 }
 
 void PagedLayout::AttachTail(const Row& r) {
-  const int64_t fill = r.len % pt_;
+  const int64_t fill = page_div_.Rem(r.len);
   if (fill == 0) return;
   const int32_t page = r.pages.back();
   if (partial_refs_[page] == 1) {
@@ -606,7 +607,10 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
   //    that share one last page, the last to plan writes in place once the others copy.
   plan_.clear();
   int64_t total = 0;
-  const auto complete = [this](const Fence& f) { return vmm_->FenceComplete(f); };
+  // Made once: WriteNeedsCopy takes a std::function.
+  const std::function<bool(const Fence&)> complete = [this](const Fence& f) {
+    return vmm_->FenceComplete(f);
+  };
   for (const GrowStep& st : steps) {
     if (st.row < 0 || st.row >= config_.max_requests) {
       UnplanCopies();
@@ -624,7 +628,7 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
                           st.row, st.len, st.n, config_.max_context));
     }
     GrowPlan g;
-    const int64_t fill = st.len % pt_;
+    const int64_t fill = page_div_.Rem(st.len);
     g.old_tail = (st.n > 0 && fill != 0) ? r.pages.back() : -1;
     g.cow = g.old_tail >= 0 && pool_.WriteNeedsCopy(g.old_tail, complete, copies_[g.old_tail]);
     if (g.cow) ++copies_[g.old_tail];
@@ -684,8 +688,21 @@ void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out
   if (st.n == 0) return;
   Row& r = rows_[st.row];
   const int64_t len = st.len;
-  const int64_t before = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
-  DetachTail(r);
+  // The common case (every decode step of an unshared request): no copy, and a partly
+  // filled last page, if any, is the row's alone. Every page written then holds only
+  // this row's tokens, so the live tokens grow by n and the tail bookkeeping moves to
+  // the new last page directly, without PageFill's and the tails' general cases.
+  const bool exclusive = g.old_tail < 0 || (!g.cow && pool_.refcount(g.old_tail) == 1);
+  int64_t before = 0;
+  if (exclusive) {
+    if (g.old_tail >= 0) {  // the row is its one partial owner (refcount 1)
+      partial_refs_[g.old_tail] = 0;
+      partial_sum_[g.old_tail] = 0;
+    }
+  } else {
+    before = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
+    DetachTail(r);
+  }
   int64_t next = g.first;
   const int64_t end = g.first + g.count;
   if (g.cow) {
@@ -693,17 +710,31 @@ void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out
     r.pages.back() = copy;
     pool_.Unref(g.old_tail);  // still held by the other owners
     ++cow_copies_;
-    for (int64_t pos = len - len % pt_; pos < len; ++pos) {
-      index_.Set(st.row, pos, static_cast<int32_t>(Slot(copy, pos % pt_)));
+    for (int64_t pos = len - page_div_.Rem(len); pos < len; ++pos) {
+      index_.Set(st.row, pos, static_cast<int32_t>(Slot(copy, page_div_.Rem(pos))));
     }
   }
   for (; next < end; ++next) r.pages.push_back(fresh_[next]);
+  int64_t k = page_div_.Quot(len);
+  int64_t offset = page_div_.Rem(len);
   for (int64_t pos = len; pos < len + st.n; ++pos) {
-    const int64_t slot = Slot(r.pages[pos / pt_], pos % pt_);
+    const int64_t slot = Slot(r.pages[k], offset);
     index_.Set(st.row, pos, static_cast<int32_t>(slot));
     *out++ = slot;
+    if (++offset == pt_) {
+      offset = 0;
+      ++k;
+    }
   }
   r.len = len + st.n;
+  if (exclusive) {
+    if (const int64_t fill = page_div_.Rem(r.len); fill != 0) {
+      partial_refs_[r.pages.back()] = 1;  // a page of this row's alone
+      partial_sum_[r.pages.back()] = fill;
+    }
+    stored_tokens_ += st.n;
+    return;
+  }
   AttachTail(r);
   int64_t after = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
   for (int64_t i = g.first; i < end; ++i) after += PageFill(fresh_[i]);

@@ -49,6 +49,7 @@
 #include "allocators/vmm/vmm_resources.h"
 #include "kvmem/config.h"
 #include "kvmem/vmm.h"
+#include "src/core/int_math.h"
 #include "src/core/page_pool.h"
 #include "src/core/token_index.h"
 
@@ -134,7 +135,7 @@ class PagedLayout final : public KvLayout {
     return PoolBase(pool) + static_cast<uintptr_t>(int64_t{page} * geo_.pool_page_bytes);
   }
   int64_t Slot(int32_t page, int64_t offset) const { return int64_t{page} * pt_ + offset; }
-  int64_t PagesFor(int64_t len) const { return (len + pt_ - 1) / pt_; }
+  int64_t PagesFor(int64_t len) const { return page_div_.CeilQuot(len); }
   // Pages some live row holds (used pages less those only the prefix cache keeps).
   int64_t HeldPages() const { return pool_.used_count() - pool_.cached_only_count(); }
   int64_t UsablePagesFor(int64_t chunks) const;
@@ -199,7 +200,8 @@ class PagedLayout final : public KvLayout {
   const KvCacheConfig config_;
   const std::shared_ptr<Vmm> vmm_;
   const PagedGeometry geo_;
-  const int64_t pt_;  // page_tokens
+  const int64_t pt_;        // page_tokens
+  const Divider page_div_;  // by pt_: a decode step divides by it several times a request
   Reservation reservation_;
   std::vector<std::vector<PhysicalPage>> chunks_;  // [chunk][pool]
   // What failed undos left in the backend, and why the last retry failed to clear it.

@@ -42,6 +42,7 @@ absl::StatusOr<RunningBatchTable> RunningBatchTable::Make(int32_t max_batch, int
   t.max_batch_ = max_batch;
   t.stride_ = stride;
   t.page_tokens_ = page_tokens;
+  t.page_div_ = Divider(page_tokens > 0 ? page_tokens : 1);
   auto* a = static_cast<int32_t*>(p);
   t.seq_lens_ = a;
   t.row_ids_ = a + max_batch;
@@ -64,6 +65,7 @@ RunningBatchTable& RunningBatchTable::operator=(RunningBatchTable&& o) noexcept 
     size_ = std::exchange(o.size_, 0);
     stride_ = o.stride_;
     page_tokens_ = o.page_tokens_;
+    page_div_ = o.page_div_;
     seq_lens_ = o.seq_lens_;
     row_ids_ = o.row_ids_;
     last_page_len_ = o.last_page_len_;
@@ -99,7 +101,7 @@ void RunningBatchTable::SetLen(int32_t slot, int64_t len) {
     max_stale_ = true;  // the longest may have shrunk: recount when read
   }
   if (page_tokens_ > 0) {
-    last_page_len_[slot] = len == 0 ? 0 : static_cast<int32_t>((len - 1) % page_tokens_ + 1);
+    last_page_len_[slot] = len == 0 ? 0 : static_cast<int32_t>(page_div_.Rem(len - 1) + 1);
   }
 }
 
@@ -119,18 +121,20 @@ void RunningBatchTable::Grew(int32_t slot, int64_t old_len, int64_t len,
                              absl::Span<const int32_t> pages) {
   SetLen(slot, len);
   if (stride_ == 0) return;
-  const int64_t from = old_len == 0 ? 0 : (old_len - 1) / page_tokens_;
-  const int64_t to = std::min<int64_t>(PagesFor(len), static_cast<int64_t>(pages.size()));
+  const int64_t old_pages = PagesFor(old_len);
+  const int64_t new_pages = PagesFor(len);
+  const int64_t from = old_len == 0 ? 0 : old_pages - 1;  // the page of token old_len - 1
+  const int64_t to = std::min<int64_t>(new_pages, static_cast<int64_t>(pages.size()));
   int32_t* row = page_table_ + slot * stride_;
   const bool packed = slot < csr_valid_;
   for (int64_t k = from; k < to; ++k) {
     if (row[k] == pages[k]) continue;
     Write(slot, k, pages[k]);
     // A replaced page (copy on write) is patched in the packed form where it stands.
-    if (packed && k < PagesFor(old_len)) indices_[indptr_[slot] + k] = pages[k];
+    if (packed && k < old_pages) indices_[indptr_[slot] + k] = pages[k];
   }
   // A page more moves every later entry's pages in the packed form.
-  if (PagesFor(len) != PagesFor(old_len)) csr_valid_ = std::min(csr_valid_, slot);
+  if (new_pages != old_pages) csr_valid_ = std::min(csr_valid_, slot);
 }
 
 void RunningBatchTable::Write(int32_t slot, int64_t k, int32_t page) {

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kvmem/running_batch.h"
+#include "src/core/int_math.h"
 
 namespace kvmem::internal {
 
@@ -36,6 +37,8 @@ class RunningBatchTable {
 
   int32_t max_batch() const { return max_batch_; }
   int32_t size() const { return size_; }
+  // The row of entry `slot` (-1: empty). REQUIRES: 0 <= slot < max_batch().
+  int32_t row(int32_t slot) const { return row_ids_[slot]; }
 
   // Entries [size, old size) become empty; entries below keep their values until Set.
   void Resize(int32_t size);
@@ -63,7 +66,7 @@ class RunningBatchTable {
   RunningBatchCsr Csr();
 
  private:
-  int64_t PagesFor(int64_t len) const { return page_tokens_ > 0 ? (len + page_tokens_ - 1) / page_tokens_ : 0; }
+  int64_t PagesFor(int64_t len) const { return page_tokens_ > 0 ? page_div_.CeilQuot(len) : 0; }
   void SetLen(int32_t slot, int64_t len);
   // Writes page_table[slot][k] = page and logs the change.
   void Write(int32_t slot, int64_t k, int32_t page);
@@ -75,6 +78,7 @@ class RunningBatchTable {
   int32_t size_ = 0;
   int64_t stride_ = 0;
   int64_t page_tokens_ = 0;
+  Divider page_div_;  // by page_tokens_ (1 without pages)
   int32_t* seq_lens_ = nullptr;
   int32_t* row_ids_ = nullptr;
   int32_t* last_page_len_ = nullptr;

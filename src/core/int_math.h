@@ -38,6 +38,30 @@ constexpr int64_t SatAdd(int64_t a, int64_t b) {
   return a > std::numeric_limits<int64_t>::max() - b ? std::numeric_limits<int64_t>::max() : a + b;
 }
 
+// Division of non-negative numbers by a fixed positive divisor: a shift and a mask when
+// the divisor is a power of two (page sizes usually are), else the plain operators. A
+// 64-bit divide costs tens of cycles, and a decode step makes several per request.
+class Divider {
+ public:
+  Divider() = default;
+  // REQUIRES: d > 0.
+  explicit constexpr Divider(int64_t d) : d_(d) {
+    if ((d & (d - 1)) == 0) {
+      shift_ = 0;
+      while ((int64_t{1} << shift_) != d) ++shift_;
+    }
+  }
+  constexpr int64_t divisor() const { return d_; }
+  // x / d, x % d and ceil(x / d). REQUIRES: x >= 0.
+  constexpr int64_t Quot(int64_t x) const { return shift_ >= 0 ? x >> shift_ : x / d_; }
+  constexpr int64_t Rem(int64_t x) const { return shift_ >= 0 ? x & (d_ - 1) : x % d_; }
+  constexpr int64_t CeilQuot(int64_t x) const { return Quot(x) + (Rem(x) != 0 ? 1 : 0); }
+
+ private:
+  int64_t d_ = 1;
+  int shift_ = -1;  // log2(d_) when d_ is a power of two
+};
+
 }  // namespace kvmem::internal
 
 #endif  // KVMEM_SRC_CORE_INT_MATH_H_

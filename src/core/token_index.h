@@ -40,7 +40,11 @@ class TokenIndex {
     return pos < high_water_[row] ? data_[Index(row, pos)] : -1;
   }
   void Set(int32_t row, int64_t pos, int32_t slot) {
-    if (pos >= high_water_[row]) Touch(row, pos + 1);
+    int64_t& mark = high_water_[row];
+    if (pos >= mark) {
+      if (pos > mark) Touch(row, pos);
+      mark = pos + 1;  // a request growing token by token: no -1 to write first
+    }
     data_[Index(row, pos)] = slot;
   }
   // Entries [begin, end) of `row` become `value`.
