@@ -44,6 +44,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheConfig& co
   {
     absl::MutexLock lock(&impl->mu);
     impl->layout = std::move(*layout);
+    impl->by_row.resize(config.max_requests);
     KVMEM_RETURN_IF_ERROR(impl->InitPrefixCache());
   }
   return std::unique_ptr<KvCache>(new KvCache(std::move(impl)));
@@ -55,8 +56,8 @@ KvCache::~KvCache() {
   if (impl_ == nullptr) return;
   absl::MutexLock lock(&impl_->mu);
   // Live requests' memory goes back before the layout (and its reservations) is destroyed.
-  for (const auto& [id, req] : impl_->requests) {
-    (void)impl_->layout->Release(req.row, req.length, Fence{});
+  for (const auto& [id, row] : impl_->requests) {
+    (void)impl_->layout->Release(row, impl_->by_row[row].length, Fence{});
   }
   impl_->requests.clear();
   impl_->layout.reset();
@@ -68,7 +69,7 @@ absl::StatusOr<int32_t> KvCache::AddRequest(RequestId id) {
   absl::MutexLock lock(&impl_->mu);
   KVMEM_RETURN_IF_ERROR(impl_->CheckNew(id));
   KVMEM_ASSIGN_OR_RETURN(int32_t row, impl_->layout->AcquireRow());
-  impl_->requests.emplace(id, Impl::Request{row, 0});
+  impl_->Insert(id, row, 0);
   impl_->Admitted();
   return row;
 }
@@ -112,7 +113,7 @@ absl::StatusOr<int32_t> KvCache::Fork(RequestId parent, RequestId child) {
     if (!r.ok()) return absl::Status(s.code(), absl::StrCat(s.message(), "; ", r.message()));
     return s;
   }
-  impl_->requests.emplace(child, Impl::Request{row, parent_req.length});
+  impl_->Insert(child, row, parent_req.length);
   impl_->PrefixForked(parent, child);
   impl_->logical_tokens += parent_req.length;
   ++impl_->forks;
@@ -256,7 +257,13 @@ absl::Status KvCache::CheckInvariants() const {
   live.reserve(impl_->requests.size());
   absl::flat_hash_map<int32_t, RequestId> rows;
   int64_t tokens = 0;
-  for (const auto& [id, req] : impl_->requests) {
+  for (const auto& [id, row] : impl_->requests) {
+    const Impl::Request& req = impl_->by_row[row];
+    if (req.row != row || req.id != id) {
+      return absl::InternalError(
+          absl::StrFormat("request %d in row %d: the row's entry says request %d in row %d", id,
+                          row, req.id, req.row));
+    }
     if (req.row < 0 || req.row >= impl_->config.max_requests) {
       return absl::InternalError(absl::StrFormat("request %d has row %d", id, req.row));
     }

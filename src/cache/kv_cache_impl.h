@@ -24,10 +24,12 @@
 namespace kvmem {
 
 struct KvCache::Impl {
+  // A live request's state, 32 bytes, kept by row (see by_row).
   struct Request {
-    int32_t row;
-    int64_t length;
-    int32_t slot = -1;   // entry in the running batch, -1 when not a member
+    RequestId id = 0;
+    int32_t row = -1;
+    int32_t slot = -1;  // entry in the running batch, -1 when not a member
+    int64_t length = 0;
     uint64_t stamp = 0;  // the batch call that last saw it (repeated ids)
   };
 
@@ -35,7 +37,11 @@ struct KvCache::Impl {
   std::shared_ptr<Vmm> vmm;
   mutable absl::Mutex mu;
   std::unique_ptr<internal::KvLayout> layout ABSL_GUARDED_BY(mu);
-  absl::flat_hash_map<RequestId, Request> requests ABSL_GUARDED_BY(mu);
+  // Live requests: id -> row, and each one's state in a dense array by row (rows are
+  // below max_requests), where the running batch finds its members without hashing
+  // their ids (docs/performance.md, the decode step).
+  absl::flat_hash_map<RequestId, int32_t> requests ABSL_GUARDED_BY(mu);
+  std::vector<Request> by_row ABSL_GUARDED_BY(mu);
   int64_t logical_tokens ABSL_GUARDED_BY(mu) = 0;
   int64_t peak_requests ABSL_GUARDED_BY(mu) = 0;
   int64_t extends ABSL_GUARDED_BY(mu) = 0;
@@ -61,12 +67,18 @@ struct KvCache::Impl {
   absl::StatusOr<Request*> Find(RequestId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     auto it = requests.find(id);
     if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
-    return &it->second;
+    return &by_row[it->second];
   }
   absl::StatusOr<const Request*> Find(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     auto it = requests.find(id);
     if (it == requests.end()) return absl::NotFoundError(absl::StrFormat("unknown request %d", id));
-    return &it->second;
+    return &by_row[it->second];
+  }
+  // A new request `id` (CheckNew passed) in `row`, a row the layout just handed out.
+  void Insert(RequestId id, int32_t row, int64_t length) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (row >= static_cast<int32_t>(by_row.size())) by_row.resize(row + 1);
+    by_row[row] = Request{.id = id, .row = row, .length = length};
+    requests.emplace(id, row);
   }
   absl::Status CheckNew(RequestId id) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     if (requests.contains(id)) {

@@ -124,10 +124,11 @@ absl::Status KvCache::Impl::CheckPrefix() const {
       return absl::InternalError(
           absl::StrFormat("prefix cache: request %d ended but holds blocks", id));
     }
-    if (static_cast<int64_t>(h.tokens.size()) > req->second.length) {
+    const int64_t length = by_row[req->second].length;
+    if (static_cast<int64_t>(h.tokens.size()) > length) {
       return absl::InternalError(
           absl::StrFormat("prefix cache: request %d published %d tokens but has %d", id,
-                          h.tokens.size(), req->second.length));
+                          h.tokens.size(), length));
     }
     list.push_back(&h);
   }
@@ -170,7 +171,7 @@ absl::StatusOr<int64_t> KvCache::AddRequestWithPrefix(RequestId id,
     return s;
   }
   const int64_t len = static_cast<int64_t>(pages.size()) * m.prefix->block_tokens();
-  m.requests.emplace(id, Impl::Request{row, len});
+  m.Insert(id, row, len);
   m.logical_tokens += len;
   m.Admitted();
   PrefixIndex::Holder& h = m.holders[id];
