@@ -485,6 +485,7 @@ absl::Status PagedLayout::TakePagesForBatch(absl::Span<const GrowStep> steps, in
   int64_t mapped_pages = UsablePagesFor(mapped_chunks());
   int32_t highest = -1;
   for (size_t i = 0; i < steps.size(); ++i) {
+    PrefetchAhead(steps, i);
     const Row& r = rows_[steps[i].row];
     int32_t near = r.pages.empty() ? -1 : r.pages.back();
     for (int64_t k = 0; k < plan_[i].count; ++k) {
@@ -611,7 +612,9 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
   const std::function<bool(const Fence&)> complete = [this](const Fence& f) {
     return vmm_->FenceComplete(f);
   };
-  for (const GrowStep& st : steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    PrefetchAhead(steps, i);
+    const GrowStep& st = steps[i];
     if (st.row < 0 || st.row >= config_.max_requests) {
       UnplanCopies();
       return BadRow("Grow", st.row, st.len, -1);
@@ -671,11 +674,34 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
   // 4. Commit: nothing below can fail.
   int64_t* next_out = out;
   for (size_t i = 0; i < steps.size(); ++i) {
+    PrefetchAhead(steps, i);
     CommitGrow(steps[i], plan_[i], next_out);
     next_out += steps[i].n;
   }
   UpdatePeaks();
   return absl::OkStatus();
+}
+
+void PagedLayout::PrefetchAhead(absl::Span<const GrowStep> steps, size_t i) const {
+  // Two distances: the block table of a row further ahead (a line on the heap), then,
+  // once that is in, what the page after its last page and its token index entry need.
+  constexpr size_t kTable = 16;
+  constexpr size_t kPages = 8;
+  if (i + kTable < steps.size()) {
+    const Row& r = rows_[steps[i + kTable].row];
+    if (!r.pages.empty()) __builtin_prefetch(&r.pages.back());
+  }
+  if (i + kPages < steps.size()) {
+    const GrowStep& st = steps[i + kPages];
+    if (st.row < 0 || st.row >= config_.max_requests) return;  // planning will say so
+    const Row& r = rows_[st.row];
+    if (r.pages.empty() || !r.live || r.len != st.len) return;
+    const int32_t last = r.pages.back();
+    pool_.Prefetch(last);
+    __builtin_prefetch(&partial_refs_[last]);
+    __builtin_prefetch(&partial_sum_[last]);
+    if (st.len < index_.max_context()) index_.Prefetch(st.row, st.len);
+  }
 }
 
 void PagedLayout::UnplanCopies() {

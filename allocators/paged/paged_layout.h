@@ -157,6 +157,8 @@ class PagedLayout final : public KvLayout {
   // taken), so that a backend failure leaves the cache unevicted. Evicts nothing when
   // even that would not be enough. On error nothing is mapped or evicted.
   absl::Status EvictForBatch(int64_t total);
+  // Starts loading what planning and committing steps[i + 8] and steps[i + 16] read.
+  void PrefetchAhead(absl::Span<const GrowStep> steps, size_t i) const;
   // Clears the copies_ counts that planning set.
   void UnplanCopies();
   // Applies one planned row (cannot fail) and writes its new slots to out.
