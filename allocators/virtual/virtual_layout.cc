@@ -628,16 +628,8 @@ absl::Status VirtualLayout::GrowSlowRows(absl::Span<const GrowStep> steps) {
   // a length only), and the counts it checks against see the same. A failure puts the
   // lengths back before the transaction is undone, whose undo tells pages that hold a
   // row's tokens from the others by the row's length.
-  struct Before {
-    int32_t row;
-    int64_t len;
-    int64_t n;
-    int64_t private_lo;
-    int64_t private_hi;
-    bool slow;
-  };
-  std::vector<Before> before;
-  before.reserve(steps.size());
+  std::vector<GrowBefore>& before = grow_before_;
+  before.clear();
   for (const GrowStep& s : steps) {
     if (s.n == 0) continue;
     const Row& r = rows_.row(s.row);
@@ -653,7 +645,7 @@ absl::Status VirtualLayout::GrowSlowRows(absl::Span<const GrowStep> steps) {
   Transaction tx = NewTransaction();
   GrowTally tally;
   absl::Status status;
-  for (const Before& b : before) {
+  for (const GrowBefore& b : before) {
     if (!b.slow) continue;
     const int64_t p0 = geo_.PageOf(b.len);
     const int64_t p1 = geo_.PagesFor(b.len + b.n);
@@ -683,7 +675,7 @@ absl::Status VirtualLayout::GrowSlowRows(absl::Span<const GrowStep> steps) {
   cow_copies_ += tally.cow_copies;
   map_stalls_ += tally.map_stalls;
   UpdatePeaks();
-  for (const Before& b : before) WantMapAhead(b.row);
+  for (const GrowBefore& b : before) WantMapAhead(b.row);
   return absl::OkStatus();
 }
 

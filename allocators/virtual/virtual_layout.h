@@ -163,6 +163,19 @@ class VirtualLayout final : public KvLayout {
   bool GrowsInPrivate(const GrowStep& s) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // GrowRows for a batch with at least one row outside its private range.
   absl::Status GrowSlowRows(absl::Span<const GrowStep> steps) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A row of GrowSlowRows' batch as it was before, for the undo.
+  struct GrowBefore {
+    int32_t row;
+    int64_t len;
+    int64_t n;
+    int64_t private_lo;
+    int64_t private_hi;
+    bool slow;
+  };
+  // GrowSlowRows' list, kept between calls: a decode step of a large batch takes the slow
+  // path whenever one of its rows needs a page, and it should not allocate a list of
+  // every row (196 KiB at B = 4096) each time.
+  std::vector<GrowBefore> grow_before_ ABSL_GUARDED_BY(mu_);
   // What the slow rows of a batch did, counted in the stats once it commits.
   struct GrowTally {
     int64_t cow_copies = 0;
