@@ -633,7 +633,11 @@ absl::Status PagedLayout::GrowBatch(absl::Span<const GrowStep> steps, int64_t* o
     GrowPlan g;
     const int64_t fill = page_div_.Rem(st.len);
     g.old_tail = (st.n > 0 && fill != 0) ? r.pages.back() : -1;
-    g.cow = g.old_tail >= 0 && pool_.WriteNeedsCopy(g.old_tail, complete, copies_[g.old_tail]);
+    // copies_ (a line of its own per request) is read only for a shared page: a page with
+    // one owner is the last page of this row alone, so no other row planned to copy it.
+    const int32_t planned =
+        g.old_tail >= 0 && pool_.refcount(g.old_tail) > 1 ? copies_[g.old_tail] : 0;
+    g.cow = g.old_tail >= 0 && pool_.WriteNeedsCopy(g.old_tail, complete, planned);
     if (g.cow) ++copies_[g.old_tail];
     g.count = st.n == 0 ? 0
                         : PagesFor(st.len + st.n) - static_cast<int64_t>(r.pages.size()) +
@@ -698,7 +702,6 @@ void PagedLayout::PrefetchAhead(absl::Span<const GrowStep> steps, size_t i) cons
     if (r.pages.empty() || !r.live || r.len != st.len) return;
     const int32_t last = r.pages.back();
     pool_.Prefetch(last);
-    __builtin_prefetch(&partial_refs_[last]);
     __builtin_prefetch(&partial_sum_[last]);
     if (st.len < index_.max_context()) index_.Prefetch(st.row, st.len);
   }
@@ -720,12 +723,7 @@ void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out
   // the new last page directly, without PageFill's and the tails' general cases.
   const bool exclusive = g.old_tail < 0 || (!g.cow && pool_.refcount(g.old_tail) == 1);
   int64_t before = 0;
-  if (exclusive) {
-    if (g.old_tail >= 0) {  // the row is its one partial owner (refcount 1)
-      partial_refs_[g.old_tail] = 0;
-      partial_sum_[g.old_tail] = 0;
-    }
-  } else {
+  if (!exclusive) {
     before = g.old_tail >= 0 ? PageFill(g.old_tail) : 0;
     DetachTail(r);
   }
@@ -754,9 +752,17 @@ void PagedLayout::CommitGrow(const GrowStep& st, const GrowPlan& g, int64_t* out
   }
   r.len = len + st.n;
   if (exclusive) {
-    if (const int64_t fill = page_div_.Rem(r.len); fill != 0) {
-      partial_refs_[r.pages.back()] = 1;  // a page of this row's alone
-      partial_sum_[r.pages.back()] = fill;
+    // The row is the one partial owner of its old last page (refcount 1) and of a new
+    // one; a last page that stays keeps its count and only its fill changes.
+    const int64_t fill = page_div_.Rem(r.len);
+    const int32_t tail = r.pages.back();
+    if (g.old_tail >= 0 && (fill == 0 || tail != g.old_tail)) {
+      partial_refs_[g.old_tail] = 0;
+      partial_sum_[g.old_tail] = 0;
+    }
+    if (fill != 0) {
+      if (tail != g.old_tail) partial_refs_[tail] = 1;
+      partial_sum_[tail] = fill;
     }
     stored_tokens_ += st.n;
     return;
