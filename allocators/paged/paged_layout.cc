@@ -701,8 +701,13 @@ void PagedLayout::PrefetchAhead(absl::Span<const GrowStep> steps, size_t i) cons
     const Row& r = rows_[st.row];
     if (r.pages.empty() || !r.live || r.len != st.len) return;
     const int32_t last = r.pages.back();
-    pool_.Prefetch(last);
-    __builtin_prefetch(&partial_sum_[last]);
+    if (page_div_.Rem(st.len) != 0) {
+      // A partly filled last page: planning reads its refcount, the commit its fill.
+      pool_.PrefetchRefcount(last);
+      __builtin_prefetch(&partial_sum_[last]);
+    } else {
+      pool_.PrefetchFreeBits(last);  // a page is taken, next to it if free
+    }
     if (st.len < index_.max_context()) index_.Prefetch(st.row, st.len);
   }
 }

@@ -78,13 +78,12 @@ class PagePool {
   int64_t pinned_count() const { return pinned_count_; }
   // Pinned pages that no request owns: the prefix cache's own memory.
   int64_t cached_only_count() const { return cached_only_; }
-  // Starts loading what taking or writing after `page` reads (its refcount, the free bits
-  // around it): a batch that grows requests one after the other otherwise waits for each
-  // of these cache misses in turn. REQUIRES: 0 <= page < num_pages().
-  void Prefetch(int32_t page) const {
-    __builtin_prefetch(&refcount_[page]);
-    __builtin_prefetch(&free_.word_ref(page >> 6));
-  }
+  // Start loading what a write into `page` reads (its refcount) and what taking the page
+  // after it reads (the free bits around it): a batch that grows requests one after the
+  // other otherwise waits for each of these cache misses in turn.
+  // REQUIRES: 0 <= page < num_pages().
+  void PrefetchRefcount(int32_t page) const { __builtin_prefetch(&refcount_[page]); }
+  void PrefetchFreeBits(int32_t page) const { __builtin_prefetch(&free_.word_ref(page >> 6)); }
   bool is_free(int32_t page) const { return free_.Contains(page); }
   // Lowest free page, or -1.
   int32_t LowestFree() const { return static_cast<int32_t>(free_.Lowest()); }
