@@ -244,6 +244,46 @@ TEST_P(KvCacheBatchTest, BadRunningBatchChangesNothing) {
   KVMEM_EXPECT_OK(cache->CheckInvariants());
 }
 
+// The batch calls find the running batch's members by their entry when an id stands at
+// its entry's position, and hash the others: an id given twice is caught whichever way
+// each copy was found, an ended member's id is unknown, and ids out of the batch's order
+// reach the same requests.
+TEST_P(KvCacheBatchTest, BatchCallsFindMembersByEntryOrById) {
+  std::unique_ptr<KvCache> cache = MakeCache();
+  ASSERT_TRUE(cache != nullptr);
+  for (RequestId id : {1, 2, 3, 4}) KVMEM_ASSERT_OK(cache->AddRequest(id));
+  KVMEM_ASSERT_OK(cache->SetRunningBatch({1, 2, 3}));
+  std::vector<int64_t> out(8);
+  // 1 at its entry, then again (hashed): nothing changes.
+  KVMEM_EXPECT_CODE(cache->ExtendBatch({1, 2, 1}, {1, 1, 1}, absl::MakeSpan(out)),
+                    StatusCode::kInvalidArgument);
+  KVMEM_EXPECT_CODE(cache->ExtendBatch({2, 2}, {1, 1}, absl::MakeSpan(out)),
+                    StatusCode::kInvalidArgument);
+  for (RequestId id : {1, 2, 3, 4}) EXPECT_EQ(cache->Length(id).value(), 0);
+  // In the batch's order, out of it, and a request outside the batch.
+  KVMEM_ASSERT_OK(cache->ExtendBatch({1, 2, 3}, {1, 2, 3}, absl::MakeSpan(out)));
+  KVMEM_ASSERT_OK(cache->ExtendBatch({3, 4, 1, 2}, {1, 1, 1, 1}, absl::MakeSpan(out)));
+  EXPECT_EQ(cache->Length(1).value(), 2);
+  EXPECT_EQ(cache->Length(2).value(), 3);
+  EXPECT_EQ(cache->Length(3).value(), 4);
+  EXPECT_EQ(cache->Length(4).value(), 1);
+  KVMEM_ASSERT_OK(cache->CheckInvariants());
+  // An ended member leaves its entry: its id is unknown there too.
+  KVMEM_ASSERT_OK(cache->Free(2));
+  KVMEM_EXPECT_CODE(cache->ExtendBatch({1, 2, 3}, {1, 1, 1}, absl::MakeSpan(out)),
+                    StatusCode::kNotFound);
+  EXPECT_EQ(cache->Length(1).value(), 2);
+  // A new request with the ended one's id is not the entry's request.
+  KVMEM_ASSERT_OK(cache->AddRequest(2));
+  KVMEM_ASSERT_OK(cache->ExtendBatch({1, 2, 3}, {1, 1, 1}, absl::MakeSpan(out)));
+  EXPECT_EQ(cache->Length(2).value(), 1);
+  const RunningBatchView v = cache->RunningBatch();
+  EXPECT_EQ(v.seq_lens[0], 3);
+  EXPECT_EQ(v.seq_lens[1], 0);  // the entry stays empty until SetRunningBatch
+  EXPECT_EQ(v.seq_lens[2], 5);
+  KVMEM_EXPECT_OK(cache->CheckInvariants());
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, KvCacheBatchTest, ::testing::ValuesIn(AllLayouts()),
                          LayoutCaseName);
 
