@@ -39,7 +39,7 @@ struct KvCache::Impl {
   std::unique_ptr<internal::KvLayout> layout ABSL_GUARDED_BY(mu);
   // Live requests: id -> row, and each one's state in a dense array by row (rows are
   // below max_requests), where the running batch finds its members without hashing
-  // their ids (docs/performance.md, the decode step).
+  // their ids (docs/architecture.md, Facade).
   absl::flat_hash_map<RequestId, int32_t> requests ABSL_GUARDED_BY(mu);
   std::vector<Request> by_row ABSL_GUARDED_BY(mu);
   int64_t logical_tokens ABSL_GUARDED_BY(mu) = 0;
