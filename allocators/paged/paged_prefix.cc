@@ -35,7 +35,12 @@ absl::Status PagedLayout::EvictForBatch(int64_t total) {
   page_reclaimer_(total);
   ReclaimQuarantine(/*scan_all=*/true);
   // Short all the same (evicted pages wait on a fence): the pool maps no more than before.
-  if (pool_.free_count() < total && mapped_chunks() > before) (void)UnmapChunks(before);
+  // A failed unmap keeps its chunks mapped, or records what it strands (rule 8): either
+  // way the records stay true, and the caller's ResourceExhausted is the answer.
+  if (pool_.free_count() < total && mapped_chunks() > before) {
+    absl::Status undo_error;
+    (void)UnmapChunks(before, &undo_error);
+  }
   return absl::OkStatus();
 }
 

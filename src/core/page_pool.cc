@@ -244,12 +244,6 @@ bool PagePool::Drop(int32_t page, const Fence& fence) {
 }
 
 bool PagePool::FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const {
-  const auto it = pending_fences_.find(page);
-  return it != pending_fences_.end() &&
-         !std::all_of(it->second.begin(), it->second.end(), complete);
-}
-
-bool PagePool::FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const {
   if (pending_fences_.empty()) return false;
   const auto it = pending_fences_.find(page);
   return it != pending_fences_.end() &&

@@ -162,8 +162,6 @@ class PagePool {
     std::vector<int32_t> pages;
   };
 
-  // Whether a fence given for used `page` by an owner that dropped it is still pending.
-  bool FencePending(int32_t page, const std::function<bool(const Fence&)>& complete) const;
   // Moves free `page` to used with refcount 1 and returns it; -1 for page -1.
   int32_t Take(int64_t page);
   // The free pages of 64-page group `group` that are below `limit`, as bits.
