@@ -12,8 +12,10 @@
 // call succeeds, nothing stays quarantined, every request reads back, more work runs,
 // the whole budget is usable again, and the destroyed cache leaves nothing in the
 // backend. Also: the two copy-on-write cases of the issue that the old layout left
-// broken (a scratch granule left mapped; a page left mapped without access), and
-// CheckInvariants catching a mapping changed behind the layout's back.
+// broken (a scratch granule left mapped; a page left mapped without access), a growth
+// or Fork over the mappings a failed undo left behind (taken as they are, or unmapped
+// first, never mapped over), and CheckInvariants catching a mapping changed behind the
+// layout's back.
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -417,6 +419,172 @@ TEST(VirtualCopyOnWrite, PageLeftWithoutAccessIsRecordedAndRestoredLater) {
   KVMEM_ASSERT_OK(env.model->Extend(1, 1));
   KVMEM_EXPECT_OK(env.model->VerifyAll());
   env.DestroyAndExpectNoLeak();
+}
+
+// ---- a later call over what a failed undo left mapped ---------------------------------
+
+// A growth whose SetAccess fails, and whose undo's Unmap and SetAccess fail too, leaves
+// its new pages mapped where no request uses them (quarantined). The next growth over
+// them, with the backend still failing, used to map over them and fail with
+// FailedPrecondition "already mapped". It takes those pages as they are mapped instead:
+// while SetAccess fails it fails with that code, maps nothing and leaves the cache as it
+// was; once SetAccess works it succeeds although Unmap still fails.
+TEST(VirtualUndoFailsToo, GrowthTakesThePagesAFailedUndoLeftMapped) {
+  for (const LayoutCase& layout : VirtualLayouts()) {
+    SCOPED_TRACE(layout.name);
+    Env env;
+    MakeEnv(SmallConfig(layout), &env);
+    ASSERT_FALSE(HasFatalFailure());
+    KVMEM_ASSERT_OK(env.model->Add(1));
+    KVMEM_ASSERT_OK(env.model->Extend(1, 1));
+    KVMEM_ASSERT_OK(env.model->Add(2));
+    KVMEM_ASSERT_OK(env.model->Extend(2, env.tpp + 1));
+    const int64_t n = 2 * env.tpp + 1;  // past the last page: new pages
+    env.fault->FailFrom(VmmOp::kSetAccess, 1, kCode);
+    env.fault->FailFrom(VmmOp::kUnmap, 1, kCode);
+    const absl::Status first = StatusOf(env.model->Extend(1, n));
+    EXPECT_EQ(first.code(), kCode) << first;
+    EXPECT_TRUE(absl::StrContains(first.message(), "not as before")) << first;
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    const Stats left = env.cache->GetStats();
+    ASSERT_GT(left.pages_quarantined, 0);
+
+    const int64_t maps = env.fault->calls(VmmOp::kMap);
+    const absl::Status second = StatusOf(env.model->Extend(1, n));
+    EXPECT_EQ(second.code(), kCode) << second;
+    EXPECT_TRUE(absl::StrContains(second.message(), "injected")) << second;
+    EXPECT_FALSE(absl::StrContains(second.message(), "not as before")) << second;
+    EXPECT_EQ(env.fault->calls(VmmOp::kMap), maps);  // nothing mapped over them
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    const Stats again = env.cache->GetStats();
+    EXPECT_EQ(again.pages_quarantined, left.pages_quarantined);
+    EXPECT_EQ(again.pages_free, left.pages_free);
+    EXPECT_EQ(again.mapped_bytes, left.mapped_bytes);
+    EXPECT_EQ(again.held_bytes, left.held_bytes);
+
+    // SetAccess works again, Unmap still fails: the growth needs no unmap, and no map.
+    env.fault->DisarmAll();
+    env.fault->FailFrom(VmmOp::kUnmap, 1, kCode);
+    KVMEM_EXPECT_OK(env.model->Extend(1, n));
+    EXPECT_EQ(env.fault->calls(VmmOp::kMap), maps);
+    EXPECT_EQ(env.cache->GetStats().pages_quarantined, 0);
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+
+    env.fault->DisarmAll();
+    KVMEM_EXPECT_OK(env.model->Extend(2, n));
+    KVMEM_EXPECT_OK(env.model->Free(1));
+    KVMEM_EXPECT_OK(env.model->Free(2));
+    KVMEM_EXPECT_OK(env.model->Add(3));
+    KVMEM_EXPECT_OK(env.model->Extend(3, env.config().max_context));
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    env.DestroyAndExpectNoLeak();
+    if (HasFailure()) return;
+  }
+}
+
+// Request 1 of 2 * tpp + 1 tokens forked into 2 while every SetAccess and Unmap fails
+// (and goes on failing): the undo cannot unmap the parent's pages from the child's row,
+// where they stay mapped with no request using them. *aliases: the backend's mapped
+// granules then.
+void FailForkLeavingAliases(const KvCacheConfig& config, Env* env, int64_t* aliases) {
+  MakeEnv(config, env);
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  KVMEM_ASSERT_OK(env->model->Add(1));
+  KVMEM_ASSERT_OK(env->model->Extend(1, 2 * env->tpp + 1));
+  const int64_t granules = env->host->counters().mapped_granules;
+  env->fault->FailFrom(VmmOp::kSetAccess, 1, kCode);
+  env->fault->FailFrom(VmmOp::kUnmap, 1, kCode);
+  const absl::Status first = StatusOf(env->model->Fork(1, 2));
+  EXPECT_EQ(first.code(), kCode) << first;
+  EXPECT_TRUE(absl::StrContains(first.message(), "not as before")) << first;
+  KVMEM_EXPECT_OK(env->cache->CheckInvariants());
+  KVMEM_EXPECT_OK(env->model->VerifyAll());
+  *aliases = env->host->counters().mapped_granules;
+  ASSERT_GT(*aliases, granules);
+}
+
+// The same through a Fork (FailForkLeavingAliases). Forking again takes those mappings as
+// they are (the same handles at the same places). A request that grows in that row
+// instead needs other pages there: it retries the unmap, and while that fails it fails
+// with the backend's code, not "already mapped", leaving the cache as it was.
+TEST(VirtualUndoFailsToo, ForkAndGrowthOverAliasesAFailedUndoLeftMapped) {
+  for (const LayoutCase& layout : VirtualLayouts()) {
+    SCOPED_TRACE(layout.name);
+    KvCacheConfig config = SmallConfig(layout);
+    config.max_requests = 2;  // the failed child's row is the only one left
+    Env env;
+    int64_t aliases = 0;
+    FailForkLeavingAliases(config, &env, &aliases);
+    ASSERT_FALSE(HasFatalFailure());
+    const Stats left = env.cache->GetStats();
+
+    const int64_t maps = env.fault->calls(VmmOp::kMap);
+    const absl::Status second = StatusOf(env.model->Fork(1, 2));
+    EXPECT_EQ(second.code(), kCode) << second;
+    EXPECT_TRUE(absl::StrContains(second.message(), "injected")) << second;
+    EXPECT_FALSE(absl::StrContains(second.message(), "not as before")) << second;
+    EXPECT_EQ(env.fault->calls(VmmOp::kMap), maps);  // the aliases are there already
+    EXPECT_EQ(env.host->counters().mapped_granules, aliases);
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    EXPECT_EQ(env.cache->GetStats().pages_free, left.pages_free);
+
+    // A request of its own in the child's row: its new pages cannot go where the
+    // parent's are still mapped.
+    KVMEM_ASSERT_OK(env.model->Add(3));
+    const absl::Status grow = StatusOf(env.model->Extend(3, env.tpp + 1));
+    EXPECT_EQ(grow.code(), kCode) << grow;
+    EXPECT_TRUE(absl::StrContains(grow.message(), "still mapped")) << grow;
+    EXPECT_FALSE(absl::StrContains(grow.message(), "not as before")) << grow;
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    const Stats after = env.cache->GetStats();
+    EXPECT_EQ(after.pages_free, left.pages_free);
+    EXPECT_EQ(after.mapped_bytes, left.mapped_bytes);
+    EXPECT_EQ(env.host->counters().mapped_granules, aliases);
+
+    // Unmap works again: the growth first unmaps the parent's pages from the row.
+    env.fault->DisarmAll();
+    KVMEM_EXPECT_OK(env.model->Extend(3, env.tpp + 1));
+    EXPECT_EQ(env.cache->GetStats().pages_quarantined, 0);
+    KVMEM_EXPECT_OK(env.model->Free(3));
+    KVMEM_EXPECT_OK(env.model->Fork(1, 2));
+    KVMEM_EXPECT_OK(env.model->Extend(2, 1));
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    env.DestroyAndExpectNoLeak();
+    if (HasFailure()) return;
+  }
+}
+
+// The same failed Fork, then SetAccess works again while Unmap still fails: the retried
+// Fork needs neither a map nor an unmap, and succeeds.
+TEST(VirtualUndoFailsToo, ForkTakesTheAliasesAFailedUndoLeftMapped) {
+  for (const LayoutCase& layout : VirtualLayouts()) {
+    SCOPED_TRACE(layout.name);
+    Env env;
+    int64_t aliases = 0;
+    FailForkLeavingAliases(SmallConfig(layout), &env, &aliases);
+    ASSERT_FALSE(HasFatalFailure());
+    env.fault->DisarmAll();
+    env.fault->FailFrom(VmmOp::kUnmap, 1, kCode);
+    const int64_t maps = env.fault->calls(VmmOp::kMap);
+    KVMEM_EXPECT_OK(StatusOf(env.model->Fork(1, 2)));
+    EXPECT_EQ(env.fault->calls(VmmOp::kMap), maps);
+    EXPECT_EQ(env.host->counters().mapped_granules, aliases);  // now the child's
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    env.fault->DisarmAll();
+    KVMEM_EXPECT_OK(env.model->Extend(2, 1));
+    KVMEM_EXPECT_OK(env.model->Extend(1, 1));
+    KVMEM_EXPECT_OK(env.cache->CheckInvariants());
+    KVMEM_EXPECT_OK(env.model->VerifyAll());
+    env.DestroyAndExpectNoLeak();
+    if (HasFailure()) return;
+  }
 }
 
 // ---- CheckInvariants against the backend ---------------------------------------------

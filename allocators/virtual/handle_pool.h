@@ -118,6 +118,12 @@ class HandlePool {
     auto it = strays_.find(addr);
     return it == strays_.end() ? nullptr : &it->second;
   }
+  // Quarantined at exactly one stray address, under no row: a page whose only mapping is
+  // that stray may be taken as it is by whoever needs a page there.
+  bool OnlyStray(int32_t h) const {
+    const Handle& hd = handles_[h];
+    return hd.state == HandleState::kQuarantined && hd.owners.empty() && hd.strays == 1;
+  }
 
   // Counters, kept incrementally (CheckInvariants recounts them).
   int64_t mapped_handles() const { return mapped_handles_; }    // ref count > 0

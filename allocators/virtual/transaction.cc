@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "allocators/virtual/virtual_mapping.h"
 #include "src/core/logging.h"
 #include "src/core/status_macros.h"
@@ -88,15 +89,44 @@ int32_t Transaction::Take() {
   return h;
 }
 
+absl::Status Transaction::UnmapStray(uintptr_t addr, absl::string_view what) {
+  if (absl::Status u = vmm_->Unmap(addr, geo_.granularity); !u.ok()) {
+    return absl::Status(u.code(), absl::StrCat(what,
+                                               " is still mapped (an earlier unmap of it failed) "
+                                               "and unmapping it failed again: ",
+                                               u.message()));
+  }
+  const int32_t old = pool_->RemoveStray(addr);
+  if (pool_->Unused(old)) pool_->Push(old);
+  return absl::OkStatus();
+}
+
 absl::Status Transaction::Map(absl::Span<const RowMapping> items, bool fresh) {
   if (items.empty()) return absl::OkStatus();
   const int batch = ++batches_;
   for (const RowMapping& m : items) {
-    if (absl::Status s = vmm_->Map(rows_->Addr(m), pool_->phys(m.handle)); !s.ok()) return s;
+    const uintptr_t addr = rows_->Addr(m);
+    bool adopted = false;
+    if (const HandlePool::Stray* stray = pool_->FindStray(addr); stray != nullptr) {
+      // The backend refuses to map over a mapping, and RetryQuarantine could not unmap
+      // this one at the start of the call.
+      if (stray->handle == m.handle) {
+        if (stray->accessible) accessible_.insert(addr);
+        pool_->RemoveStray(addr);
+        adopted = true;
+      } else {
+        KVMEM_RETURN_IF_ERROR(UnmapStray(
+            addr, absl::StrFormat("page %d (segment %d) of row %d", m.page, m.seg, m.row)));
+      }
+    }
+    if (!adopted) {
+      if (absl::Status s = vmm_->Map(addr, pool_->phys(m.handle)); !s.ok()) return s;
+    }
     Touch(m.row);
     rows_->Attach(m);
     Step st{.kind = Kind::kMapped, .batch = batch, .m = m};
     st.fresh = fresh;
+    st.adopted = adopted;
     steps_.push_back(st);
   }
   return absl::OkStatus();
@@ -121,14 +151,7 @@ absl::Status Transaction::CopyViaScratch(uintptr_t src, int32_t h) {
   if (pool_->FindStray(scratch_) != nullptr) {
     // An earlier call could not unmap it (RetryQuarantine failed too this call): try
     // once more rather than fail on a mapping we know about.
-    if (absl::Status u = vmm_->Unmap(scratch_, g); !u.ok()) {
-      return absl::Status(
-          u.code(), absl::StrCat("copy on write: the scratch granule is still mapped (an earlier "
-                                 "unmap of it failed) and unmapping it failed again: ",
-                                 u.message()));
-    }
-    const int32_t old = pool_->RemoveStray(scratch_);
-    if (pool_->Unused(old)) pool_->Push(old);
+    KVMEM_RETURN_IF_ERROR(UnmapStray(scratch_, "copy on write: the scratch granule"));
   }
   KVMEM_RETURN_IF_ERROR(vmm_->Map(scratch_, pool_->phys(h)));
   bool accessible = false;
@@ -317,7 +340,9 @@ void Transaction::UndoUnmapped(absl::Span<const Step> steps) {
 void Transaction::UndoMapped(absl::Span<const Step> steps) {
   const int64_t g = geo_.granularity;
   std::vector<Granule> granules;
-  for (const Step& st : steps) granules.push_back({rows_->Addr(st.m), 0});
+  for (const Step& st : steps) {
+    if (!st.adopted) granules.push_back({rows_->Addr(st.m), 0});
+  }
   SortGranules(&granules);
   absl::flat_hash_set<uintptr_t> unmapped;
   for (const auto& [addr, bytes] : GranuleRuns(granules, g)) {
@@ -330,6 +355,13 @@ void Transaction::UndoMapped(absl::Span<const Step> steps) {
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     const Step& st = *it;
     const uintptr_t addr = rows_->Addr(st.m);
+    if (st.adopted) {
+      // A stray before this call: one again, as the backend holds it (RetryQuarantine
+      // unmaps it once the backend lets it), with no backend call that could fail.
+      rows_->Detach(st.m);
+      pool_->AddStray(addr, st.m.handle, accessible_.contains(addr));
+      continue;
+    }
     if (unmapped.contains(addr)) {
       rows_->Detach(st.m);
       continue;

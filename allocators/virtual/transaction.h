@@ -9,7 +9,9 @@
 //     surplus, reclaimable), made accessible if it was not;
 //   * a mapping that cannot be unmapped and belongs to no row (an alias, the scratch
 //     granule, a page that cannot be made accessible) becomes a stray: its handle is
-//     quarantined, and later calls retry the unmap (RetryQuarantine);
+//     quarantined, and later calls retry the unmap (RetryQuarantine); a later call that
+//     needs a page at a stray's position takes the stray's page as it is (Map) rather
+//     than mapping over it;
 //   * a page holding a live row's tokens that cannot be mapped back (or made accessible)
 //     is recorded damaged under its row; later calls retry, and until then the row's
 //     tokens on it cannot be read;
@@ -30,6 +32,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "allocators/virtual/handle_pool.h"
 #include "allocators/virtual/row_table.h"
@@ -71,6 +74,11 @@ class Transaction {
   // Maps each item's handle at its position (in the order given; callers sort by address)
   // without access and attaches it. `fresh`: handles taken by this call; otherwise aliases
   // of handles mapped elsewhere. On error the ones mapped so far stay recorded.
+  //
+  // A position where a failed undo left a stray mapping (its unmap failed) is never mapped
+  // over: a stray of the item's own handle is adopted as it is, with no backend call (and
+  // becomes a stray again if this call is undone); a stray of another handle is unmapped
+  // first, and if that fails again the call fails with that status, the item untouched.
   absl::Status Map(absl::Span<const RowMapping> items, bool fresh);
   // One SetAccess per run of `addrs` (sorted, distinct, each mapped by this call).
   absl::Status SetAccess(absl::Span<const uintptr_t> addrs);
@@ -111,6 +119,7 @@ class Transaction {
     bool fresh = false;       // kMapped: m.handle was taken by this call
     bool mapped = false;      // kRemapped: m.handle is mapped at the address
     bool had_owners = false;  // kUnmapped: the handle kept other owners
+    bool adopted = false;     // kMapped: m.handle was a stray at the address, not mapped now
     Damage damage = Damage::kNone;  // kUnmapped: the entry's damage before
   };
 
@@ -121,6 +130,10 @@ class Transaction {
   // Remembers the private range of `row` before this call first changes the row.
   void Touch(int32_t row);
   void UndoFailed(const absl::Status& s);
+  // Unmaps the stray mapping at `addr` that an earlier call could not unmap (its handle
+  // goes to the free pool once unused). On failure the stray stays recorded and the status,
+  // with the backend's code, names `what` was still mapped.
+  absl::Status UnmapStray(uintptr_t addr, absl::string_view what);
   bool InLength(const RowMapping& m) const;
   std::string StateNotes() const;
 
@@ -133,7 +146,8 @@ class Transaction {
 
   std::vector<Step> steps_;
   int batches_ = 0;
-  absl::flat_hash_set<uintptr_t> accessible_;  // addresses given access by this call
+  // Addresses known accessible: given access by this call, or strays it adopted that were.
+  absl::flat_hash_set<uintptr_t> accessible_;
   std::vector<int32_t> freed_;
   size_t freed_taken_ = 0;
   std::vector<int32_t> popped_;                             // taken from the free pool, in order

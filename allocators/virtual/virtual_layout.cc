@@ -776,16 +776,30 @@ absl::Status VirtualLayout::GrowSlow(int32_t row, int64_t len, int64_t p0, int64
     return WithContext(s, "dropping idle rows' aliases of a shared page");
   }
   drop_unshared();
-  // 2. Handles: the free pool's and those this call freed and did not use yet, and what
-  //    reclamation frees if that is short.
-  const int64_t needed = static_cast<int64_t>(fresh.size() + cow.size());
+  // 2. Handles. A new page where a failed undo left a handle mapped under no row (its
+  //    unmap failed, and failed again at the start of this call) takes that handle as it
+  //    is mapped: the backend would refuse to map over it. The others: the free pool's
+  //    and those this call freed and did not use yet, and what reclamation frees if that
+  //    is short.
+  int64_t adopted = 0;
+  for (RowMapping& m : fresh) {
+    const HandlePool::Stray* stray = pool_.FindStray(rows_.Addr(m));
+    if (stray != nullptr && pool_.OnlyStray(stray->handle)) {
+      m.handle = stray->handle;
+      ++adopted;
+    }
+  }
+  const int64_t fresh_needed = static_cast<int64_t>(fresh.size()) - adopted;
+  const int64_t needed = fresh_needed + static_cast<int64_t>(cow.size());
   const int64_t free = pool_.free_count() + tx->spare();
   if (needed > free) {
-    KVMEM_RETURN_IF_ERROR(CheckPagesFor(row, len, fresh.size(), cow.size(), free));
+    KVMEM_RETURN_IF_ERROR(CheckPagesFor(row, len, fresh_needed, cow.size(), free));
     KVMEM_RETURN_IF_ERROR(Reclaim(needed - free, row, /*surplus=*/true, tx));
     drop_unshared();  // never fewer handles than needed: the need only shrinks
   }
-  for (RowMapping& m : fresh) m.handle = tx->Take();  // reclaimed ones first
+  for (RowMapping& m : fresh) {
+    if (m.handle == kNoHandle) m.handle = tx->Take();  // reclaimed ones first
+  }
   std::vector<int32_t> copies;
   for (size_t i = 0; i < cow.size(); ++i) copies.push_back(tx->Take());
   // 3. New pages, mapped in address order.
