@@ -1,25 +1,20 @@
 // Errors are reported once (docs/errors.md): FailureTally, which turns the failures of
-// one call made for many resources into one phrase, a backend destroyed with thousands
-// of leaked resources, which logs one summary line, and a cache destroyed with freed
-// requests behind fences, which reports only those whose fence has not completed.
+// one call made for many resources into one phrase, and a backend destroyed with
+// thousands of leaked resources, which logs one summary line.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <utility>
 
-#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kvmem/kv_cache.h"
 #include "kvmem/vmm.h"
 #include "spdlog/sinks/ostream_sink.h"
 #include "src/core/logging.h"
-#include "tests/cache_test_util.h"
 
 namespace kvmem {
 namespace {
@@ -84,41 +79,6 @@ TEST(LeakSummary, HostBackendDestroyedWithManyLeaksLogsOneLine) {
   EXPECT_THAT(
       log.text(),
       HasSubstr("1 reservations, 2000 physical handles, 1000 mapped granules; releasing them"));
-}
-
-// A cache destroyed while a freed request's fence is pending says so in one line. Once
-// the fence has completed (the engine synchronised its stream) nothing is waiting, though
-// no call has looked at the fence since: the destruction logs nothing.
-TEST(FenceSummary, CacheDestroyedAfterItsFencesCompletedReportsNoneWaiting) {
-  for (const test::LayoutCase& layout : test::AllLayouts()) {
-    for (const bool completed : {false, true}) {
-      SCOPED_TRACE(absl::StrCat(layout.name, completed ? ", fence completed" : ", fence pending"));
-      std::atomic<bool> done{false};
-      int64_t quarantined = 0;
-      LogCapture log;
-      {
-        absl::StatusOr<std::unique_ptr<KvCache>> cache = KvCache::Create(test::SmallConfig(layout));
-        ASSERT_TRUE(cache.ok()) << cache.status();
-        ASSERT_TRUE((*cache)->AddRequest(1).ok());
-        ASSERT_TRUE((*cache)->Extend(1, 40).ok());
-        const absl::Status freed = (*cache)->Free(1, Fence{&done});
-        ASSERT_TRUE(freed.ok()) << freed;
-        quarantined = (*cache)->GetStats().pages_quarantined;
-        done = completed;
-      }
-      if (completed) {
-        EXPECT_EQ(log.lines(), 0) << log.text();
-      } else if (layout.layout == Layout::kPaged) {
-        ASSERT_GT(quarantined, 0);
-        EXPECT_EQ(log.lines(), 1) << log.text();
-        EXPECT_THAT(log.text(),
-                    HasSubstr(absl::StrCat(quarantined, " pages still waiting on fences")));
-      } else {
-        EXPECT_EQ(log.lines(), 1) << log.text();
-        EXPECT_THAT(log.text(), HasSubstr("1 rows wait for their fence"));
-      }
-    }
-  }
 }
 
 }  // namespace

@@ -228,11 +228,10 @@ PagedLayout::PagedLayout(const KvCacheConfig& config, std::shared_ptr<Vmm> vmm, 
 }
 
 PagedLayout::~PagedLayout() {
-  // Nothing can wait here: a fence that never completes would hang the destructor. But
-  // each fence is asked once (a non-blocking query): pages whose fence has completed
-  // since the last call (say, the engine synchronised its stream) wait for nothing.
-  if (const int64_t waiting = PendingPages(); waiting > 0) {
-    Logger()->warn("paged layout destroyed with {} pages still waiting on fences", waiting);
+  if (pool_.quarantined_count() > 0) {
+    // Nothing can wait here: a fence that never completes would hang the destructor.
+    Logger()->warn("paged layout destroyed with {} pages still waiting on fences",
+                   pool_.quarantined_count());
   }
   // Every chunk goes with what failed calls left: one Unmap per run of adjacent granules
   // (the whole reservation for a full pool), then every handle is released; what fails
@@ -455,11 +454,6 @@ int64_t PagedLayout::StrandedPages() const {
     }
   }
   return pages;
-}
-
-int64_t PagedLayout::PendingPages() const {
-  if (pool_.quarantined_count() == 0) return 0;
-  return pool_.PendingCount([this](const Fence& f) { return vmm_->FenceComplete(f); });
 }
 
 void PagedLayout::ReclaimQuarantine(bool scan_all) {

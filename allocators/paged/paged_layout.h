@@ -189,9 +189,6 @@ class PagedLayout final : public KvLayout {
   // The records against the backend's own (Vmm::Query), where the backend can tell.
   absl::Status CheckBackend() const;
   void ReclaimQuarantine(bool scan_all);
-  // Quarantined pages whose fence has not completed: each fence is queried once, never
-  // waited for.
-  int64_t PendingPages() const;
 
   // Distinct live tokens of page p: the most any owner fills it.
   int64_t PageFill(int32_t page) const;

@@ -32,7 +32,8 @@ void PagedLayout::FillStats(Stats* s) const {
   // Pages whose fence has completed are free to the next allocation: they count free
   // whether or not a call has reclaimed them yet (a failed Extend may have), so the
   // numbers depend on the state alone, not on which calls ran.
-  const int64_t pending = PendingPages();
+  const int64_t pending =
+      pool_.PendingCount([this](const Fence& f) { return vmm_->FenceComplete(f); });
   // Free pages in a chunk that a failed undo left partly mapped wait for a later call to
   // unmap it: quarantined, not free (docs/errors.md, rule 8).
   const int64_t stranded = StrandedPages();
