@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -33,14 +34,14 @@ struct Env {
   int64_t tpp = 1;
 
   const KvCacheConfig& config() const { return cache->config(); }
-  // Destroys the cache; then the backend must hold nothing.
-  void DestroyAndExpectNoLeak() {
+  // Destroys the cache; then the backend must hold nothing (`where` names the case).
+  void DestroyAndExpectNoLeak(const std::string& where = "") {
     model.reset();
     cache.reset();
     const VmmCounters c = host->counters();
-    EXPECT_EQ(c.live_reservations, 0);
-    EXPECT_EQ(c.live_handles, 0);
-    EXPECT_EQ(c.mapped_granules, 0);
+    EXPECT_EQ(c.live_reservations, 0) << where;
+    EXPECT_EQ(c.live_handles, 0) << where;
+    EXPECT_EQ(c.mapped_granules, 0) << where;
   }
 };
 

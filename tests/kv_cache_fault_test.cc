@@ -25,6 +25,7 @@
 #include "kvmem/testing/fault_injecting_vmm.h"
 #include "kvmem/vmm.h"
 #include "tests/cache_test_util.h"
+#include "tests/fault_test_env.h"
 
 namespace kvmem::test {
 namespace {
@@ -42,41 +43,12 @@ KvCacheConfig FaultConfig(const LayoutCase& c) {
   return config;
 }
 
-// One cache over a fault-injecting backend, and a model of its requests.
-struct Env {
-  std::shared_ptr<Vmm> host;
-  std::shared_ptr<FaultInjectingVmm> fault;
-  std::unique_ptr<KvCache> cache;
-  std::unique_ptr<CacheModel> model;
-  int64_t tpp = 1;
-
-  // Destroys the cache; then the backend must hold nothing.
-  void DestroyAndExpectNoLeak(const std::string& where) {
-    model.reset();
-    cache.reset();
-    const VmmCounters c = host->counters();
-    EXPECT_EQ(c.live_reservations, 0) << where;
-    EXPECT_EQ(c.live_handles, 0) << where;
-    EXPECT_EQ(c.mapped_granules, 0) << where;
-  }
-};
-
+// The fault-injecting backend of `env` alone (the Create scenarios make the cache).
 void MakeBackend(const KvCacheConfig& config, Env* env) {
   absl::StatusOr<std::unique_ptr<Vmm>> host = MakeHostVmm(config.host_granularity);
   ASSERT_TRUE(host.ok()) << host.status();
   env->host = *std::move(host);
   env->fault = std::make_shared<FaultInjectingVmm>(env->host);
-}
-
-void MakeEnv(KvCacheConfig config, Env* env) {
-  MakeBackend(config, env);
-  ASSERT_FALSE(::testing::Test::HasFatalFailure());
-  config.vmm = env->fault;
-  absl::StatusOr<std::unique_ptr<KvCache>> cache = KvCache::Create(config);
-  ASSERT_TRUE(cache.ok()) << cache.status();
-  env->cache = *std::move(cache);
-  env->model = std::make_unique<CacheModel>(env->cache.get());
-  env->tpp = TokensPerPage(config);
 }
 
 // A growth that needs new memory on every layout: several pages, and past the first
@@ -94,11 +66,6 @@ struct Scenario {
   std::function<absl::Status(Env&)> op;
   std::vector<RequestId> extra_ids = {};  // ids the op creates
 };
-
-template <typename T>
-absl::Status StatusOf(const absl::StatusOr<T>& s) {
-  return s.status();
-}
 
 std::vector<Scenario> Scenarios() {
   std::vector<Scenario> out;
